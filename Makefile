@@ -1,0 +1,31 @@
+# sk: `make demo` and `make test` are all a newcomer needs (python3 and make).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: all venv demo test bench man check-man clean
+
+all: venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/demo.sh
+
+test: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
+bench: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)
+
+man: venv
+	$(PY) tools/genman.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info lib/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""One module per command: `get_parser()` (stdlib only, cheap) and `main(argv=None)`."""

@@ -1,0 +1,46 @@
+"""sk-admin: server upkeep, on the server host."""
+
+from . import _common
+
+DESCRIPTION = """\
+Run on the server host. `backup --to FILE` writes a consistent copy of the live
+server database (SQLite online backup; safe while the server runs). `stats`
+prints how many teams, devices and events the server holds."""
+
+
+def get_parser(prog="sk-admin"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.db_flag(p)
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = sub.add_parser("backup", help="consistent copy of the live database")
+    b.add_argument("--to", required=True, metavar="FILE", help="where to write the copy")
+    sub.add_parser("stats", help="counts of teams, devices and events")
+    return p
+
+
+def _body(args):
+    import os
+
+    from ..errors import UsageError
+    store = _common.server_store(args)
+    if args.action == "backup":
+        if os.path.exists(args.to):
+            raise UsageError(f"'{args.to}' exists; refusing to overwrite it")
+        store.backup(args.to)
+        stats = store.stats()
+        _common.say(args, f"backed up {stats['events']} events of {stats['teams']} team(s)"
+                          f" to '{args.to}'")
+        if args.json:
+            _common.emit({"backup": args.to, **stats})
+        return 0
+    stats = store.stats()
+    if args.json:
+        _common.emit(stats)
+    else:
+        for k, v in stats.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def main(argv=None, prog="sk-admin"):
+    return _common.run(prog, get_parser, _body, argv)

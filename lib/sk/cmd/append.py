@@ -1,0 +1,84 @@
+"""sk-append: append events to the local log, unstamped, all or nothing."""
+
+import sys
+
+from . import _common
+
+DESCRIPTION = """\
+Append events to the device's local log, unstamped. With no event flags, read
+NDJSON from standard input: one JSON object per line with event_type,
+aggregate_type, aggregate_id and optionally payload (an object), event_id (a
+UUID) and timestamp (RFC 3339). With --type and --aggregate, append one event
+built from the flags. Either every event is appended or none is: a bad line
+anywhere is reported with its line number and nothing is appended (exit 2).
+Run sk-stamp afterwards (sk sync does) to give the events their stamps."""
+
+
+def get_parser(prog="sk-append"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.home_flag(p)
+    p.add_argument("--type", metavar="EVENT_TYPE", help="event type, e.g. feature_created")
+    p.add_argument("--aggregate", metavar="TYPE:ID", help="the aggregate, e.g. feature:F-12")
+    p.add_argument("--payload", metavar="JSON", help="payload object as JSON text")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="a payload field (VALUE is JSON if it parses, else a string); repeatable")
+    p.add_argument("--event-id", metavar="UUID", help="use this event id instead of a new one")
+    return p
+
+
+def _from_flags(args):
+    import json
+
+    from ..errors import UsageError
+    from ..event import EventError, check_new
+    if not args.type or not args.aggregate:
+        raise UsageError("--type and --aggregate TYPE:ID go together")
+    atype, sep, aid = args.aggregate.partition(":")
+    if not sep:
+        raise UsageError(f"--aggregate {args.aggregate!r} must look like TYPE:ID")
+    try:
+        payload = json.loads(args.payload) if args.payload else {}
+    except ValueError as e:
+        raise UsageError(f"--payload is not JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise UsageError("--payload must be a JSON object")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r} must look like KEY=VALUE")
+        try:
+            payload[key] = json.loads(value)
+        except ValueError:
+            payload[key] = value
+    try:
+        return [check_new({"event_type": args.type, "aggregate_type": atype, "aggregate_id": aid,
+                           "payload": payload, "event_id": args.event_id})]
+    except EventError as e:
+        raise UsageError(str(e)) from None
+
+
+def _body(args):
+    from ..errors import UsageError
+    from ..event import EventError, parse_ndjson
+    from ..store import open_store
+    if args.type or args.aggregate or args.payload or args.set or args.event_id:
+        events = _from_flags(args)
+    else:
+        if sys.stdin.isatty():
+            print(f"{args.prog}: reading NDJSON events from the terminal; end with Ctrl-D",
+                  file=sys.stderr)
+        events = parse_ndjson(sys.stdin.buffer)
+    store = open_store(_common.config(args))
+    try:
+        n = store.append(events)
+    except EventError as e:
+        raise UsageError(f"{e}; nothing appended") from None
+    if args.json:
+        _common.emit({"appended": n})
+    else:
+        _common.say(args, f"appended {n} event{'s' if n != 1 else ''} (unstamped)")
+    return 0
+
+
+def main(argv=None, prog="sk-append"):
+    return _common.run(prog, get_parser, _body, argv)

@@ -1,0 +1,62 @@
+"""sk-pull: fetch the team's new events after the stored cursor."""
+
+from . import _common
+
+DESCRIPTION = """\
+Fetch the team's events after the stored cursor (a server sequence number,
+never a wall-clock time), page by page until the server says no more follow,
+store them in the local log, advance the Lamport clock past them and move the
+cursor, one transaction per page. Exit 0 only when the end was reached. Run
+sk-resolve afterwards (sk sync does) to fold them into the state."""
+
+
+def get_parser(prog="sk-pull"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.home_flag(p)
+    _common.server_flags(p)
+    p.add_argument("--since", type=int, metavar="SEQ",
+                   help="start after server sequence SEQ instead of the stored cursor"
+                        " (the cursor moves only if SEQ is not past it)")
+    p.add_argument("--print", action="store_true", dest="print_events",
+                   help="also write every fetched event to stdout as NDJSON")
+    p.add_argument("--page-size", type=int, default=1000, metavar="N",
+                   help="events per page (1-5000, default 1000)")
+    return p
+
+
+def _body(args):
+    import sys
+
+    from ..errors import UsageError
+    from ..progress import Progress
+    from ..store import open_store
+    from ..sync import device_lock, open_client, pull, tracked
+    if not 1 <= args.page_size <= 5000:
+        raise UsageError("--page-size must be from 1 to 5000")
+    if args.since is not None and args.since < 0:
+        raise UsageError("--since must be >= 0")
+    cfg = _common.config(args)
+    store = open_store(cfg)
+    client = open_client(cfg)
+
+    def on_event(kind, ev):
+        if args.print_events:
+            _common.emit(ev)
+        if args.verbose:
+            print(f"pulled {ev['event_id']} {ev['event_type']} {ev['aggregate_type']}:"
+                  f"{ev['aggregate_id']}", file=sys.stderr)
+
+    with device_lock(cfg), tracked(store):
+        bar = Progress("pull", None, quiet=args.quiet)
+        counts = pull(store, client, args.since, on_event, bar, args.page_size)
+        bar.close()
+    if args.json and not args.print_events:
+        _common.emit(counts)
+    else:
+        _common.say(args, f"pulled {counts['received']} event(s), {counts['new']} new,"
+                          f" in {counts['pages']} page(s); cursor {counts['cursor']}")
+    return 0
+
+
+def main(argv=None, prog="sk-pull"):
+    return _common.run(prog, get_parser, _body, argv)

@@ -1,0 +1,60 @@
+"""sk-push-batch: push stamped, unsent events to the server."""
+
+from . import _common
+
+DESCRIPTION = """\
+Push one batch (at most 1000 events, --max N) of stamped, queued events to the
+server and apply its per-event answers atomically: accepted and duplicate
+events are marked sent; a rejected event is set aside with the server's reason
+(see sk-log --rejected, sk sync status) and never blocks the rest. A batch the
+server refuses as too large (HTTP 413) is split; an event too large on its own
+is set aside. With --all, repeat until nothing is queued or no progress is made.
+Exit 1 when anything was rejected, or, with --all, anything is left queued."""
+
+
+def get_parser(prog="sk-push-batch"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.home_flag(p)
+    _common.server_flags(p)
+    p.add_argument("--max", type=int, default=1000, metavar="N",
+                   help="events in one batch (1-1000, default 1000)")
+    p.add_argument("--all", action="store_true", help="push batches until the queue is empty")
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="queue rejected events again before pushing")
+    return p
+
+
+def _body(args):
+    import sys
+
+    from ..errors import UsageError
+    from ..progress import Progress
+    from ..store import open_store
+    from ..sync import device_lock, open_client, push, tracked
+    if not 1 <= args.max <= 1000:
+        raise UsageError("--max must be from 1 to 1000")
+    cfg = _common.config(args)
+    store = open_store(cfg)
+    client = open_client(cfg)
+
+    def on_event(status, eid, reason):
+        if args.verbose:
+            print(f"{status} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
+
+    with device_lock(cfg), tracked(store):
+        if args.retry_rejected:
+            n = store.requeue_rejected()
+            _common.say(args, f"queued {n} rejected event(s) again")
+        bar = Progress("push", store.counts()["queued"] if args.all else None, quiet=args.quiet)
+        counts = push(store, client, args.max, args.all, on_event, bar)
+        bar.close()
+    if args.json:
+        _common.emit(counts)
+    else:
+        _common.say(args, f"pushed {counts['accepted']} accepted, {counts['duplicate']} duplicate,"
+                          f" {counts['rejected']} rejected; {counts['queued']} still queued")
+    return 1 if counts["rejected"] or (args.all and counts["queued"]) else 0
+
+
+def main(argv=None, prog="sk-push-batch"):
+    return _common.run(prog, get_parser, _body, argv)

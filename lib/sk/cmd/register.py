@@ -1,0 +1,63 @@
+"""sk-register: manage devices, on the server host."""
+
+from . import _common
+
+DESCRIPTION = """\
+Run on the server host, against the server's database. --name NAME [--team
+TEAM] creates a device and prints its new API key, alone on stdout; it is shown
+once and not stored (the server keeps only key material derived from it). Give
+the key to the device's `sk sync setup`. --list shows every device (name, team,
+created, last seen, revoked); --revoke NAME refuses the device's key at once;
+--rotate NAME prints a new key and refuses the old one at once."""
+
+
+def get_parser(prog="sk-register"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.db_flag(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--name", metavar="NAME", help="create device NAME and print its key")
+    what.add_argument("--list", action="store_true", help="list devices")
+    what.add_argument("--revoke", metavar="NAME", help="revoke device NAME")
+    what.add_argument("--rotate", metavar="NAME", help="print a new key for NAME; retire the old")
+    p.add_argument("--team", default="default", help="team of a new device (default: default)")
+    return p
+
+
+def _body(args):
+    from sk_server import devices
+    from sk_server.store import StoreError
+
+    from ..errors import UsageError
+    store = _common.server_store(args)
+    try:
+        if args.name:
+            print(devices.register(store, args.name, args.team))
+            _common.say(args, f"registered device '{args.name}' in team '{args.team}';"
+                              " the key above is shown only once")
+        elif args.rotate:
+            print(devices.rotate(store, args.rotate))
+            _common.say(args, f"rotated the key of '{args.rotate}'; the old key is refused now")
+        elif args.revoke:
+            devices.revoke(store, args.revoke)
+            _common.say(args, f"revoked device '{args.revoke}'")
+        else:
+            _list(args, store.list_devices())
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def _list(args, rows):
+    if args.json:
+        for r in rows:
+            _common.emit(r)
+        return
+    cols = ("name", "team", "created", "last_seen", "revoked")
+    table = [cols] + [tuple(r[c] or "-" for c in cols) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def main(argv=None, prog="sk-register"):
+    return _common.run(prog, get_parser, _body, argv)

@@ -1,0 +1,43 @@
+"""sk server: run the server under gunicorn (gthread)."""
+
+from . import _common
+
+DESCRIPTION = """\
+Run the sk server: the Flask application under gunicorn with the gthread
+worker (a production WSGI server, not the Flask development server). The
+database is --db, else $SK_SERVER_DB, else $SK_HOME/server.db (SQLite, created
+if missing). Register devices with sk-register against the same database.
+Stop it with SIGTERM or Ctrl-C. `python -m sk_server` does the same."""
+
+
+def get_parser(prog="sk server"):
+    p = _common.parser(prog, DESCRIPTION, json_flag=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9100, help="port (default 9100)")
+    _common.db_flag(p)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
+    p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    p.add_argument("--no-control-socket", action="store_true",
+                   help="do not open gunicorn's control socket (when several servers run)")
+    return p
+
+
+def _body(args):
+    from ..errors import ConfigError, UsageError
+    if not 0 < args.port < 65536:
+        raise UsageError("--port must be from 1 to 65535")
+    if args.workers < 1 or args.threads < 1:
+        raise UsageError("--workers and --threads must be at least 1")
+    from sk_server.serve import serve
+    from sk_server.store import StoreError
+    db = _common.server_db(args)
+    try:
+        return serve(args.host, args.port, db, args.workers, args.threads, args.access_log,
+                     not args.no_control_socket)
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
+
+
+def main(argv=None, prog="sk server"):
+    return _common.run(prog, get_parser, _body, argv)

@@ -1,0 +1,52 @@
+"""sk-stamp: stamp every unstamped event in the local log."""
+
+from . import _common
+
+DESCRIPTION = """\
+Give every unstamped event in the local log its event_id (if absent), this
+device's node_id, the next Lamport clock value and a timestamp (if absent), and
+move it into the log, queued for sk-push-batch (or kept local-only when it
+matches a never-sync rule). One transaction; idempotent: with nothing unstamped
+it changes nothing.
+
+THE UNSTAMPED TABLE is a documented interface. Any program may insert rows into
+the table `unstamped` of $SK_HOME/sk.db (SQLite, WAL mode; use a busy timeout)
+and run sk-stamp:
+
+  INSERT INTO unstamped(event_type, aggregate_type, aggregate_id, payload)
+  VALUES ('feature_created', 'feature', 'F-1', '{"title": "Login"}');
+
+Columns: event_type, aggregate_type, aggregate_id (TEXT, required); payload (TEXT,
+a JSON object, default '{}'); event_id (TEXT UUID, optional); timestamp (TEXT
+RFC 3339, optional); seq (INTEGER, assigned). A row that breaks a rule is left in
+place and reported with its seq (exit 1); a row whose event_id is already in the
+log is the same event and is dropped."""
+
+
+def get_parser(prog="sk-stamp"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.home_flag(p)
+    return p
+
+
+def _body(args):
+    import sys
+
+    from ..store import open_store
+    from ..sync import stamp
+    cfg = _common.config(args)
+    result = stamp(open_store(cfg), cfg)
+    for prob in result["problems"]:
+        print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
+              file=sys.stderr)
+    if args.json:
+        _common.emit(result)
+    elif result["stamped"] or args.verbose:
+        _common.say(args, f"stamped {result['stamped']} event{'s' if result['stamped'] != 1 else ''}"
+                          + (f" ({result['local_only']} local-only)" if result["local_only"] else "")
+                          + (f", dropped {result['duplicates']} duplicate(s)" if result["duplicates"] else ""))
+    return 1 if result["problems"] else 0
+
+
+def main(argv=None, prog="sk-stamp"):
+    return _common.run(prog, get_parser, _body, argv)

@@ -1,0 +1,171 @@
+"""sk sync: the porcelain (now, status, setup)."""
+
+import argparse
+
+from . import _common
+
+DESCRIPTION = """\
+sk sync (or sk sync now): stamp -> push every batch -> pull every page ->
+resolve, then say what moved. Idempotent: a second run moves nothing.
+-v prints each event as it moves; -n shows what would move and changes
+nothing. A progress bar appears on a terminal when the work is long.
+
+sk sync status: the server, config file, node id, queued / rejected /
+local-only / unstamped counts, the age of the oldest queued event, the last
+successful sync and the failures since. --check also asks the server:
+Connected, Reachable (auth required), Unreachable or Error (exit 0, 4, 3, and
+2 or 5 for Error: not configured, or a protocol failure).
+
+sk sync setup: ask for (or take --server and --key) the server URL and API
+key, verify them against the server, refuse a key it rejects, and write them
+to $SK_HOME/.env with mode 600."""
+
+
+def _now_flags(p, suppress=False):
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("-n", "--dry-run", action="store_true", default=d(False),
+                   help="show what would move; change nothing")
+
+
+def get_parser(prog="sk sync"):
+    p = _common.parser(prog, DESCRIPTION)
+    _common.home_flag(p)
+    _common.server_flags(p)
+    _now_flags(p)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    now = sub.add_parser("now", help="stamp, push, pull and resolve (the default)")
+    _common.common(now, suppress=True)
+    _now_flags(now, suppress=True)
+    st = sub.add_parser("status", help="what is queued, last success, failures since")
+    _common.common(st, suppress=True)
+    st.add_argument("--check", action="store_true", help="also check the connection and key")
+    su = sub.add_parser("setup", help="set the server URL and API key, verified")
+    _common.common(su, suppress=True)
+    for sp in (now, st, su):
+        sp.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
+        sp.add_argument("--server", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
+        sp.add_argument("--key", default=argparse.SUPPRESS, metavar="KEY", help=argparse.SUPPRESS)
+    return p
+
+
+def _body(args):
+    action = args.action or "now"
+    return {"now": _now, "status": _status, "setup": _setup}[action](args)
+
+
+def _now(args):
+    import sys
+
+    from ..progress import Progress
+    from ..sync import run
+    cfg = _common.config(args)
+
+    def on_event(kind, eid, reason):
+        print(f"{kind} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
+
+    summary = run(cfg, args.dry_run, on_event if args.verbose else None,
+                  lambda label, total: Progress(label, total, quiet=args.quiet))
+    if args.json:
+        _common.emit(summary)
+    elif args.dry_run:
+        if not args.quiet:
+            most = summary["would_pull_at_most"]
+            print(f"would stamp {summary['would_stamp']}, push {summary['would_push']},"
+                  f" pull at most {most if most is not None else '?'}, resolve"
+                  f" {summary['would_resolve'] + summary['would_stamp']}; nothing changed")
+    elif not args.quiet:
+        s, pu, pl = summary["stamp"], summary["push"], summary["pull"]
+        line = (f"stamped {s['stamped']}, pushed {pu['accepted']}"
+                + (f" ({pu['duplicate']} already there)" if pu["duplicate"] else "")
+                + (f", rejected {pu['rejected']}" if pu["rejected"] else "")
+                + f", pulled {pl['new']}, resolved {summary['resolved']}")
+        print(line)
+    for prob in (summary.get("stamp") or {}).get("problems", []):
+        print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
+              file=sys.stderr)
+    if args.dry_run:
+        return 0
+    partial = (summary["push"]["rejected"] or summary["push"]["queued"]
+               or summary["stamp"]["problems"])
+    if summary["push"]["rejected"] and not args.quiet:
+        print(f"{args.prog}: {summary['push']['rejected']} event(s) rejected; see"
+              " 'sk-log --rejected'", file=sys.stderr)
+    return 1 if partial else 0
+
+
+def _ago(stamp):
+    from datetime import datetime, timezone
+    if not stamp:
+        return "never"
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    secs = int((datetime.now(timezone.utc) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if secs >= size:
+            return f"{stamp} ({secs // size} {unit} ago)"
+    return f"{stamp} ({max(secs, 0)} s ago)"
+
+
+def _status(args):
+    from ..sync import status
+    info = status(_common.config(args), args.check)
+    if args.json:
+        _common.emit(info)
+    else:
+        rows = [
+            ("server", f"{info['server'] or '(not configured)'}"
+                       + (f"  (from {info['server_from']})" if info["server_from"] else "")),
+            ("config", info["config"] + ("" if info["config_exists"] else " (missing)")),
+            ("node id", info["node_id"]),
+            ("queued", str(info["queued"]) + (f" (oldest {_ago(info['oldest_queued'])})"
+                                              if info["queued"] else "")),
+            ("rejected", str(info["rejected"]) + (" (see sk-log --rejected)" if info["rejected"] else "")),
+            ("local-only", str(info["local_only"])),
+            ("unstamped", str(info["unstamped"])),
+            ("unapplied", str(info["unapplied"])),
+            ("last sync", _ago(info["last_success"])),
+            ("failures since", str(info["failures_since"])
+             + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"
+                if info["failures_since"] else "")),
+        ]
+        if args.check:
+            rows.append(("connection", f"{info['connection']}: {info['connection_detail']}"))
+        for k, v in rows:
+            print(f"{k + ':':<16}{v}")
+    if args.check:
+        return info["connection_exit"]
+    return 0
+
+
+def _setup(args):
+    import getpass
+    import sys
+
+    from ..errors import UsageError
+    cfg = _common.config(args)
+    server, key = getattr(args, "server", None), getattr(args, "key", None)
+    if not server or not key:
+        if not sys.stdin.isatty():
+            raise UsageError("give --server URL and --key KEY (no terminal to ask on)")
+        try:
+            if not server:
+                default = cfg.get("SK_SERVER") or "http://127.0.0.1:9100"
+                server = input(f"server URL [{default}]: ").strip() or default
+            if not key:
+                key = getpass.getpass("API key (from sk-register on the server host): ").strip()
+        except EOFError:
+            raise UsageError("setup cancelled") from None
+    from ..sync import setup
+    result = setup(cfg, server, key)
+    if args.json:
+        _common.emit(result)
+    else:
+        _common.say(args, f"connected to {result['server']} as device '{result['device']}'"
+                          f" (team '{result['team']}'); wrote {result['config']}")
+    return 0
+
+
+def main(argv=None, prog="sk sync"):
+    return _common.run(prog, get_parser, _body, argv)

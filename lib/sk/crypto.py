@@ -1,0 +1,108 @@
+"""All of sk's cryptography: key format, derive, seal, open.
+
+API key      ``sk1.<key_id>.<secret>``; key_id is 16 hex digits (it names the key on
+             the wire), secret is 32 random bytes, base64url without padding.
+master       HKDF-SHA256(secret, salt=key_id, info="sk/1 master"): what the server
+             stores instead of the key.
+direction    HKDF-SHA256(master, info="sk/1 c2s" or "sk/1 s2c"): one AES-256 key per
+             direction, so a response can never be replayed as a request.
+sealed blob  version(1)=0x01 | timestamp ms(8, big-endian) | nonce(12) | ciphertext | tag(16)
+             AES-256-GCM; associated data = the 21-byte header + the caller's context
+             (device, endpoint, ...), so the timestamp and nonce are authenticated too.
+"""
+
+import base64
+import hmac
+import os
+import re
+import struct
+import time
+
+VERSION = 1
+HEADER = struct.Struct(">BQ12s")  # version, timestamp ms, nonce
+TAG_LEN = 16
+C2S, S2C = "c2s", "s2c"
+_KEY_RE = re.compile(r"^sk1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
+
+
+class CryptoError(Exception):
+    """Authentication failed: wrong key, or the message was altered."""
+
+
+class FormatError(CryptoError):
+    """Not a sealed message of a version this code knows."""
+
+
+def new_api_key():
+    """Return (key_id, api_key) for a new device key."""
+    key_id = os.urandom(8).hex()
+    secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    return key_id, f"sk1.{key_id}.{secret}"
+
+
+def parse_api_key(api_key):
+    """Return (key_id, secret bytes); ValueError if it is not an sk API key."""
+    m = _KEY_RE.match(api_key.strip()) if isinstance(api_key, str) else None
+    if not m:
+        raise ValueError("not an sk API key (expected sk1.<16 hex>.<43 base64url chars>)")
+    return m.group(1), base64.urlsafe_b64decode(m.group(2) + "=")
+
+
+def _hkdf(secret, salt, info):
+    from Cryptodome.Hash import SHA256
+    from Cryptodome.Protocol.KDF import HKDF
+    return HKDF(secret, 32, salt, SHA256, context=info)
+
+
+def derive_master(api_key):
+    key_id, secret = parse_api_key(api_key)
+    return _hkdf(secret, key_id.encode(), b"sk/1 master")
+
+
+def direction_key(master, direction):
+    if direction not in (C2S, S2C):
+        raise ValueError("direction must be c2s or s2c")
+    return _hkdf(master, b"", b"sk/1 " + direction.encode())
+
+
+def seal(key, plaintext, context, timestamp_ms=None, nonce=None):
+    """Encrypt and authenticate `plaintext`, binding `context` (bytes)."""
+    from Cryptodome.Cipher import AES
+    if timestamp_ms is None:
+        timestamp_ms = int(time.time() * 1000)
+    if nonce is None:
+        nonce = os.urandom(12)
+    header = HEADER.pack(VERSION, timestamp_ms, nonce)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(header + context)
+    ct, tag = cipher.encrypt_and_digest(plaintext)
+    return header + ct + tag
+
+
+def peek(blob):
+    """Return (timestamp_ms, nonce) from a sealed blob's header without opening it."""
+    if len(blob) < HEADER.size + TAG_LEN:
+        raise FormatError(f"sealed message too short ({len(blob)} bytes)")
+    version, ts, nonce = HEADER.unpack_from(blob)
+    if version != VERSION:
+        raise FormatError(f"sealed message version {version}, this sk reads version {VERSION}")
+    return ts, nonce
+
+
+def open_sealed(key, blob, context):
+    """Return (timestamp_ms, nonce, plaintext); CryptoError if it fails to authenticate."""
+    from Cryptodome.Cipher import AES
+    ts, nonce = peek(blob)
+    header, ct, tag = blob[:HEADER.size], blob[HEADER.size:-TAG_LEN], blob[-TAG_LEN:]
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(header + context)
+    try:
+        plaintext = cipher.decrypt_and_verify(ct, tag)
+    except ValueError:
+        raise CryptoError("message failed authentication (wrong key or altered)") from None
+    return ts, nonce, plaintext
+
+
+def same(a, b):
+    """Constant-time comparison of two secrets."""
+    return hmac.compare_digest(a, b)

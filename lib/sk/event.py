@@ -1,0 +1,174 @@
+"""The event: its fields, their rules, and the never-sync rules.
+
+Shared by the client (sk-append, sk-pull) and the server (push validation), so a
+rule lives here once.
+"""
+
+import fnmatch
+import json
+import re
+import uuid
+
+FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
+          "lamport_clock", "node_id", "payload", "timestamp")
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_LAMPORT = 2 ** 63 - 1
+_TYPE_RE = re.compile(r"^[a-z0-9_.]{1,64}$")
+_TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
+
+# aggregate_type:glob, matched case-insensitively against aggregate_id
+DEFAULT_NEVER_SYNC = ("setting:*_pat", "setting:*token*", "setting:*password*",
+                      "setting:*secret*", "setting:*api_key*")
+
+
+class EventError(ValueError):
+    """An event breaks a rule; the message names the field."""
+
+
+def dumps(obj):
+    """Compact JSON, the one encoding used for payloads and on the wire."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_event_id(value):
+    if not isinstance(value, str):
+        raise EventError("event_id must be a string")
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise EventError(f"event_id {value!r} is not a UUID") from None
+    if canonical != value:
+        raise EventError(f"event_id {value!r} is not canonical lowercase UUID text")
+    return value
+
+
+def _check_str(ev, name, pattern=None, maxlen=256):
+    value = ev.get(name)
+    if not isinstance(value, str):
+        raise EventError(f"{name} must be a string" if name in ev else f"missing {name}")
+    if pattern is not None and not pattern.match(value):
+        raise EventError(f"{name} {value!r} must be 1-64 chars of [a-z0-9_.]")
+    if not 1 <= len(value) <= maxlen:
+        raise EventError(f"{name} must be 1-{maxlen} characters")
+    return value
+
+
+def check_payload(payload):
+    """Return the payload's compact JSON text, or raise EventError."""
+    if not isinstance(payload, dict):
+        raise EventError("payload must be a JSON object")
+    text = dumps(payload)
+    size = len(text.encode("utf-8"))
+    if size > MAX_PAYLOAD_BYTES:
+        raise EventError(f"payload is {size} bytes encoded, over the {MAX_PAYLOAD_BYTES} limit")
+    return text
+
+
+def check_new(ev):
+    """Validate an event to be appended (unstamped). Returns a normalised dict.
+
+    Required: event_type, aggregate_type, aggregate_id. Optional: payload ({}),
+    event_id (assigned at stamping if absent), timestamp. Stamp fields given here
+    (lamport_clock, node_id) are refused: the device assigns them.
+    """
+    if not isinstance(ev, dict):
+        raise EventError("an event must be a JSON object")
+    unknown = set(ev) - set(FIELDS)
+    if unknown:
+        raise EventError(f"unknown field {sorted(unknown)[0]!r}")
+    for name in ("lamport_clock", "node_id"):
+        if ev.get(name) is not None:
+            raise EventError(f"{name} is assigned by sk-stamp; leave it out")
+    out = {
+        "event_type": _check_str(ev, "event_type", _TYPE_RE, 64),
+        "aggregate_type": _check_str(ev, "aggregate_type", _TYPE_RE, 64),
+        "aggregate_id": _check_str(ev, "aggregate_id"),
+        "payload": check_payload(ev.get("payload", {})),
+        "event_id": None,
+        "timestamp": None,
+    }
+    if ev.get("event_id") is not None:
+        out["event_id"] = check_event_id(ev["event_id"])
+    if ev.get("timestamp") is not None:
+        out["timestamp"] = check_timestamp(ev["timestamp"])
+    return out
+
+
+def check_timestamp(value):
+    if not isinstance(value, str) or not _TS_RE.match(value):
+        raise EventError("timestamp must be RFC 3339 text such as 2026-01-31T12:00:00Z")
+    return value
+
+
+def check_stamped(ev):
+    """Validate a complete, stamped event (push, pull). Returns a tuple in FIELDS
+    order with the payload as compact JSON text."""
+    if not isinstance(ev, dict):
+        raise EventError("an event must be a JSON object")
+    missing = [f for f in FIELDS if f not in ev]
+    if missing:
+        raise EventError(f"missing {missing[0]}")
+    clock = ev["lamport_clock"]
+    if type(clock) is not int or not 1 <= clock <= MAX_LAMPORT:
+        raise EventError("lamport_clock must be an integer >= 1 and < 2^63")
+    return (
+        check_event_id(ev["event_id"]),
+        _check_str(ev, "event_type", _TYPE_RE, 64),
+        _check_str(ev, "aggregate_type", _TYPE_RE, 64),
+        _check_str(ev, "aggregate_id"),
+        clock,
+        _check_str(ev, "node_id", maxlen=64),
+        check_payload(ev["payload"]),
+        check_timestamp(ev["timestamp"]),
+    )
+
+
+def row_to_event(row):
+    """A row in FIELDS order (payload as JSON text) to an event dict."""
+    ev = dict(zip(FIELDS, row))
+    ev["payload"] = json.loads(ev["payload"])
+    return ev
+
+
+def is_deletion(event_type):
+    return event_type.endswith("_deleted")
+
+
+class NeverSync:
+    """The never-sync rules: `aggregate_type:glob` patterns on aggregate_id."""
+
+    def __init__(self, extra=()):
+        self.rules = []
+        for rule in tuple(DEFAULT_NEVER_SYNC) + tuple(extra):
+            rule = rule.strip()
+            if not rule:
+                continue
+            agg, sep, glob = rule.partition(":")
+            if not sep or not agg or not glob:
+                raise EventError(f"never-sync rule {rule!r} must look like TYPE:GLOB")
+            self.rules.append((agg.lower(), glob.lower()))
+
+    def matches(self, aggregate_type, aggregate_id):
+        agg, ident = aggregate_type.lower(), aggregate_id.lower()
+        return any((a == "*" or a == agg) and fnmatch.fnmatchcase(ident, g)
+                   for a, g in self.rules)
+
+
+def parse_ndjson(lines):
+    """Yield validated new events from NDJSON lines; EventError names the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise EventError(f"line {n}: not UTF-8 text") from None
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise EventError(f"line {n}: malformed JSON: {getattr(e, 'msg', e)}") from None
+        try:
+            yield check_new(obj)
+        except EventError as e:
+            raise EventError(f"line {n}: {e}") from None

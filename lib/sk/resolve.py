@@ -1,0 +1,180 @@
+"""Fold the event log into the state.
+
+The merge rule, in one place: for each aggregate, each payload key is a
+last-writer-wins register ordered by (lamport_clock, node_id) (then by the value's
+JSON text, so even a forged tie is decided the same way everywhere); an event
+whose type ends in ``_deleted`` deletes the aggregate as of its stamp, hiding
+every field written before it; a later-stamped event of any other type brings
+the aggregate back. Every step is a maximum, so the state does not depend on the
+order or the number of times events arrive.
+
+Path remapping rewrites string values in the state (never the log) that equal a
+mapped prefix or start with it followed by '/'.
+"""
+
+import json
+
+from .event import dumps, is_deletion
+
+CHUNK = 5000
+
+
+def fold(events, aggs=None, fields=None):
+    """Fold `events` (dicts or tuples event_type, aggregate_type, aggregate_id,
+    lamport_clock, node_id, payload dict) into two dicts:
+    aggs[(type, id)] = [live stamp, deletion stamp]; fields[(type, id, key)] =
+    (lamport, node, value JSON). Pure; used by resolve() and by the tests."""
+    aggs = {} if aggs is None else aggs
+    fields = {} if fields is None else fields
+    for etype, atype, aid, lamport, node, payload in events:
+        key = (atype, aid)
+        stamp = (lamport, node)
+        slot = aggs.get(key)
+        if slot is None:
+            slot = aggs[key] = [(0, ""), (0, "")]
+        if is_deletion(etype):
+            if stamp > slot[1]:
+                slot[1] = stamp
+            continue
+        if stamp > slot[0]:
+            slot[0] = stamp
+        for name, value in payload.items():
+            cand = (lamport, node, dumps(value))
+            fkey = (atype, aid, name)
+            cur = fields.get(fkey)
+            if cur is None or cand > cur:
+                fields[fkey] = cand
+    return aggs, fields
+
+
+def view(aggs, fields, include_deleted=False):
+    """The visible state {type: {id: {key: value}}} from fold()'s dicts."""
+    out = {}
+    for (atype, aid), (live, dead) in aggs.items():
+        if dead >= live and not include_deleted:
+            continue
+        obj = out.setdefault(atype, {}).setdefault(aid, {})
+        if dead >= live:
+            obj["_deleted"] = True
+    for (atype, aid, name), (lamport, node, value) in fields.items():
+        live, dead = aggs[(atype, aid)]
+        obj = out.get(atype, {}).get(aid)
+        if obj is None:
+            continue
+        if (lamport, node) > dead or (dead >= live and include_deleted):
+            obj[name] = json.loads(value)
+    return out
+
+
+def remap(value, pairs):
+    """Apply path map `pairs` [(FROM, TO)] (longest first) to strings inside value."""
+    if isinstance(value, str):
+        for src, dst in pairs:
+            if value == src:
+                return dst
+            if value.startswith(src + "/") or (src == "/" and value.startswith("/")):
+                rest = value[len(src):].lstrip("/") if src != "/" else value[1:]
+                return dst.rstrip("/") + "/" + rest
+        return value
+    if isinstance(value, list):
+        return [remap(v, pairs) for v in value]
+    if isinstance(value, dict):
+        return {k: remap(v, pairs) for k, v in value.items()}
+    return value
+
+
+def _mapped(value_json, pairs):
+    if not pairs or ('"' not in value_json):
+        return None
+    value = json.loads(value_json)
+    new = remap(value, pairs)
+    return None if new == value else dumps(new)
+
+
+_AGG_UPSERT = """
+INSERT INTO aggregates(aggregate_type, aggregate_id, live_lamport, live_node, del_lamport, del_node)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT(aggregate_type, aggregate_id) DO UPDATE SET
+  live_lamport = CASE WHEN (excluded.live_lamport, excluded.live_node) > (live_lamport, live_node)
+                      THEN excluded.live_lamport ELSE live_lamport END,
+  live_node    = CASE WHEN (excluded.live_lamport, excluded.live_node) > (live_lamport, live_node)
+                      THEN excluded.live_node ELSE live_node END,
+  del_lamport  = CASE WHEN (excluded.del_lamport, excluded.del_node) > (del_lamport, del_node)
+                      THEN excluded.del_lamport ELSE del_lamport END,
+  del_node     = CASE WHEN (excluded.del_lamport, excluded.del_node) > (del_lamport, del_node)
+                      THEN excluded.del_node ELSE del_node END
+"""
+_FIELD_UPSERT = """
+INSERT INTO fields(aggregate_type, aggregate_id, field, value, mapped, lamport, node_id)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(aggregate_type, aggregate_id, field) DO UPDATE SET
+  value = excluded.value, mapped = excluded.mapped,
+  lamport = excluded.lamport, node_id = excluded.node_id
+WHERE (excluded.lamport, excluded.node_id, excluded.value) > (fields.lamport, fields.node_id, fields.value)
+"""
+
+
+def resolve(store, path_map=None, rebuild=False, progress=None):
+    """Fold every unapplied event of `store` into its state tables, chunk by chunk,
+    each chunk one transaction. `path_map` [(FROM, TO)] replaces the stored map
+    when given (re-mapping the whole state if it changed). Returns events applied."""
+    db = store.db
+    pairs = [tuple(p) for p in (path_map if path_map is not None
+                                else json.loads(store.meta("path_map", "[]")))]
+    if rebuild:
+        with store.write():
+            db.execute("DELETE FROM aggregates")
+            db.execute("DELETE FROM fields")
+            db.execute("UPDATE events SET applied = 0 WHERE applied = 1")
+    if path_map is not None and dumps(pairs) != store.meta("path_map", "[]"):
+        _remap_all(store, pairs)
+    applied = 0
+    while True:
+        with store.write():
+            rows = db.execute(
+                "SELECT seq, event_type, aggregate_type, aggregate_id, lamport_clock, node_id,"
+                " payload FROM events WHERE applied = 0 ORDER BY seq LIMIT ?", (CHUNK,)).fetchall()
+            if not rows:
+                break
+            aggs, fields = fold((r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows)
+            db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
+                                         for (t, i), (live, dead) in aggs.items()])
+            db.executemany(_FIELD_UPSERT, [(t, i, k, v, _mapped(v, pairs), lam, node)
+                                           for (t, i, k), (lam, node, v) in fields.items()])
+            db.execute("UPDATE events SET applied = 1 WHERE applied = 0 AND seq <= ?",
+                       (rows[-1][0],))
+        applied += len(rows)
+        if progress:
+            progress(len(rows))
+    return applied
+
+
+def _remap_all(store, pairs):
+    with store.write() as db:
+        rows = db.execute("SELECT aggregate_type, aggregate_id, field, value FROM fields"
+                          " WHERE value LIKE '%\"%'").fetchall()
+        db.execute("UPDATE fields SET mapped = NULL WHERE mapped IS NOT NULL")
+        db.executemany("UPDATE fields SET mapped = ? WHERE aggregate_type = ? AND"
+                       " aggregate_id = ? AND field = ?",
+                       [(m, t, i, f) for t, i, f, v in rows
+                        if (m := _mapped(v, pairs)) is not None])
+        store._set("path_map", dumps(pairs))
+
+
+def load_state(store, aggregate_type=None, aggregate_id=None, include_deleted=False):
+    """The resolved state as {type: {id: {key: value}}} (path map applied)."""
+    where, args = "", []
+    if aggregate_type is not None:
+        where, args = " WHERE aggregate_type = ?", [aggregate_type]
+        if aggregate_id is not None:
+            where += " AND aggregate_id = ?"
+            args.append(aggregate_id)
+    with store.read() as db:
+        aggs = {(t, i): [(ll, ln), (dl, dn)] for t, i, ll, ln, dl, dn in db.execute(
+            "SELECT aggregate_type, aggregate_id, live_lamport, live_node, del_lamport,"
+            " del_node FROM aggregates" + where, args)}
+        fields = {(t, i, f): (lam, node, m if m is not None else v)
+                  for t, i, f, v, m, lam, node in db.execute(
+                      "SELECT aggregate_type, aggregate_id, field, value, mapped, lamport,"
+                      " node_id FROM fields" + where, args)}
+    return view(aggs, fields, include_deleted)

@@ -1,0 +1,344 @@
+"""The device's local SQLite file: the event log, the unstamped table, the Lamport
+clock, the pull cursor, the resolved state and sync bookkeeping, all in one file
+so that each change to them is one transaction.
+
+The ``unstamped`` table is a documented interface (see sk-stamp(1)): any program
+may INSERT rows into it and run ``sk-stamp``.
+"""
+
+import contextlib
+import json
+import os
+import sqlite3
+import uuid
+from datetime import datetime, timezone
+
+from .errors import ConfigError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unstamped (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id       TEXT,
+    event_type     TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    payload        TEXT NOT NULL DEFAULT '{}',
+    timestamp      TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq            INTEGER PRIMARY KEY,
+    event_id       TEXT NOT NULL UNIQUE,
+    event_type     TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    lamport_clock  INTEGER NOT NULL,
+    node_id        TEXT NOT NULL,
+    payload        TEXT NOT NULL,
+    timestamp      TEXT NOT NULL,
+    status         TEXT NOT NULL,   -- queued | sent | rejected | local_only | remote
+    reason         TEXT,
+    applied        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_queued ON events(seq) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS events_unapplied ON events(seq) WHERE applied = 0;
+CREATE INDEX IF NOT EXISTS events_aggregate ON events(aggregate_type, aggregate_id);
+CREATE TABLE IF NOT EXISTS aggregates (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    live_lamport   INTEGER NOT NULL DEFAULT 0,
+    live_node      TEXT NOT NULL DEFAULT '',
+    del_lamport    INTEGER NOT NULL DEFAULT 0,
+    del_node       TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (aggregate_type, aggregate_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fields (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    field          TEXT NOT NULL,
+    value          TEXT NOT NULL,    -- JSON, as written in the winning event
+    mapped         TEXT,             -- JSON after path remapping, NULL when unchanged
+    lamport        INTEGER NOT NULL,
+    node_id        TEXT NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, field)
+) WITHOUT ROWID;
+"""
+SCHEMA_VERSION = "1"
+CHUNK = 5000
+LOG_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
+               "lamport_clock", "node_id", "payload", "timestamp")
+
+
+def utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LocalStore:
+    """One device's SQLite file. Writers take BEGIN IMMEDIATE; readers never block."""
+
+    def __init__(self, path, create=True):
+        path = os.fspath(path)
+        if not create and not os.path.exists(path):
+            raise ConfigError(f"no local log at '{path}' yet: run 'sk-append' or 'sk sync' first")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            if self.meta("schema") is None:
+                with self.write():
+                    for stmt in SCHEMA.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self._set("schema", SCHEMA_VERSION)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"cannot open local log '{path}': {e}") from None
+        self.path = path
+
+    # -- transactions and meta -------------------------------------------------
+    @contextlib.contextmanager
+    def write(self):
+        """A write transaction (BEGIN IMMEDIATE); commits on success."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read(self):
+        """A consistent snapshot for several reads."""
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        finally:
+            self.db.execute("COMMIT")
+
+    def meta(self, key, default=None):
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return default
+        return row[0] if row else default
+
+    def _set(self, key, value):
+        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
+
+    def set_meta(self, **values):
+        with self.write():
+            for k, v in values.items():
+                self._set(k, v)
+
+    def node_id(self):
+        """This device's stable node id, created once."""
+        node = self.meta("node_id")
+        if node is None:
+            with self.write():
+                node = self.meta("node_id")
+                if node is None:
+                    node = str(uuid.uuid4())
+                    self._set("node_id", node)
+        return node
+
+    def clock(self):
+        return int(self.meta("clock", "0"))
+
+    def cursor(self):
+        return int(self.meta("cursor", "0"))
+
+    # -- append and stamp ------------------------------------------------------
+    def append(self, events):
+        """Insert validated (see event.check_new) events into `unstamped` in one
+        transaction: if the iterable raises, nothing is appended."""
+        import itertools
+        events = iter(events)
+        count = 0
+        with self.write() as db:
+            while True:
+                chunk = list(itertools.islice(events, CHUNK))
+                if not chunk:
+                    break
+                db.executemany(
+                    "INSERT INTO unstamped(event_id, event_type, aggregate_type, aggregate_id,"
+                    " payload, timestamp) VALUES (:event_id, :event_type, :aggregate_type,"
+                    " :aggregate_id, :payload, :timestamp)", chunk)
+                count += len(chunk)
+        return count
+
+    def stamp(self, never_sync):
+        """Stamp every valid unstamped row in one transaction.
+
+        Returns (stamped, local_only, duplicates, problems): duplicates are rows whose
+        event_id is already in the log (the same event; dropped), problems a list of
+        (unstamped seq, reason) for rows left in place because they break a rule.
+        """
+        from .event import EventError, check_new
+        node = self.node_id()
+        stamped = local_only = duplicates = 0
+        problems, given = [], set()
+        with self.write() as db:
+            clock = self.clock()
+            last = 0
+            while True:
+                rows = db.execute(
+                    "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, payload,"
+                    " timestamp FROM unstamped WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (last, CHUNK)).fetchall()
+                if not rows:
+                    break
+                last = rows[-1][0]
+                now = utc_now()
+                out, done = [], []
+                for seq, eid, etype, atype, aid, payload, ts in rows:
+                    try:
+                        try:
+                            payload_obj = json.loads(payload)
+                        except (TypeError, ValueError):
+                            raise EventError("payload is not JSON") from None
+                        ev = check_new({"event_id": eid, "event_type": etype,
+                                        "aggregate_type": atype, "aggregate_id": aid,
+                                        "payload": payload_obj, "timestamp": ts})
+                    except EventError as e:
+                        problems.append((seq, str(e)))
+                        continue
+                    if ev["event_id"] is not None:
+                        if ev["event_id"] in given or db.execute(
+                                "SELECT 1 FROM events WHERE event_id = ?",
+                                (ev["event_id"],)).fetchone():
+                            duplicates += 1
+                            done.append((seq,))
+                            continue
+                        given.add(ev["event_id"])
+                    clock += 1
+                    private = never_sync.matches(atype, aid)
+                    local_only += private
+                    out.append((ev["event_id"] or str(uuid.uuid4()), etype, atype, aid, clock,
+                                node, ev["payload"], ev["timestamp"] or now,
+                                "local_only" if private else "queued"))
+                    done.append((seq,))
+                db.executemany(
+                    "INSERT INTO events(event_id, event_type, aggregate_type,"
+                    " aggregate_id, lamport_clock, node_id, payload, timestamp, status)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)", out)
+                db.executemany("DELETE FROM unstamped WHERE seq = ?", done)
+                stamped += len(out)
+            self._set("clock", clock)
+        return stamped, local_only, duplicates, problems
+
+    # -- push side -------------------------------------------------------------
+    def queued(self, limit, after=0):
+        """Up to `limit` queued events after local seq `after`: [(seq, event dict)]."""
+        rows = self.db.execute(
+            "SELECT seq, " + ", ".join(LOG_COLUMNS) + " FROM events"
+            " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+        return [(r[0], r[1:]) for r in rows]
+
+    def mark_pushed(self, results):
+        """Apply the server's per-event results atomically.
+
+        `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected.
+        """
+        sent = [(eid,) for eid, st, _ in results if st in ("accepted", "duplicate")]
+        rejected = [(reason or "rejected by server", eid) for eid, st, reason in results
+                    if st == "rejected"]
+        with self.write() as db:
+            db.executemany("UPDATE events SET status = 'sent' WHERE event_id = ?"
+                           " AND status = 'queued'", sent)
+            db.executemany("UPDATE events SET status = 'rejected', reason = ? WHERE event_id = ?"
+                           " AND status = 'queued'", rejected)
+
+    def set_aside(self, event_id, reason):
+        with self.write() as db:
+            db.execute("UPDATE events SET status = 'rejected', reason = ? WHERE event_id = ?"
+                       " AND status = 'queued'", (reason, event_id))
+
+    def requeue_rejected(self):
+        with self.write() as db:
+            return db.execute("UPDATE events SET status = 'queued', reason = NULL"
+                              " WHERE status = 'rejected'").rowcount
+
+    # -- pull side -------------------------------------------------------------
+    def receive(self, rows, cursor):
+        """Store pulled events (tuples in LOG_COLUMNS order, validated), advance the
+        Lamport clock past them and set the cursor, in one transaction.
+        Returns how many were new."""
+        with self.write() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
+                " lamport_clock, node_id, payload, timestamp, status)"
+                " VALUES (?,?,?,?,?,?,?,?,'remote')", rows)
+            new = db.total_changes - before
+            if rows:
+                top = max(r[4] for r in rows)
+                self._set("clock", max(self.clock(), top) + 1)
+            self._set("cursor", int(cursor))
+        return new
+
+    # -- reading ---------------------------------------------------------------
+    def counts(self):
+        with self.read() as db:
+            by_status = dict(db.execute(
+                "SELECT status, count(*) FROM events GROUP BY status").fetchall())
+            unstamped = db.execute("SELECT count(*) FROM unstamped").fetchone()[0]
+            unapplied = db.execute("SELECT count(*) FROM events WHERE applied = 0").fetchone()[0]
+            oldest = db.execute("SELECT min(timestamp) FROM events WHERE status = 'queued'"
+                                ).fetchone()[0]
+        return {
+            "queued": by_status.get("queued", 0),
+            "sent": by_status.get("sent", 0),
+            "rejected": by_status.get("rejected", 0),
+            "local_only": by_status.get("local_only", 0),
+            "remote": by_status.get("remote", 0),
+            "unstamped": unstamped,
+            "unapplied": unapplied,
+            "oldest_queued": oldest,
+        }
+
+    def log(self, aggregate_type=None, aggregate_id=None, event_type=None, status=None,
+            after=0, limit=None):
+        """Yield log entries (dicts with every envelope field, plus status/reason/seq)."""
+        where, args = ["seq > ?"], [after]
+        for col, val in (("aggregate_type", aggregate_type), ("aggregate_id", aggregate_id),
+                         ("event_type", event_type), ("status", status)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = ("SELECT seq, " + ", ".join(LOG_COLUMNS) + ", status, reason FROM events WHERE "
+               + " AND ".join(where) + " ORDER BY seq")
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.db.execute(sql, args):
+            ev = dict(zip(LOG_COLUMNS, row[1:9]))
+            ev["payload"] = json.loads(ev["payload"])
+            ev["status"] = row[9]
+            if row[10] is not None:
+                ev["reason"] = row[10]
+            ev["seq"] = row[0]
+            yield ev
+
+    # -- sync bookkeeping ------------------------------------------------------
+    def record_outcome(self, ok, error=None):
+        """Remember a network run: success resets the failure count."""
+        now = utc_now()
+        with self.write():
+            if ok:
+                self._set("last_success", now)
+                self._set("failures_since", 0)
+            else:
+                self._set("failures_since", int(self.meta("failures_since", "0")) + 1)
+                self._set("last_failure", now)
+                self._set("last_error", error or "unknown error")
+
+    def close(self):
+        self.db.close()
+
+
+def open_store(config, create=True):
+    return LocalStore(config.db_path, create=create)
+

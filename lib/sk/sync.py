@@ -1,0 +1,259 @@
+"""The sync operations every command composes: stamp, push, pull, and the
+porcelain run, status and setup. Commands only parse and print."""
+
+import contextlib
+import json
+import os
+import time
+
+from . import wire
+from .errors import AuthError, IntegrityError, ServerError, SkError, Unreachable
+from .event import EventError, NeverSync, check_stamped
+from .store import LOG_COLUMNS, open_store
+
+MAX_BATCH_BYTES = 4 * 1024 * 1024   # keep a push body well under the server's limit
+PAGE = 1000
+
+
+def open_client(cfg):
+    from .client import Client
+    return Client(cfg.server, cfg.api_key, cfg.timeout)
+
+
+@contextlib.contextmanager
+def device_lock(cfg):
+    """One network sync at a time per device; a second one waits its turn."""
+    import fcntl
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.home / "sync.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def tracked(store):
+    """Record the outcome of a network run, for `sk sync status`."""
+    try:
+        yield
+    except SkError as e:
+        store.record_outcome(False, str(e))
+        raise
+    except KeyboardInterrupt:
+        store.record_outcome(False, "interrupted")
+        raise
+    store.record_outcome(True)
+
+
+def stamp(store, cfg):
+    stamped, local_only, dups, problems = store.stamp(NeverSync(cfg.never_sync_rules))
+    return {"stamped": stamped, "local_only": local_only, "duplicates": dups,
+            "problems": [{"unstamped_seq": s, "reason": r} for s, r in problems]}
+
+
+# -- push ---------------------------------------------------------------------
+def _to_wire(row):
+    ev = dict(zip(LOG_COLUMNS, row))
+    ev["payload"] = json.loads(ev["payload"])
+    return ev
+
+
+def _batches(rows, max_bytes=MAX_BATCH_BYTES):
+    """Split queued rows so no batch's payload text exceeds max_bytes."""
+    batch, size = [], 0
+    for seq, row in rows:
+        n = len(row[6]) + 300
+        if batch and size + n > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append((seq, row))
+        size += n
+    if batch:
+        yield batch
+
+
+def _send(store, client, batch, counts, on_event):
+    """Push one batch; on HTTP 413 split it, and set a lone event aside."""
+    try:
+        answer = client.push([_to_wire(row) for _, row in batch])
+    except ServerError as e:
+        if e.status != 413:
+            raise
+        if len(batch) == 1:
+            eid = batch[0][1][0]
+            reason = f"server refused this event alone with HTTP 413 (too large): {e}"
+            store.set_aside(eid, reason)
+            counts["rejected"] += 1
+            if on_event:
+                on_event("rejected", eid, reason)
+            return
+        half = len(batch) // 2
+        _send(store, client, batch[:half], counts, on_event)
+        _send(store, client, batch[half:], counts, on_event)
+        return
+    results = answer.get("results")
+    ids = [row[0] for _, row in batch]
+    if (not isinstance(results, list) or len(results) != len(ids)
+            or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
+        raise IntegrityError("server's push answer does not match the events sent")
+    out = []
+    for r in results:
+        status = r.get("status")
+        if status not in ("accepted", "duplicate", "rejected"):
+            raise IntegrityError(f"server answered unknown push status {status!r}")
+        reason = r.get("reason") if status == "rejected" else None
+        out.append((r["event_id"], status, reason))
+        counts[status] += 1
+        if on_event:
+            on_event(status, r["event_id"], reason)
+    store.mark_pushed(out)
+
+
+def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, progress=None):
+    """Push one batch (or, with all_batches, every batch) of queued events."""
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "batches": 0}
+    max_n = max(1, min(int(max_n), wire.MAX_BATCH))
+    while True:
+        rows = store.queued(max_n)
+        if not rows:
+            break
+        before = sum(counts[k] for k in ("accepted", "duplicate", "rejected"))
+        for batch in _batches(rows):
+            _send(store, client, batch, counts, on_event)
+            counts["batches"] += 1
+        moved = sum(counts[k] for k in ("accepted", "duplicate", "rejected")) - before
+        if progress:
+            progress(moved)
+        if not all_batches or moved == 0:
+            break
+    counts["queued"] = store.counts()["queued"]
+    return counts
+
+
+# -- pull ---------------------------------------------------------------------
+def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE):
+    """Fetch every page after the cursor (or `since`), store it and move the cursor.
+    The cursor only moves when the pull started at or before it."""
+    stored = store.cursor()
+    cursor = stored if since is None else int(since)
+    moves_cursor = cursor <= stored
+    counts = {"received": 0, "new": 0, "pages": 0}
+    while True:
+        page = client.pull(cursor, page_size, exclude_own=cursor > 0 and since is None)
+        events, nxt, more = page.get("events"), page.get("next"), page.get("more")
+        if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
+                or not isinstance(more, bool) or (more and nxt == cursor)):
+            raise IntegrityError("malformed pull page from server")
+        try:
+            rows = [check_stamped(ev) for ev in events]
+        except EventError as e:
+            raise IntegrityError(f"server sent an invalid event: {e}") from None
+        if moves_cursor:
+            counts["new"] += store.receive(rows, max(nxt, store.cursor()))
+        else:
+            counts["new"] += store.receive(rows, store.cursor())
+        counts["received"] += len(rows)
+        counts["pages"] += 1
+        if on_event:
+            for ev in events:
+                on_event("pulled", ev)
+        if progress:
+            progress(len(rows))
+        cursor = nxt
+        if not more:
+            break
+    counts["cursor"] = store.cursor()
+    return counts
+
+
+# -- porcelain ----------------------------------------------------------------
+def run(cfg, dry_run=False, on_event=None, progress_factory=None):
+    """`sk sync`: stamp -> push every batch -> pull every page -> resolve."""
+    from .resolve import resolve
+    store = open_store(cfg)
+    if dry_run:
+        return _dry_run(store, cfg)
+    client = open_client(cfg)
+    summary = {}
+    with device_lock(cfg), tracked(store):
+        summary["stamp"] = stamp(store, cfg)
+        queued = store.counts()["queued"]
+        bar = progress_factory("push", queued) if progress_factory else None
+        summary["push"] = push(store, client, all_batches=True, on_event=on_event, progress=bar)
+        if bar:
+            bar.close()
+        bar = progress_factory("pull", None) if progress_factory else None
+        summary["pull"] = pull(store, client,
+                               on_event=(lambda k, ev: on_event(k, ev["event_id"], None))
+                               if on_event else None, progress=bar)
+        if bar:
+            bar.close()
+    unapplied = store.counts()["unapplied"]
+    bar = progress_factory("resolve", unapplied) if progress_factory else None
+    summary["resolved"] = resolve(store, progress=bar)
+    if bar:
+        bar.close()
+    client.close()
+    return summary
+
+
+def _dry_run(store, cfg):
+    counts = store.counts()
+    hello = open_client(cfg).hello()
+    head = hello.get("head")
+    return {"dry_run": True, "would_stamp": counts["unstamped"], "would_push": counts["queued"],
+            "would_pull_at_most": max(0, head - store.cursor()) if isinstance(head, int) else None,
+            "would_resolve": counts["unapplied"], "device": hello.get("device"),
+            "team": hello.get("team")}
+
+
+def status(cfg, check=False):
+    """Everything `sk sync status` shows, as a dict."""
+    info = {"server": cfg.get("SK_SERVER"), "server_from": cfg.source("SK_SERVER"),
+            "config": str(cfg.env_path), "config_exists": cfg.env_path.exists(),
+            "home": str(cfg.home), "database": str(cfg.db_path)}
+    store = open_store(cfg)
+    info["node_id"] = store.node_id()
+    info.update(store.counts())
+    info["cursor"] = store.cursor()
+    info["clock"] = store.clock()
+    info["last_success"] = store.meta("last_success")
+    info["failures_since"] = int(store.meta("failures_since", "0"))
+    info["last_failure"] = store.meta("last_failure")
+    info["last_error"] = store.meta("last_error") if info["failures_since"] else None
+    if check:
+        info["connection"], info["connection_detail"], info["connection_exit"] = \
+            check_connection(cfg)
+    return info
+
+
+def check_connection(cfg):
+    """('Connected' | 'Reachable (auth required)' | 'Unreachable' | 'Error', detail,
+    exit code)."""
+    try:
+        client = open_client(cfg)
+        t0 = time.monotonic()
+        hello = client.hello()
+        ms = (time.monotonic() - t0) * 1000
+        return "Connected", (f"device '{hello.get('device')}', team '{hello.get('team')}',"
+                             f" protocol {hello.get('protocol')}, {ms:.0f} ms"), 0
+    except AuthError as e:
+        return "Reachable (auth required)", str(e), e.exit_code
+    except Unreachable as e:
+        return "Unreachable", str(e), e.exit_code
+    except SkError as e:
+        return "Error", str(e), e.exit_code
+
+
+def setup(cfg, server, api_key):
+    """Verify `server` and `api_key` against the server, then write $SK_HOME/.env."""
+    from .client import Client
+    from .config import Config
+    trial = Config(cfg.home, {"SK_SERVER": server, "SK_API_KEY": api_key})
+    client = Client(trial.server, trial.api_key, cfg.timeout)
+    hello = client.hello()
+    cfg.write_env({"SK_SERVER": trial.server, "SK_API_KEY": trial.api_key})
+    return {"server": trial.server, "device": hello.get("device"), "team": hello.get("team"),
+            "config": str(cfg.env_path)}

@@ -1,0 +1,91 @@
+"""The wire format, shared by client and server.
+
+Every request that carries data is ``POST /api/<endpoint>`` with headers
+``X-SK-Protocol: 1`` and ``X-SK-Key-Id: <key_id>`` and a body that is
+gzip(JSON) sealed under the device's client-to-server key (see crypto). The
+sealed context binds the protocol, direction, key id and endpoint; a response's
+context also binds the nonce of the request it answers. Errors come back
+unsealed as ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
+"""
+
+import json
+import zlib
+
+from . import PROTOCOL_VERSION, crypto
+from .event import dumps
+
+PROTOCOL_HEADER = "X-SK-Protocol"
+KEY_HEADER = "X-SK-Key-Id"
+CONTENT_TYPE = "application/vnd.sk.sealed"
+ENDPOINTS = ("hello", "push", "pull")
+MAX_BODY = 16 * 1024 * 1024          # sealed, compressed bytes a server accepts
+MAX_PLAIN = 64 * 1024 * 1024         # bytes a body may inflate to
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000    # requests older or newer than this are stale
+MAX_BATCH = 1000                     # events in one push
+MAX_PAGE = 5000                      # events in one pull page
+
+
+class WireError(ValueError):
+    """A body that is not what the protocol says: malformed, oversize, a bomb."""
+
+    def __init__(self, message, status=400, code="malformed"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def compress(obj):
+    c = zlib.compressobj(5, zlib.DEFLATED, 31)
+    return c.compress(dumps(obj).encode("utf-8")) + c.flush()
+
+
+def decompress(data, limit=MAX_PLAIN):
+    """Inflate gzip `data` to at most `limit` bytes and parse it as a JSON object."""
+    d = zlib.decompressobj(31)
+    try:
+        out = d.decompress(data, limit)
+        if d.unconsumed_tail:
+            raise WireError(f"body inflates past {limit} bytes", 413, "too_large")
+        if not d.eof:
+            raise WireError("body is truncated gzip")
+        if d.unused_data:
+            raise WireError("trailing bytes after gzip body")
+        obj = json.loads(out)
+    except zlib.error as e:
+        raise WireError(f"body is not gzip: {e}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, WireError):
+            raise
+        raise WireError(f"body is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise WireError("body must be a JSON object")
+    return obj
+
+
+def _context(direction, key_id, endpoint, request_nonce=b""):
+    return f"sk/{PROTOCOL_VERSION}|{direction}|{key_id}|{endpoint}|".encode() + request_nonce
+
+
+def seal_request(master, key_id, endpoint, obj):
+    """Return (sealed body, nonce) for a request from device `key_id`."""
+    key = crypto.direction_key(master, crypto.C2S)
+    blob = crypto.seal(key, compress(obj), _context(crypto.C2S, key_id, endpoint))
+    return blob, crypto.peek(blob)[1]
+
+
+def open_request(master, key_id, endpoint, blob):
+    """Server side: return (timestamp_ms, nonce, obj). CryptoError if not authentic."""
+    key = crypto.direction_key(master, crypto.C2S)
+    ts, nonce, plain = crypto.open_sealed(key, blob, _context(crypto.C2S, key_id, endpoint))
+    return ts, nonce, decompress(plain)
+
+
+def seal_response(master, key_id, endpoint, request_nonce, obj):
+    key = crypto.direction_key(master, crypto.S2C)
+    return crypto.seal(key, compress(obj), _context(crypto.S2C, key_id, endpoint, request_nonce))
+
+
+def open_response(master, key_id, endpoint, request_nonce, blob):
+    key = crypto.direction_key(master, crypto.S2C)
+    _, _, plain = crypto.open_sealed(key, blob, _context(crypto.S2C, key_id, endpoint, request_nonce))
+    return decompress(plain)

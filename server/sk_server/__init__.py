@@ -1,0 +1,23 @@
+"""sk server: a Flask application factory over one store."""
+
+import os
+
+
+def create_app(config=None):
+    """Build the app. `config` may set DB (path or URL; default $SK_SERVER_DB or
+    ./sk-server.db) and any Flask setting."""
+    from flask import Flask
+
+    from sk import wire
+
+    from .api import api
+    from .store import open_store
+
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=wire.MAX_BODY, JSON_SORT_KEYS=False,
+                      DB=os.environ.get("SK_SERVER_DB") or "sk-server.db")
+    app.config.update(config or {})
+    store = app.config.get("STORE") or open_store(app.config["DB"])
+    app.extensions["sk_store"] = store
+    app.register_blueprint(api)
+    return app

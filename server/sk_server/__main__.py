@@ -1,0 +1,7 @@
+"""`python -m sk_server`: the same as `sk server`."""
+
+import sys
+
+from sk.cmd.server import main
+
+sys.exit(main(prog="python -m sk_server"))

@@ -1,0 +1,156 @@
+"""The REST API: /api/hello, /api/push, /api/pull, all sealed (see sk.wire)."""
+
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from sk import PROTOCOL_VERSION, crypto, wire
+from sk.event import EventError, check_stamped
+
+api = Blueprint("api", __name__)
+KEY_ID_LEN = 16
+
+
+class Refused(Exception):
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _store():
+    return current_app.extensions["sk_store"]
+
+
+def error(status, code, message):
+    resp = jsonify({"error": {"code": code, "message": message}})
+    resp.status_code = status
+    return resp
+
+
+@api.errorhandler(Refused)
+def _refused(e):
+    return error(e.status, e.code, e.message)
+
+
+@api.app_errorhandler(HTTPException)
+def _http_error(e):
+    if e.code == 413:
+        return error(413, "too_large", f"request body over {wire.MAX_BODY} bytes")
+    return error(e.code, e.name.lower().replace(" ", "_"), e.description or e.name)
+
+
+@api.app_errorhandler(Exception)
+def _internal(e):
+    current_app.logger.exception("internal error")
+    return error(500, "internal", "internal server error; see the server log")
+
+
+def _authenticate(endpoint):
+    """Check protocol, key and seal; return (key record, request nonce, body object)."""
+    sent = request.headers.get(wire.PROTOCOL_HEADER)
+    if sent is None:
+        raise Refused(400, "protocol_version",
+                      f"request has no {wire.PROTOCOL_HEADER} header; this server speaks"
+                      f" protocol {PROTOCOL_VERSION}")
+    if sent != str(PROTOCOL_VERSION):
+        raise Refused(400, "protocol_version",
+                      f"client speaks protocol {sent[:16]!r}, this server speaks protocol"
+                      f" {PROTOCOL_VERSION}")
+    key_id = request.headers.get(wire.KEY_HEADER, "")
+    if len(key_id) != KEY_ID_LEN or not all(c in "0123456789abcdef" for c in key_id):
+        raise Refused(401, "unknown_key", "missing or malformed key id")
+    store = _store()
+    key = store.get_key(key_id)
+    if key is None:
+        raise Refused(401, "unknown_key", f"key '{key_id}' is not registered on this server")
+    if key.revoked:
+        raise Refused(401, "revoked", f"device '{key.device}' was revoked on {key.revoked}")
+    if key.retired:
+        raise Refused(401, "rotated", f"key '{key_id}' of device '{key.device}' was"
+                                      f" {key.retired_why or 'retired'} on {key.retired};"
+                                      " use the device's new key")
+    blob = request.get_data(cache=False)
+    try:
+        ts, nonce = crypto.peek(blob)
+    except crypto.FormatError as e:
+        raise Refused(400, "malformed", str(e)) from None
+    now = int(time.time() * 1000)
+    if abs(now - ts) > wire.MAX_CLOCK_SKEW_MS:
+        raise Refused(400, "stale", f"request timestamp is {abs(now - ts) / 1000:.0f} s away"
+                                    " from the server's clock (limit 300 s): check the clocks")
+    try:
+        _, nonce, body = wire.open_request(key.master, key_id, endpoint, blob)
+    except crypto.CryptoError:
+        raise Refused(401, "bad_key", f"request failed authentication under key '{key_id}'"
+                                      f" of device '{key.device}': wrong key, or altered") from None
+    except wire.WireError as e:
+        raise Refused(e.status, e.code, str(e)) from None
+    if not store.admit(key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS):
+        raise Refused(400, "replay", "request nonce was seen before: replayed request refused")
+    return key, nonce, body
+
+
+def _sealed(key, endpoint, nonce, obj):
+    blob = wire.seal_response(key.master, key.key_id, endpoint, nonce, obj)
+    return Response(blob, status=200, content_type=wire.CONTENT_TYPE)
+
+
+@api.post("/api/hello")
+def hello():
+    key, nonce, _ = _authenticate("hello")
+    return _sealed(key, "hello", nonce, {
+        "device": key.device, "team": key.team, "protocol": PROTOCOL_VERSION,
+        "server_time": int(time.time() * 1000), "head": _store().head(key.team)})
+
+
+@api.post("/api/push")
+def push():
+    key, nonce, body = _authenticate("push")
+    events = body.get("events")
+    if not isinstance(events, list):
+        raise Refused(400, "malformed", "push body must have an 'events' list")
+    if len(events) > wire.MAX_BATCH:
+        raise Refused(413, "too_large", f"{len(events)} events in one push; the limit is"
+                                        f" {wire.MAX_BATCH}")
+    results, rows, where = [None] * len(events), [], []
+    for i, ev in enumerate(events):
+        eid = ev.get("event_id") if isinstance(ev, dict) else None
+        try:
+            rows.append(check_stamped(ev))
+            where.append(i)
+        except EventError as e:
+            results[i] = {"event_id": eid, "status": "rejected", "reason": str(e)}
+    for i, (status, reason) in zip(where, _store().push(key.team, key.device, rows)):
+        results[i] = {"event_id": events[i]["event_id"], "status": status}
+        if reason:
+            results[i]["reason"] = reason
+    return _sealed(key, "push", nonce, {"results": results})
+
+
+@api.post("/api/pull")
+def pull():
+    key, nonce, body = _authenticate("pull")
+    after, limit = body.get("after", 0), body.get("limit", 1000)
+    if type(after) is not int or after < 0:
+        raise Refused(400, "malformed", "'after' must be an integer >= 0")
+    if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
+        raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
+    exclude = key.device if body.get("exclude_own") is True else None
+    rows, nxt, more = _store().pull(key.team, after, limit, exclude)
+    events = []
+    for seq, eid, etype, atype, aid, clock, node, payload, ts in rows:
+        events.append({"event_id": eid, "event_type": etype, "aggregate_type": atype,
+                       "aggregate_id": aid, "lamport_clock": clock, "node_id": node,
+                       "payload": _raw(payload), "timestamp": ts, "seq": seq})
+    return _sealed(key, "pull", nonce, {"events": events, "next": nxt, "more": more})
+
+
+def _raw(payload_json):
+    import json
+    return json.loads(payload_json)
+
+
+@api.get("/healthz")
+def healthz():
+    return jsonify({"ok": True, "protocol": PROTOCOL_VERSION})

@@ -1,0 +1,323 @@
+"""The server's one store interface, and its embedded SQLite implementation.
+
+Everything that must hold across requests lives here, never in process memory:
+teams and their event sequences, devices, key material, seen nonces. A second
+implementation (PostgreSQL) only has to provide the same methods.
+"""
+
+import abc
+import os
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+
+
+def utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class KeyRecord:
+    __slots__ = ("key_id", "device", "team", "master", "retired", "retired_why", "revoked")
+
+    def __init__(self, key_id, device, team, master, retired, retired_why, revoked):
+        self.key_id, self.device, self.team, self.master = key_id, device, team, bytes(master)
+        self.retired, self.retired_why, self.revoked = retired, retired_why, revoked
+
+
+class StoreError(Exception):
+    """A store operation refused: unknown device, name taken, ..."""
+
+
+class Store(abc.ABC):
+    """The interface every server store implements."""
+
+    # devices and keys (sk-register)
+    @abc.abstractmethod
+    def create_device(self, name, team, key_id, master): ...
+    @abc.abstractmethod
+    def rotate_key(self, name, key_id, master): ...
+    @abc.abstractmethod
+    def revoke_device(self, name): ...
+    @abc.abstractmethod
+    def list_devices(self): ...
+
+    # requests
+    @abc.abstractmethod
+    def get_key(self, key_id):
+        """KeyRecord for key_id, or None."""
+    @abc.abstractmethod
+    def admit(self, key_id, device, nonce, expires_ms):
+        """Record a request nonce; False if already seen (a replay)."""
+    @abc.abstractmethod
+    def push(self, team, device, rows):
+        """Store rows; [(status, reason)] per row; durable before it returns."""
+    @abc.abstractmethod
+    def pull(self, team, after, limit, exclude_device=None):
+        """(rows, next cursor, more) from one consistent snapshot."""
+    @abc.abstractmethod
+    def head(self, team): ...
+
+    # upkeep
+    @abc.abstractmethod
+    def stats(self): ...
+    @abc.abstractmethod
+    def backup(self, path): ...
+
+    def close(self):
+        pass
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS teams (
+    team    TEXT PRIMARY KEY,
+    head    INTEGER NOT NULL DEFAULT 0,   -- last seq: dense, in commit order
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    name      TEXT PRIMARY KEY,
+    team      TEXT NOT NULL REFERENCES teams(team),
+    created   TEXT NOT NULL,
+    last_seen TEXT,
+    revoked   TEXT
+);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id      TEXT PRIMARY KEY,
+    device      TEXT NOT NULL REFERENCES devices(name),
+    master      BLOB NOT NULL,       -- HKDF output, never the API key itself
+    created     TEXT NOT NULL,
+    retired     TEXT,
+    retired_why TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    team           TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    event_id       TEXT NOT NULL,
+    event_type     TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    lamport_clock  INTEGER NOT NULL,
+    node_id        TEXT NOT NULL,
+    payload        TEXT NOT NULL,
+    timestamp      TEXT NOT NULL,
+    device         TEXT NOT NULL,
+    received       TEXT NOT NULL,
+    PRIMARY KEY (team, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events(team, event_id);
+CREATE TABLE IF NOT EXISTS nonces (
+    key_id  TEXT NOT NULL,
+    nonce   BLOB NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (key_id, nonce)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
+"""
+EVENT_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
+                 "lamport_clock", "node_id", "payload", "timestamp")
+_SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + " FROM events"
+
+
+class SQLiteStore(Store):
+    """Embedded store: one SQLite file in WAL mode; one connection per thread;
+    writers take BEGIN IMMEDIATE so SQLite serialises them, which makes each
+    team's sequence order its commit order."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise StoreError(f"directory '{parent}' for the server database does not exist")
+        self._local = threading.local()
+        db = self._db()
+        with self._write(db):
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+
+    def _db(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=60000")
+            self._local.db = db
+        return db
+
+    class _write:
+        def __init__(self, db):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb):
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    # -- devices ---------------------------------------------------------------
+    def create_device(self, name, team, key_id, master):
+        db = self._db()
+        now = utc_now()
+        with self._write(db):
+            if db.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"device '{name}' already exists (use --rotate for a new key)")
+            db.execute("INSERT OR IGNORE INTO teams(team, head, created) VALUES (?, 0, ?)",
+                       (team, now))
+            db.execute("INSERT INTO devices(name, team, created) VALUES (?, ?, ?)",
+                       (name, team, now))
+            db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
+                       (key_id, name, master, now))
+
+    def _device(self, db, name):
+        row = db.execute("SELECT revoked FROM devices WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise StoreError(f"no device named '{name}'")
+        return row
+
+    def rotate_key(self, name, key_id, master):
+        db = self._db()
+        now = utc_now()
+        with self._write(db):
+            if self._device(db, name)[0]:
+                raise StoreError(f"device '{name}' is revoked; register a new device instead")
+            db.execute("UPDATE keys SET retired = ?, retired_why = 'rotated' WHERE device = ?"
+                       " AND retired IS NULL", (now, name))
+            db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
+                       (key_id, name, master, now))
+
+    def revoke_device(self, name):
+        db = self._db()
+        now = utc_now()
+        with self._write(db):
+            if self._device(db, name)[0]:
+                raise StoreError(f"device '{name}' is already revoked")
+            db.execute("UPDATE devices SET revoked = ? WHERE name = ?", (now, name))
+            db.execute("UPDATE keys SET retired = ?, retired_why = 'revoked' WHERE device = ?"
+                       " AND retired IS NULL", (now, name))
+
+    def list_devices(self):
+        rows = self._db().execute(
+            "SELECT name, team, created, last_seen, revoked FROM devices ORDER BY team, name")
+        return [dict(zip(("name", "team", "created", "last_seen", "revoked"), r)) for r in rows]
+
+    # -- requests --------------------------------------------------------------
+    def get_key(self, key_id):
+        row = self._db().execute(
+            "SELECT k.key_id, k.device, d.team, k.master, k.retired, k.retired_why, d.revoked"
+            " FROM keys k JOIN devices d ON d.name = k.device WHERE k.key_id = ?",
+            (key_id,)).fetchone()
+        return KeyRecord(*row) if row else None
+
+    def admit(self, key_id, device, nonce, expires_ms):
+        """Record a request's nonce; False if it was seen before (a replay)."""
+        db = self._db()
+        now_ms = int(time.time() * 1000)
+        with self._write(db):
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now_ms,))
+            cur = db.execute("INSERT OR IGNORE INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)",
+                             (key_id, nonce, expires_ms))
+            if cur.rowcount != 1:
+                return False
+            db.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (utc_now(), device))
+        return True
+
+    def push(self, team, device, rows):
+        """Store validated rows (tuples in EVENT_COLUMNS order). Returns a list of
+        (status, reason) in the same order; commits before returning."""
+        db = self._db()
+        now = utc_now()
+        results = [None] * len(rows)
+        with self._write(db):
+            head = db.execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()[0]
+            existing = {}
+            ids = [r[0] for r in rows]
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                q = ("SELECT " + ", ".join(EVENT_COLUMNS) + " FROM events WHERE team = ? AND"
+                     " event_id IN (" + ",".join("?" * len(chunk)) + ")")
+                for r in db.execute(q, [team, *chunk]):
+                    existing[r[0]] = r
+            new = []
+            for i, row in enumerate(rows):
+                old = existing.get(row[0])
+                if old is None:
+                    head += 1
+                    new.append((team, head, *row, device, now))
+                    existing[row[0]] = row
+                    results[i] = ("accepted", None)
+                elif tuple(old) == tuple(row):
+                    results[i] = ("duplicate", None)
+                else:
+                    results[i] = ("rejected", "event_id already used by a different event")
+            if new:
+                db.executemany("INSERT INTO events(team, seq, " + ", ".join(EVENT_COLUMNS) +
+                               ", device, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", new)
+                # last statement of the transaction: the team row orders commits
+                db.execute("UPDATE teams SET head = ? WHERE team = ?", (head, team))
+        return results
+
+    def pull(self, team, after, limit, exclude_device=None):
+        """Return (rows [(seq, *EVENT_COLUMNS)], next cursor, more) from one snapshot."""
+        db = self._db()
+        db.execute("BEGIN")
+        try:
+            head = db.execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()
+            head = head[0] if head else 0
+            if exclude_device is None:
+                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq"
+                                  " LIMIT ?", (team, after, limit + 1)).fetchall()
+            else:
+                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? AND device != ?"
+                                  " ORDER BY seq LIMIT ?",
+                                  (team, after, exclude_device, limit + 1)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return rows, rows[-1][0], True
+        return rows, max(head, after), False
+
+    def head(self, team):
+        row = self._db().execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()
+        return row[0] if row else 0
+
+    # -- upkeep ----------------------------------------------------------------
+    def stats(self):
+        db = self._db()
+        return {
+            "teams": db.execute("SELECT count(*) FROM teams").fetchone()[0],
+            "devices": db.execute("SELECT count(*) FROM devices").fetchone()[0],
+            "events": db.execute("SELECT count(*) FROM events").fetchone()[0],
+        }
+
+    def backup(self, path):
+        """A consistent copy of the live database (SQLite online backup API)."""
+        target = sqlite3.connect(os.fspath(path))
+        try:
+            self._db().backup(target)
+        finally:
+            target.close()
+
+    def close(self):
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def open_store(url):
+    """The store for a database URL or path (SQLite for a path)."""
+    url = os.fspath(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        raise StoreError("PostgreSQL is not supported by this version of sk yet")
+    if url.startswith("sqlite:///"):
+        url = url[len("sqlite:///") - 1:]
+    try:
+        return SQLiteStore(os.path.expanduser(url))
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open server database '{url}': {e}") from None
