@@ -139,9 +139,12 @@ def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
+    # once this log has completed a pull, every event this device pushed since is in
+    # it already: skip them. A new log (say, a reinstalled device) gets its own back.
+    own_known = since is None and store.meta("cursor") is not None
     counts = {"received": 0, "new": 0, "pages": 0}
     while True:
-        page = client.pull(cursor, page_size, exclude_own=cursor > 0 and since is None)
+        page = client.pull(cursor, page_size, exclude_own=own_known)
         events, nxt, more = page.get("events"), page.get("next"), page.get("more")
         if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
                 or not isinstance(more, bool) or (more and nxt == cursor)):

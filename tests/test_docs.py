@@ -1,0 +1,64 @@
+"""Docs cannot drift: man pages are fresh, every command has a page, a README row
+and a console script, and --help works for each."""
+
+import configparser
+import re
+import subprocess
+import sys
+
+from conftest import BIN, ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+from sk.commands import COMMANDS, executables  # noqa: E402
+
+
+def test_man_pages_are_fresh():
+    import genman
+    stale = [name for name, text in genman.pages().items()
+             if not (ROOT / "man" / name).exists() or (ROOT / "man" / name).read_text() != text]
+    assert stale == [], f"stale man pages, run 'make man': {stale}"
+
+
+def test_every_command_has_man_page_with_exit_status():
+    names = [exe for exe, _ in executables()]
+    names += [f"sk-{n}" for n, c, _, _ in COMMANDS if c == "porcelain"]
+    for name in names:
+        page = ROOT / "man" / f"{name}.1"
+        assert page.exists(), f"no man page for {name}"
+        assert ".SH EXIT STATUS" in page.read_text(), f"{name}.1 lacks EXIT STATUS"
+
+
+def test_readme_table_matches_command_table():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- commands:")[1].split("<!-- /commands -->")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| (\w+) \| (.+) \|$", block, re.M)
+    want = [(f"sk {n}" if c == "porcelain" else f"sk-{n}", c, s) for n, c, _, s in COMMANDS]
+    assert rows == want
+
+
+def test_console_scripts_match_command_table():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in
+                   cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert scripts == {exe: f"sk.cmd.{mod}:main" for exe, mod in executables()}
+    for exe in scripts:
+        assert (BIN / exe).exists(), f"{exe} not installed"
+        assert (ROOT / "bin" / exe).exists(), f"bin/{exe} missing from the checkout"
+
+
+def test_every_command_answers_help():
+    argvs = [[str(BIN / exe), "--help"] for exe, _ in executables()]
+    argvs += [[str(BIN / "sk"), n, "--help"] for n, c, _, _ in COMMANDS if c == "porcelain"]
+    argvs += [[sys.executable, "-m", "sk_server", "--help"]]
+    for argv in argvs:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, (argv, p.stderr)
+        assert "usage:" in p.stdout and "Traceback" not in p.stderr, argv
+
+
+def test_checkout_shims_run():
+    p = subprocess.run([str(ROOT / "bin" / "sk-log"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "usage: sk-log" in p.stdout, p.stderr
