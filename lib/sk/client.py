@@ -93,10 +93,8 @@ def _error(r, server, endpoint):
     if r.status_code == 413:
         return ServerError(f"{what} (too large){': ' + message if message else ''}",
                            status=413, code=code)
-    if r.status_code in (502, 503, 504):
+    if r.status_code in (502, 503, 504) or (r.status_code >= 500 and code):
         return Unreachable(what + detail)
-    if r.status_code == 404 and code is None:
-        return IntegrityError(f"{what} for /api/{endpoint}: wrong URL, or not an sk server")
-    if r.status_code >= 500:
-        return Unreachable(what + detail)
+    if code is None:
+        return IntegrityError(f"{what}{detail} for /api/{endpoint}: wrong URL, or not an sk server")
     return IntegrityError(what + detail)

@@ -72,6 +72,8 @@ def seal(key, plaintext, context, timestamp_ms=None, nonce=None):
         timestamp_ms = int(time.time() * 1000)
     if nonce is None:
         nonce = os.urandom(12)
+    elif len(nonce) != 12:
+        raise ValueError("nonce must be 12 bytes")
     header = HEADER.pack(VERSION, timestamp_ms, nonce)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
     cipher.update(header + context)

@@ -13,8 +13,8 @@ FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
           "lamport_clock", "node_id", "payload", "timestamp")
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_LAMPORT = 2 ** 63 - 1
-_TYPE_RE = re.compile(r"^[a-z0-9_.]{1,64}$")
-_TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$")
+_TYPE_RE = re.compile(r"[a-z0-9_.]{1,64}")
+_TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")
 
 # aggregate_type:glob, matched case-insensitively against aggregate_id
 DEFAULT_NEVER_SYNC = ("setting:*_pat", "setting:*token*", "setting:*password*",
@@ -27,7 +27,24 @@ class EventError(ValueError):
 
 def dumps(obj):
     """Compact JSON, the one encoding used for payloads and on the wire."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text):
+    """Strict JSON: NaN and Infinity are refused."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def _utf8(name, value):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EventError(f"{name} is not valid Unicode text (lone surrogate)") from None
+    return value
 
 
 def check_event_id(value):
@@ -46,7 +63,8 @@ def _check_str(ev, name, pattern=None, maxlen=256):
     value = ev.get(name)
     if not isinstance(value, str):
         raise EventError(f"{name} must be a string" if name in ev else f"missing {name}")
-    if pattern is not None and not pattern.match(value):
+    _utf8(name, value)
+    if pattern is not None and not pattern.fullmatch(value):
         raise EventError(f"{name} {value!r} must be 1-64 chars of [a-z0-9_.]")
     if not 1 <= len(value) <= maxlen:
         raise EventError(f"{name} must be 1-{maxlen} characters")
@@ -57,7 +75,12 @@ def check_payload(payload):
     """Return the payload's compact JSON text, or raise EventError."""
     if not isinstance(payload, dict):
         raise EventError("payload must be a JSON object")
-    text = dumps(payload)
+    try:
+        text = _utf8("payload", dumps(payload))
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, EventError):
+            raise
+        raise EventError(f"payload is not encodable JSON: {str(e)[:80]}") from None
     size = len(text.encode("utf-8"))
     if size > MAX_PAYLOAD_BYTES:
         raise EventError(f"payload is {size} bytes encoded, over the {MAX_PAYLOAD_BYTES} limit")
@@ -95,7 +118,7 @@ def check_new(ev):
 
 
 def check_timestamp(value):
-    if not isinstance(value, str) or not _TS_RE.match(value):
+    if not isinstance(value, str) or not _TS_RE.fullmatch(value):
         raise EventError("timestamp must be RFC 3339 text such as 2026-01-31T12:00:00Z")
     return value
 
@@ -126,7 +149,7 @@ def check_stamped(ev):
 def row_to_event(row):
     """A row in FIELDS order (payload as JSON text) to an event dict."""
     ev = dict(zip(FIELDS, row))
-    ev["payload"] = json.loads(ev["payload"])
+    ev["payload"] = loads(ev["payload"])
     return ev
 
 
@@ -165,8 +188,8 @@ def parse_ndjson(lines):
             except UnicodeDecodeError:
                 raise EventError(f"line {n}: not UTF-8 text") from None
         try:
-            obj = json.loads(line)
-        except ValueError as e:
+            obj = loads(line)
+        except (ValueError, RecursionError) as e:
             raise EventError(f"line {n}: malformed JSON: {getattr(e, 'msg', e)}") from None
         try:
             yield check_new(obj)

@@ -20,7 +20,7 @@ CHUNK = 5000
 
 
 def fold(events, aggs=None, fields=None):
-    """Fold `events` (dicts or tuples event_type, aggregate_type, aggregate_id,
+    """Fold `events` (tuples event_type, aggregate_type, aggregate_id,
     lamport_clock, node_id, payload dict) into two dicts:
     aggs[(type, id)] = [live stamp, deletion stamp]; fields[(type, id, key)] =
     (lamport, node, value JSON). Pure; used by resolve() and by the tests."""

@@ -177,7 +177,7 @@ class LocalStore:
         event_id is already in the log (the same event; dropped), problems a list of
         (unstamped seq, reason) for rows left in place because they break a rule.
         """
-        from .event import EventError, check_new
+        from .event import MAX_LAMPORT, EventError, check_new, loads
         node = self.node_id()
         stamped = local_only = duplicates = 0
         problems, given = [], set()
@@ -197,8 +197,8 @@ class LocalStore:
                 for seq, eid, etype, atype, aid, payload, ts in rows:
                     try:
                         try:
-                            payload_obj = json.loads(payload)
-                        except (TypeError, ValueError):
+                            payload_obj = loads(payload)
+                        except (TypeError, ValueError, RecursionError):
                             raise EventError("payload is not JSON") from None
                         ev = check_new({"event_id": eid, "event_type": etype,
                                         "aggregate_type": atype, "aggregate_id": aid,
@@ -215,6 +215,9 @@ class LocalStore:
                             continue
                         given.add(ev["event_id"])
                     clock += 1
+                    if clock > MAX_LAMPORT:
+                        raise ConfigError("the Lamport clock reached 2^63-1 (a peer sent an"
+                                          " event stamped at the limit); nothing was stamped")
                     private = never_sync.matches(atype, aid)
                     local_only += private
                     out.append((ev["event_id"] or str(uuid.uuid4()), etype, atype, aid, clock,

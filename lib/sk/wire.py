@@ -8,11 +8,10 @@ context also binds the nonce of the request it answers. Errors come back
 unsealed as ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
 """
 
-import json
 import zlib
 
 from . import PROTOCOL_VERSION, crypto
-from .event import dumps
+from .event import dumps, loads
 
 PROTOCOL_HEADER = "X-SK-Protocol"
 KEY_HEADER = "X-SK-Key-Id"
@@ -50,7 +49,9 @@ def decompress(data, limit=MAX_PLAIN):
             raise WireError("body is truncated gzip")
         if d.unused_data:
             raise WireError("trailing bytes after gzip body")
-        obj = json.loads(out)
+        obj = loads(out)
+    except RecursionError:
+        raise WireError("body nests too deeply") from None
     except zlib.error as e:
         raise WireError(f"body is not gzip: {e}") from None
     except (UnicodeDecodeError, ValueError) as e:

@@ -116,6 +116,8 @@ def push():
     results, rows, where = [None] * len(events), [], []
     for i, ev in enumerate(events):
         eid = ev.get("event_id") if isinstance(ev, dict) else None
+        if not isinstance(eid, str) or len(eid) > 64 or not eid.isprintable() or not eid.isascii():
+            eid = None  # echo back only what the response can carry
         try:
             rows.append(check_stamped(ev))
             where.append(i)
@@ -132,8 +134,8 @@ def push():
 def pull():
     key, nonce, body = _authenticate("pull")
     after, limit = body.get("after", 0), body.get("limit", 1000)
-    if type(after) is not int or after < 0:
-        raise Refused(400, "malformed", "'after' must be an integer >= 0")
+    if type(after) is not int or not 0 <= after < 2 ** 63:
+        raise Refused(400, "malformed", "'after' must be an integer from 0 to 2^63-1")
     if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     exclude = key.device if body.get("exclude_own") is True else None

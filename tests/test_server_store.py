@@ -1,0 +1,239 @@
+"""SQLiteStore directly: dense per-team sequences, duplicate detection, pull paging,
+nonces, device keys, backup."""
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+
+import pytest
+
+from sk import crypto
+from sk.event import check_stamped
+from sk_server.devices import register, revoke, rotate
+from sk_server.store import SQLiteStore, StoreError, open_store
+
+
+def row(**kw):
+    ev = {"event_id": str(uuid.uuid4()), "event_type": "feature_created",
+          "aggregate_type": "feature", "aggregate_id": "f-1", "lamport_clock": 1,
+          "node_id": "n", "payload": {"v": 1}, "timestamp": "2026-01-31T12:00:00Z"}
+    ev.update(kw)
+    return check_stamped(ev)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteStore(tmp_path / "s.db")
+    for name, team in (("a1", "A"), ("a2", "A"), ("b1", "B")):
+        register(s, name, team)
+    yield s
+    s.close()
+
+
+def seqs(store, team, after=0, limit=100_000, exclude=None):
+    rows, _, _ = store.pull(team, after, limit, exclude)
+    return [r[0] for r in rows]
+
+
+def test_dense_sequence_per_team(store):
+    a_ids, b_ids = [], []
+    for i in range(10):
+        rows = [row() for _ in range(i % 3 + 1)]
+        team, ids = ("A", a_ids) if i % 2 else ("B", b_ids)
+        assert store.push(team, "a1" if team == "A" else "b1", rows) == [("accepted", None)] * len(rows)
+        ids += [r[0] for r in rows]
+    for team, ids in (("A", a_ids), ("B", b_ids)):
+        rows, nxt, more = store.pull(team, 0, 1000)
+        assert [r[0] for r in rows] == list(range(1, len(ids) + 1))
+        assert [r[1] for r in rows] == ids
+        assert store.head(team) == len(ids) == nxt and more is False
+    assert store.stats()["events"] == len(a_ids) + len(b_ids)
+    assert store.head("nobody") == 0
+    assert store.pull("nobody", 0, 10) == ([], 0, False)
+
+
+def test_pulled_rows_round_trip(store):
+    r = row(payload={"k": [1, 2, {"x": None}]}, lamport_clock=2 ** 63 - 1)
+    store.push("A", "a1", [r])
+    (got,), _, _ = store.pull("A", 0, 10)
+    assert got[0] == 1 and tuple(got[1:]) == r
+
+
+def test_duplicate_and_conflict_detection(store):
+    r = row()
+    assert store.push("A", "a1", [r]) == [("accepted", None)]
+    assert store.push("A", "a2", [r]) == [("duplicate", None)]
+    changed = (r[0], *r[1:6], '{"v":2}', r[7])
+    status, reason = store.push("A", "a1", [changed])[0]
+    assert status == "rejected" and "event_id" in reason
+    # within one batch
+    r2 = row()
+    res = store.push("A", "a1", [r2, r2, (r2[0], r2[1], r2[2], "other", *r2[4:])])
+    assert [s for s, _ in res] == ["accepted", "duplicate", "rejected"]
+    assert store.head("A") == 2 and store.stats()["events"] == 2
+    # the other team's sequence is its own
+    assert store.push("B", "b1", [r])[0][0] in ("accepted", "rejected")
+    assert seqs(store, "A") == [1, 2]
+    (first,), _, _ = store.pull("A", 0, 1)
+    assert tuple(first[1:]) == r
+
+
+def test_big_batch_with_duplicates_across_chunks(store):
+    rows = [row() for _ in range(1200)]
+    assert {s for s, _ in store.push("A", "a1", rows[:700])} == {"accepted"}
+    res = store.push("A", "a1", rows)
+    assert [s for s, _ in res] == ["duplicate"] * 700 + ["accepted"] * 500
+    assert store.head("A") == 1200 and seqs(store, "A") == list(range(1, 1201))
+
+
+def test_pull_paging_and_exclude(store):
+    owners = []
+    for dev, n in (("a1", 3), ("a2", 2), ("a1", 4), ("a2", 1), ("a1", 2)):
+        store.push("A", dev, [row() for _ in range(n)])
+        owners += [dev] * n
+    head = store.head("A")
+    assert head == 12
+    after, got = 0, []
+    while True:
+        rows, nxt, more = store.pull("A", after, 5)
+        assert len(rows) <= 5
+        got += [r[0] for r in rows]
+        assert nxt >= after
+        after = nxt
+        if not more:
+            break
+    assert got == list(range(1, 13)) and after == head
+    rows, nxt, more = store.pull("A", 7, 5)
+    assert [r[0] for r in rows] == [8, 9, 10, 11, 12] and nxt == head and more is False
+    # excluding a1: only a2's, paged, and the cursor ends at the head
+    want = [i + 1 for i, o in enumerate(owners) if o == "a2"]
+    for limit in (1, 2, 100):
+        after, got = 0, []
+        while True:
+            rows, nxt, more = store.pull("A", after, limit, "a1")
+            got += [r[0] for r in rows]
+            after = nxt
+            if not more:
+                break
+        assert got == want and after == head, limit
+    assert store.pull("A", 10, 100, "a1") == ([], head, False)
+
+
+def test_concurrent_pushes_keep_the_sequence_dense(tmp_path, store):
+    path = store.path
+    errors, ids = [], []
+    lock = threading.Lock()
+
+    def worker(n):
+        s = SQLiteStore(path)
+        try:
+            for _ in range(15):
+                rows = [row() for _ in range(3)]
+                assert [x for x, _ in s.push("A", f"a{n % 2 + 1}", rows)] == ["accepted"] * 3
+                with lock:
+                    ids.extend(r[0] for r in rows)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    rows, nxt, _ = store.pull("A", 0, 10_000)
+    assert [r[0] for r in rows] == list(range(1, 181)) and nxt == 180 == store.head("A")
+    assert sorted(r[1] for r in rows) == sorted(ids)
+
+
+def test_nonces(store):
+    key = store.list_devices()[0]["name"]
+    kid = store._db().execute("SELECT key_id FROM keys WHERE device = ?", (key,)).fetchone()[0]
+    later = int(time.time() * 1000) + 60_000
+    n = os.urandom(12)
+    assert store.admit(kid, key, n, later) is True
+    assert store.admit(kid, key, n, later) is False
+    assert store.admit("0" * 16, key, n, later) is True      # per key
+    assert store.admit(kid, key, os.urandom(12), later) is True
+    # the nonce is held in the database, so another connection/process sees it
+    other = SQLiteStore(store.path)
+    assert other.admit(kid, key, n, later) is False
+    other.close()
+    assert [d["last_seen"] is not None for d in store.list_devices() if d["name"] == key] == [True]
+
+
+def test_devices_register_rotate_revoke(store):
+    with pytest.raises(StoreError):
+        register(store, "a1", "A")
+    for bad in ("", "-x", "has space", "x" * 65, "a/b"):
+        with pytest.raises(StoreError):
+            register(store, bad, "A")
+        with pytest.raises(StoreError):
+            register(store, "ok-name", bad)
+    k1 = register(store, "c1", "C")
+    kid1, _ = crypto.parse_api_key(k1)
+    rec = store.get_key(kid1)
+    assert (rec.device, rec.team, rec.retired, rec.revoked) == ("c1", "C", None, None)
+    assert rec.master == crypto.derive_master(k1)
+    k2 = rotate(store, "c1")
+    kid2, _ = crypto.parse_api_key(k2)
+    assert store.get_key(kid1).retired and store.get_key(kid1).retired_why == "rotated"
+    assert store.get_key(kid2).retired is None
+    revoke(store, "c1")
+    assert store.get_key(kid2).revoked and store.get_key(kid2).retired_why == "revoked"
+    with pytest.raises(StoreError):
+        revoke(store, "c1")
+    with pytest.raises(StoreError):
+        rotate(store, "c1")
+    with pytest.raises(StoreError):
+        revoke(store, "nobody")
+    with pytest.raises(StoreError):
+        rotate(store, "nobody")
+    assert store.get_key("f" * 16) is None
+    names = {d["name"]: d for d in store.list_devices()}
+    assert set(names) == {"a1", "a2", "b1", "c1"}
+    assert names["c1"]["revoked"] and names["c1"]["team"] == "C"
+
+
+def test_backup_is_a_consistent_copy(tmp_path, store):
+    store.push("A", "a1", [row() for _ in range(7)])
+    store.push("B", "b1", [row() for _ in range(3)])
+    target = tmp_path / "backup.db"
+    store.backup(target)
+    copy = SQLiteStore(target)
+    assert copy.stats() == store.stats() == {"teams": 2, "devices": 3, "events": 10}
+    for team in ("A", "B"):
+        assert copy.pull(team, 0, 100) == store.pull(team, 0, 100)
+        assert copy.head(team) == store.head(team)
+    assert sqlite3.connect(target).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    # the copy is independent of the live database
+    store.push("A", "a1", [row()])
+    assert copy.head("A") == 7 and store.head("A") == 8
+    copy.close()
+
+
+def test_reopen_keeps_everything(tmp_path, store):
+    store.push("A", "a1", [row() for _ in range(4)])
+    store.close()
+    again = open_store(str(tmp_path / "s.db"))
+    assert again.head("A") == 4 and again.stats()["devices"] == 3
+    assert again.push("A", "a2", [row()]) == [("accepted", None)]
+    assert again.head("A") == 5
+    again.close()
+
+
+def test_open_store_errors(tmp_path):
+    with pytest.raises(StoreError):
+        open_store(str(tmp_path / "no-such-dir" / "s.db"))
+    with pytest.raises(StoreError):
+        open_store("postgresql://localhost/sk")
+    s = open_store("sqlite:///" + str(tmp_path / "u.db"))
+    assert os.path.exists(tmp_path / "u.db") and s.stats()["events"] == 0
+    s.close()
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError):
+        open_store(str(tmp_path / "junk.db"))
