@@ -268,7 +268,9 @@ class LocalStore:
     # -- pull side -------------------------------------------------------------
     def receive(self, rows, cursor):
         """Store pulled events (tuples in LOG_COLUMNS order, validated), advance the
-        Lamport clock past them and set the cursor, in one transaction.
+        Lamport clock past them and move the cursor forward to `cursor` (never back,
+        so a watcher and a sync on one device can't undo each other), in one
+        transaction.
         Returns how many were new."""
         with self.write() as db:
             before = db.total_changes
@@ -280,7 +282,7 @@ class LocalStore:
             if rows:
                 top = max(r[4] for r in rows)
                 self._set("clock", max(self.clock(), top) + 1)
-            self._set("cursor", int(cursor))
+            self._set("cursor", max(int(cursor), self.cursor()))
         return new
 
     # -- reading ---------------------------------------------------------------

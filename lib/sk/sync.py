@@ -153,10 +153,7 @@ def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE
             rows = [check_stamped(ev) for ev in events]
         except EventError as e:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
-        if moves_cursor:
-            counts["new"] += store.receive(rows, max(nxt, store.cursor()))
-        else:
-            counts["new"] += store.receive(rows, store.cursor())
+        counts["new"] += store.receive(rows, nxt if moves_cursor else 0)
         counts["received"] += len(rows)
         counts["pages"] += 1
         if on_event:
@@ -195,7 +192,7 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
             bar.close()
     unapplied = store.counts()["unapplied"]
     bar = progress_factory("resolve", unapplied) if progress_factory else None
-    summary["resolved"] = resolve(store, progress=bar)
+    summary["resolved"] = resolve(store, cfg.path_map or None, progress=bar)
     if bar:
         bar.close()
     client.close()
@@ -226,10 +223,25 @@ def status(cfg, check=False):
     info["failures_since"] = int(store.meta("failures_since", "0"))
     info["last_failure"] = store.meta("last_failure")
     info["last_error"] = store.meta("last_error") if info["failures_since"] else None
+    info["watch"] = _watch_session(store)
     if check:
         info["connection"], info["connection_detail"], info["connection_exit"] = \
             check_connection(cfg)
     return info
+
+
+def _watch_session(store):
+    """The running `sk sync watch` session of this device, or None."""
+    try:
+        watch = json.loads(store.meta("watch", "null"))
+        if not watch or watch.get("state") == "stopped":
+            return None
+        os.kill(int(watch["pid"]), 0)
+    except (ValueError, TypeError, KeyError, ProcessLookupError):
+        return None
+    except PermissionError:
+        pass  # alive, owned by someone else
+    return watch
 
 
 def check_connection(cfg):

@@ -16,12 +16,14 @@ from .event import dumps, loads
 PROTOCOL_HEADER = "X-SK-Protocol"
 KEY_HEADER = "X-SK-Key-Id"
 CONTENT_TYPE = "application/vnd.sk.sealed"
-ENDPOINTS = ("hello", "push", "pull")
+ENDPOINTS = ("hello", "push", "pull", "ws-token")
 MAX_BODY = 16 * 1024 * 1024          # sealed, compressed bytes a server accepts
 MAX_PLAIN = 64 * 1024 * 1024         # bytes a body may inflate to
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000    # requests older or newer than this are stale
 MAX_BATCH = 1000                     # events in one push
 MAX_PAGE = 5000                      # events in one pull page
+WS_TOKEN_TTL_MS = 5 * 60 * 1000      # a WebSocket token opens one session within this
+WS_PATH = "/api/ws"
 
 
 class WireError(ValueError):
@@ -90,3 +92,31 @@ def open_response(master, key_id, endpoint, request_nonce, blob):
     key = crypto.direction_key(master, crypto.S2C)
     _, _, plain = crypto.open_sealed(key, blob, _context(crypto.S2C, key_id, endpoint, request_nonce))
     return decompress(plain)
+
+
+# -- WebSocket frames ----------------------------------------------------------
+# A session opens with a single-use token obtained over REST (POST /api/ws-token);
+# the session id is the token's SHA-256. Every frame is a binary message,
+# gzip(JSON) sealed like a REST body, its context binding the session and the
+# direction; the JSON carries "n", a per-direction counter that must rise by one
+# each frame, so a frame can be neither replayed nor reordered nor moved to
+# another session.
+
+def token_hash(token):
+    import hashlib
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _frame_context(direction, key_id, session):
+    return f"sk/{PROTOCOL_VERSION}|{direction}|{key_id}|ws|{session}|".encode()
+
+
+def seal_frame(master, key_id, direction, session, obj):
+    key = crypto.direction_key(master, direction)
+    return crypto.seal(key, compress(obj), _frame_context(direction, key_id, session))
+
+
+def open_frame(master, key_id, direction, session, blob, limit=MAX_PLAIN):
+    key = crypto.direction_key(master, direction)
+    _, _, plain = crypto.open_sealed(key, blob, _frame_context(direction, key_id, session))
+    return decompress(plain, limit)

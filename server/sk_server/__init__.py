@@ -13,11 +13,13 @@ def create_app(config=None):
     from .api import api
     from .store import open_store
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=wire.MAX_BODY, JSON_SORT_KEYS=False,
                       DB=os.environ.get("SK_SERVER_DB") or "sk-server.db")
     app.config.update(config or {})
     store = app.config.get("STORE") or open_store(app.config["DB"])
     app.extensions["sk_store"] = store
     app.register_blueprint(api)
+    from . import ws
+    ws.init_app(app)
     return app

@@ -1,12 +1,13 @@
 """The REST API: /api/hello, /api/push, /api/pull, all sealed (see sk.wire)."""
 
+import secrets
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sk import PROTOCOL_VERSION, crypto, wire
-from sk.event import EventError, check_stamped
+from sk.event import EventError, check_stamped, loads
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -113,6 +114,12 @@ def push():
     if len(events) > wire.MAX_BATCH:
         raise Refused(413, "too_large", f"{len(events)} events in one push; the limit is"
                                         f" {wire.MAX_BATCH}")
+    return _sealed(key, "push", nonce, {"results": push_events(key, events)})
+
+
+def push_events(key, events):
+    """Validate and store a batch for device `key`: per-event results, in order.
+    The REST push and the WebSocket push both come here."""
     results, rows, where = [None] * len(events), [], []
     for i, ev in enumerate(events):
         eid = ev.get("event_id") if isinstance(ev, dict) else None
@@ -127,7 +134,19 @@ def push():
         results[i] = {"event_id": events[i]["event_id"], "status": status}
         if reason:
             results[i]["reason"] = reason
-    return _sealed(key, "push", nonce, {"results": results})
+    if rows:
+        notify = current_app.extensions.get("sk_notify")
+        if notify:
+            notify(key.team)
+    return results
+
+
+def events_out(rows):
+    """Store rows (seq first) to wire events."""
+    return [{"event_id": eid, "event_type": etype, "aggregate_type": atype,
+             "aggregate_id": aid, "lamport_clock": clock, "node_id": node,
+             "payload": loads(payload), "timestamp": ts, "seq": seq}
+            for seq, eid, etype, atype, aid, clock, node, payload, ts in rows]
 
 
 @api.post("/api/pull")
@@ -140,17 +159,17 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     exclude = key.device if body.get("exclude_own") is True else None
     rows, nxt, more = _store().pull(key.team, after, limit, exclude)
-    events = []
-    for seq, eid, etype, atype, aid, clock, node, payload, ts in rows:
-        events.append({"event_id": eid, "event_type": etype, "aggregate_type": atype,
-                       "aggregate_id": aid, "lamport_clock": clock, "node_id": node,
-                       "payload": _raw(payload), "timestamp": ts, "seq": seq})
-    return _sealed(key, "pull", nonce, {"events": events, "next": nxt, "more": more})
+    return _sealed(key, "pull", nonce, {"events": events_out(rows), "next": nxt, "more": more})
 
 
-def _raw(payload_json):
-    import json
-    return json.loads(payload_json)
+@api.post("/api/ws-token")
+def ws_token():
+    """A single-use token (5 minutes) that opens one WebSocket session."""
+    key, nonce, _ = _authenticate("ws-token")
+    token = secrets.token_urlsafe(32)
+    _store().add_ws_token(wire.token_hash(token), key.key_id,
+                          int(time.time() * 1000) + wire.WS_TOKEN_TTL_MS)
+    return _sealed(key, "ws-token", nonce, {"token": token, "expires_in": wire.WS_TOKEN_TTL_MS // 1000})
 
 
 @api.get("/healthz")

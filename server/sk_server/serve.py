@@ -3,7 +3,7 @@
 import sys
 
 
-def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=8, access_log=False,
+def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_log=False,
           control_socket=True, timeout=60):
     from gunicorn.app.base import BaseApplication
 
@@ -16,7 +16,7 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=8, access_log
             settings = {
                 "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
                 "workers": workers, "worker_class": "gthread", "threads": threads,
-                "timeout": timeout, "graceful_timeout": 10, "keepalive": 30,
+                "timeout": timeout, "graceful_timeout": 5, "keepalive": 30,
                 "accesslog": "-" if access_log else None, "errorlog": "-",
                 "proc_name": "sk-server",
             }

@@ -57,6 +57,12 @@ class Store(abc.ABC):
         """(rows, next cursor, more) from one consistent snapshot."""
     @abc.abstractmethod
     def head(self, team): ...
+    @abc.abstractmethod
+    def add_ws_token(self, token_hash, key_id, expires_ms):
+        """Remember a WebSocket token (by hash) for key_id until expires_ms."""
+    @abc.abstractmethod
+    def consume_ws_token(self, token_hash):
+        """Use a token once: its KeyRecord, or a reason string why it is refused."""
 
     # upkeep
     @abc.abstractmethod
@@ -113,6 +119,12 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (key_id, nonce)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
+CREATE TABLE IF NOT EXISTS ws_tokens (
+    token_hash TEXT PRIMARY KEY,
+    key_id     TEXT NOT NULL,
+    expires    INTEGER NOT NULL,
+    used       INTEGER
+) WITHOUT ROWID;
 """
 EVENT_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
                  "lamport_clock", "node_id", "payload", "timestamp")
@@ -281,6 +293,31 @@ class SQLiteStore(Store):
             rows = rows[:limit]
             return rows, rows[-1][0], True
         return rows, max(head, after), False
+
+    def add_ws_token(self, token_hash, key_id, expires_ms):
+        db = self._db()
+        with self._write(db):
+            db.execute("DELETE FROM ws_tokens WHERE expires < ?", (int(time.time() * 1000) - 3600_000,))
+            db.execute("INSERT INTO ws_tokens(token_hash, key_id, expires) VALUES (?, ?, ?)",
+                       (token_hash, key_id, expires_ms))
+
+    def consume_ws_token(self, token_hash):
+        db = self._db()
+        now = int(time.time() * 1000)
+        with self._write(db):
+            row = db.execute("SELECT key_id, expires, used FROM ws_tokens WHERE token_hash = ?",
+                             (token_hash,)).fetchone()
+            if row is None:
+                return "unknown token"
+            if row[2] is not None:
+                return "token already used"
+            if row[1] < now:
+                return "token expired"
+            db.execute("UPDATE ws_tokens SET used = ? WHERE token_hash = ?", (now, token_hash))
+        key = self.get_key(row[0])
+        if key is None or key.revoked or key.retired:
+            return "key revoked or rotated"
+        return key
 
     def head(self, team):
         row = self._db().execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()

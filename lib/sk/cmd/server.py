@@ -16,7 +16,9 @@ def get_parser(prog="sk server"):
     p.add_argument("--port", type=int, default=9100, help="port (default 9100)")
     _common.db_flag(p)
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--threads", type=int, default=8, help="threads per worker (default 8)")
+    p.add_argument("--threads", type=int, default=32,
+                   help="threads per worker (default 32); each open `sk sync watch`"
+                        " session holds one, so size this above the number of watchers")
     p.add_argument("--access-log", action="store_true", help="log every request to stderr")
     p.add_argument("--no-control-socket", action="store_true",
                    help="do not open gunicorn's control socket (when several servers run)")

@@ -16,6 +16,13 @@ successful sync and the failures since. --check also asks the server:
 Connected, Reachable (auth required), Unreachable or Error (exit 0, 4, 3, and
 2 or 5 for Error: not configured, or a protocol failure).
 
+sk sync watch: real time. Opens a WebSocket session (with a single-use token
+from the server), pushes local events as soon as they are stamped (by sk-stamp
+or any program), applies the team's events as they arrive, pings every 20 s,
+and reconnects with backoff when the connection drops; offline, events stay
+queued and drain on reconnect. One line on stderr per change of state. Stops
+cleanly on SIGINT or SIGTERM. Exit 4 if the server refuses the key.
+
 sk sync setup: ask for (or take --server and --key) the server URL and API
 key, verify them against the server, refuse a key it rejects, and write them
 to $SK_HOME/.env with mode 600."""
@@ -41,7 +48,9 @@ def get_parser(prog="sk sync"):
     st.add_argument("--check", action="store_true", help="also check the connection and key")
     su = sub.add_parser("setup", help="set the server URL and API key, verified")
     _common.common(su, suppress=True)
-    for sp in (now, st, su):
+    wa = sub.add_parser("watch", help="real-time sync over a WebSocket until stopped")
+    _common.common(wa, suppress=True)
+    for sp in (now, st, su, wa):
         sp.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
         sp.add_argument("--server", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
         sp.add_argument("--key", default=argparse.SUPPRESS, metavar="KEY", help=argparse.SUPPRESS)
@@ -50,7 +59,22 @@ def get_parser(prog="sk sync"):
 
 def _body(args):
     action = args.action or "now"
-    return {"now": _now, "status": _status, "setup": _setup}[action](args)
+    return {"now": _now, "status": _status, "setup": _setup, "watch": _watch}[action](args)
+
+
+def _watch(args):
+    import sys
+
+    from ..sync import open_client
+    from ..watch import Watch
+    cfg = _common.config(args)
+    open_client(cfg)  # a missing or malformed server or key fails here, before any connecting
+
+    def log(line):
+        if not args.quiet:
+            print(f"{args.prog} watch: {line}", file=sys.stderr, flush=True)
+
+    return Watch(cfg, log).run()
 
 
 def _now(args):
@@ -130,6 +154,10 @@ def _status(args):
              + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"
                 if info["failures_since"] else "")),
         ]
+        watch = info["watch"]
+        rows.append(("watch", "not running" if not watch else
+                     f"running (pid {watch['pid']}), {watch['state']} since {watch['since']}"
+                     + (f": {watch['detail']}" if watch.get("detail") else "")))
         if args.check:
             rows.append(("connection", f"{info['connection']}: {info['connection_detail']}"))
         for k, v in rows:

@@ -1,0 +1,255 @@
+"""`sk sync watch`: real-time sync over a WebSocket, falling back to the queue.
+
+One thread owns the SQLite connection and is the socket's only writer; a reader
+thread only hands frames over through a queue. Local events are noticed without
+asking the server: PRAGMA data_version on a second connection changes whenever
+another process (sk-stamp, or anything that writes the file) commits.
+"""
+
+import json
+import os
+import queue
+import random
+import signal
+import sqlite3
+import threading
+import time
+
+from . import wire
+from .crypto import C2S, S2C, CryptoError
+from .errors import AuthError, IntegrityError, SkError, Unreachable
+from .event import EventError, check_stamped
+from .store import open_store, utc_now
+from .sync import _to_wire, open_client
+
+PING_INTERVAL = 20.0
+DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
+LOCAL_POLL = 0.005                     # seconds between looks at the local file
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+
+
+class Dropped(Exception):
+    """The connection ended; reconnect."""
+
+
+class Watch:
+    def __init__(self, cfg, log=None, resolve_each=True):
+        self.cfg = cfg
+        self.log = log or (lambda line: None)
+        self.stop = threading.Event()
+        self.resolve_each = resolve_each
+        self.store = None
+        self.state = None
+
+    # -- bookkeeping ---------------------------------------------------------
+    def set_state(self, state, detail=""):
+        if state != self.state:
+            self.log(f"{state}" + (f": {detail}" if detail else ""))
+        self.state = state
+        self.store.set_meta(watch=json.dumps({"pid": os.getpid(), "state": state,
+                                              "since": utc_now(), "detail": detail}))
+
+    # -- the loop ------------------------------------------------------------
+    def run(self):
+        """Watch until stopped; returns an exit code (4 when the key is refused)."""
+        self.store = open_store(self.cfg)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        backoff = BACKOFF_MIN
+        code = 0
+        try:
+            while not self.stop.is_set():
+                self.set_state("connecting", self.cfg.server)
+                started = time.monotonic()
+                try:
+                    self.session()
+                except AuthError as e:
+                    self.set_state("stopped", f"key refused: {e}")
+                    code = e.exit_code
+                    break
+                except (SkError, Dropped, OSError) as e:
+                    if self.stop.is_set():
+                        break
+                    if time.monotonic() - started > 30:
+                        backoff = BACKOFF_MIN
+                    wait = backoff * (0.5 + random.random())
+                    self.store.record_outcome(False, f"watch: {_why(e)}")
+                    self.set_state("offline", f"{_why(e)}; events stay queued; retrying in {wait:.1f} s")
+                    self.stop.wait(wait)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            if self.state != "stopped":
+                self.set_state("stopped")
+        return code
+
+    def session(self):
+        import websocket
+        client = open_client(self.cfg)
+        token = client.call("ws-token", {})["token"]
+        client.close()
+        url = self.cfg.server.replace("http", "ws", 1) + wire.WS_PATH + "?token=" + token
+        try:
+            ws = websocket.create_connection(url, timeout=10, enable_multithread=True)
+        except websocket.WebSocketException as e:
+            raise Unreachable(f"websocket handshake failed: {e}") from None
+        ws.settimeout(None)
+        conn = _Conn(ws, client.master, client.key_id, wire.token_hash(token))
+        try:
+            self._serve(conn)
+        finally:
+            conn.close()
+
+    def _serve(self, conn):
+        store = self.store
+        conn.send({"t": "hello", "cursor": store.cursor(),
+                   "exclude_own": store.meta("cursor") is not None})
+        watcher = sqlite3.connect(store.path, timeout=60)
+        last_version = None
+        in_flight = None
+        next_id = 0
+        live = False
+        try:
+            while not self.stop.is_set():
+                msg = conn.next(LOCAL_POLL)
+                while msg is not None:
+                    t = msg.get("t")
+                    if t == "events":
+                        self._apply(msg)
+                    elif t == "live":
+                        live = True
+                        store.record_outcome(True)
+                        self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
+                    elif t == "result":
+                        if in_flight is None or msg.get("id") != in_flight[0]:
+                            raise IntegrityError("push result for a batch that was not sent")
+                        self._results(in_flight[1], msg.get("results"))
+                        in_flight = None
+                        last_version = None  # look at the queue again
+                    else:
+                        raise IntegrityError(f"unknown frame type {str(t)[:20]!r}")
+                    msg = conn.next(0)
+                if live and in_flight is None:
+                    version = watcher.execute("PRAGMA data_version").fetchone()[0]
+                    if version != last_version:
+                        last_version = version
+                        rows = store.queued(wire.MAX_BATCH)
+                        if rows:
+                            next_id += 1
+                            ids = [r[0] for _, r in rows]
+                            conn.send({"t": "push", "id": next_id,
+                                       "events": [_to_wire(r) for _, r in rows]})
+                            in_flight = (next_id, ids)
+                conn.keepalive()
+        finally:
+            watcher.close()
+
+    def _apply(self, msg):
+        events, nxt = msg.get("events"), msg.get("next")
+        if not isinstance(events, list) or type(nxt) is not int:
+            raise IntegrityError("malformed events frame")
+        try:
+            rows = [check_stamped(ev) for ev in events]
+        except EventError as e:
+            raise IntegrityError(f"server sent an invalid event: {e}") from None
+        new = self.store.receive(rows, nxt)
+        if new:
+            if self.resolve_each:
+                from .resolve import resolve
+                resolve(self.store, self.cfg.path_map or None)
+            self.log(f"received {new} event{'s' if new != 1 else ''}")
+
+    def _results(self, ids, results):
+        if (not isinstance(results, list) or len(results) != len(ids)
+                or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
+            raise IntegrityError("server's push answer does not match the events sent")
+        out = [(r["event_id"], r.get("status"), r.get("reason")) for r in results]
+        self.store.mark_pushed(out)
+        sent = sum(1 for _, st, _ in out if st in ("accepted", "duplicate"))
+        rejected = len(out) - sent
+        self.log(f"pushed {sent} event{'s' if sent != 1 else ''}"
+                 + (f", {rejected} rejected (see sk-log --rejected)" if rejected else ""))
+
+
+def _why(exc):
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+class _Conn:
+    """A sealed-frame WebSocket connection: main thread writes, a reader thread reads."""
+
+    def __init__(self, ws, master, key_id, sid):
+        self.ws, self.master, self.key_id, self.sid = ws, master, key_id, sid
+        self.n_out = self.n_in = 0
+        self.inbox = queue.Queue()
+        self.last_rx = self.last_ping = time.monotonic()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        import websocket
+        from websocket import ABNF
+        try:
+            while True:
+                opcode, frame = self.ws.recv_data_frame(control_frame=True)
+                self.last_rx = time.monotonic()
+                if opcode == ABNF.OPCODE_CLOSE:
+                    code = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else 1000
+                    self.inbox.put(("closed", code, frame.data[2:].decode("utf-8", "replace")))
+                    return
+                if opcode in (ABNF.OPCODE_BINARY, ABNF.OPCODE_TEXT):
+                    self.inbox.put(("frame", frame.data))
+        except (websocket.WebSocketException, OSError) as e:
+            self.inbox.put(("error", e))
+
+    def send(self, obj):
+        import websocket
+        self.n_out += 1
+        obj["n"] = self.n_out
+        blob = wire.seal_frame(self.master, self.key_id, C2S, self.sid, obj)
+        try:
+            self.ws.send_binary(blob)
+        except (websocket.WebSocketException, OSError) as e:
+            raise Dropped(f"connection lost while sending: {e}") from None
+
+    def next(self, timeout):
+        """The next opened frame, or None after timeout."""
+        try:
+            item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+        if item[0] == "error":
+            raise Dropped(f"connection lost: {_why(item[1])}")
+        if item[0] == "closed":
+            _, code, reason = item
+            if code == 4401:
+                raise AuthError(f"server closed the session: {reason}")
+            raise Dropped(f"server closed the connection ({code}{': ' + reason if reason else ''})")
+        try:
+            obj = wire.open_frame(self.master, self.key_id, S2C, self.sid, item[1])
+        except CryptoError:
+            raise IntegrityError("a frame from the server failed authentication") from None
+        except wire.WireError as e:
+            raise IntegrityError(f"malformed frame from the server: {e}") from None
+        self.n_in += 1
+        if obj.get("n") != self.n_in:
+            raise IntegrityError("frame from the server out of order or replayed")
+        return obj
+
+    def keepalive(self):
+        import websocket
+        now = time.monotonic()
+        if now - self.last_rx > DEAD_AFTER:
+            raise Dropped(f"no answer from the server for {now - self.last_rx:.0f} s")
+        if now - self.last_ping >= PING_INTERVAL:
+            self.last_ping = now
+            try:
+                self.ws.ping()
+            except (websocket.WebSocketException, OSError) as e:
+                raise Dropped(f"connection lost: {e}") from None
+
+    def close(self):
+        try:
+            self.ws.close(timeout=1)
+        except Exception:  # noqa: BLE001 - closing a socket that may be dead already
+            pass

@@ -1,0 +1,206 @@
+"""Real-time sync: the WebSocket endpoint GET /api/ws?token=...
+
+A session is one thread (flask-sock under gunicorn's gthread worker) that is the
+connection's only writer. It opens with a single-use token from POST
+/api/ws-token, reads the client's sealed hello (its pull cursor), sends what the
+device missed (catch-up), then live events as they are stored, and stores the
+device's pushed batches exactly as a REST push does (api.push_events).
+
+The team's log in the store is the only truth. The in-process Hub only wakes this
+process's sessions early when a push lands here; every session also looks at the
+store each CHECK_INTERVAL, so an event stored through another process or server
+still arrives. Nothing that must hold across requests lives in the Hub.
+"""
+
+import socket
+import struct
+import threading
+import time
+
+from flask import Blueprint, current_app, request
+
+from sk import crypto, wire
+from sk.crypto import C2S, S2C
+
+from .api import events_out, push_events
+
+PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
+CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
+KEY_CHECK_INTERVAL = 20.0   # seconds between checks that the key is still valid
+SEND_TIMEOUT = 15           # a client that stops reading for this long is dropped
+HELLO_TIMEOUT = 15
+
+
+class Hub:
+    """Which sessions of this process belong to which team; wakes them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._teams = {}
+
+    def join(self, team, session):
+        with self._lock:
+            self._teams.setdefault(team, set()).add(session)
+
+    def leave(self, team, session):
+        with self._lock:
+            members = self._teams.get(team)
+            if members:
+                members.discard(session)
+                if not members:
+                    del self._teams[team]
+
+    def notify(self, team):
+        with self._lock:
+            members = list(self._teams.get(team, ()))
+        for session in members:
+            session.wake()
+
+    def count(self):
+        with self._lock:
+            return sum(len(m) for m in self._teams.values())
+
+
+class Closed(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Session:
+    def __init__(self, ws, store, key, sid):
+        self.ws, self.store, self.key, self.sid = ws, store, key, sid
+        self.n_in = self.n_out = 0
+        self.dirty = threading.Event()
+
+    def wake(self):
+        self.dirty.set()
+        self.ws.event.set()
+
+    def send(self, obj):
+        self.n_out += 1
+        obj["n"] = self.n_out
+        self.ws.send(wire.seal_frame(self.key.master, self.key.key_id, S2C, self.sid, obj))
+
+    def _take(self):
+        """The next received message, or None (never blocks)."""
+        buf = self.ws.input_buffer
+        return buf.pop(0) if buf else None
+
+    def open(self, data):
+        if not isinstance(data, bytes):
+            raise Closed(4400, "frames must be binary sealed messages")
+        try:
+            obj = wire.open_frame(self.key.master, self.key.key_id, C2S, self.sid, data)
+        except crypto.CryptoError:
+            raise Closed(4401, "frame failed authentication") from None
+        except wire.WireError as e:
+            raise Closed(4400, f"malformed frame: {e}") from None
+        self.n_in += 1
+        if obj.get("n") != self.n_in:
+            raise Closed(4400, "frame out of order or replayed")
+        return obj
+
+    def recv_hello(self):
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        while self.ws.connected and time.monotonic() < deadline:
+            data = self._take()
+            if data is not None:
+                hello = self.open(data)
+                cursor = hello.get("cursor")
+                if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
+                    raise Closed(4400, "first frame must be a hello with an integer cursor")
+                return cursor, hello.get("exclude_own") is True
+            self.ws.event.wait(0.5)
+            self.ws.event.clear()
+        raise Closed(4408, "no hello within 15 s")
+
+    def send_new(self, cursor, exclude, catchup=False):
+        """Send every stored event after cursor, page by page; return the new cursor."""
+        while True:
+            rows, nxt, more = self.store.pull(self.key.team, cursor, 1000, exclude)
+            if not rows and nxt == cursor:
+                return cursor
+            self.send({"t": "events", "events": events_out(rows), "next": nxt, "more": more,
+                       "catchup": catchup})
+            cursor = nxt
+            if not more:
+                return cursor
+
+    def check_key(self):
+        key = self.store.get_key(self.key.key_id)
+        if key is None or key.revoked or key.retired:
+            raise Closed(4401, "key revoked or rotated")
+
+    def handle(self, msg):
+        if msg.get("t") != "push":
+            raise Closed(4400, f"unknown frame type {str(msg.get('t'))[:20]!r}")
+        events = msg.get("events")
+        if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
+            raise Closed(4400, f"push frame needs an 'events' list of at most {wire.MAX_BATCH}")
+        self.check_key()
+        self.send({"t": "result", "id": msg.get("id"), "results": push_events(self.key, events)})
+
+    def run(self, hub):
+        cursor, own = self.recv_hello()
+        exclude = self.key.device if own else None
+        cursor = self.send_new(cursor, exclude, catchup=True)
+        self.send({"t": "live", "cursor": cursor})
+        hub.join(self.key.team, self)
+        try:
+            last_look = last_key = time.monotonic()
+            while self.ws.connected:
+                while (data := self._take()) is not None:
+                    self.handle(self.open(data))
+                now = time.monotonic()
+                if self.dirty.is_set() or now - last_look >= CHECK_INTERVAL:
+                    self.dirty.clear()
+                    cursor = self.send_new(cursor, exclude)
+                    last_look = now
+                if now - last_key >= KEY_CHECK_INTERVAL:
+                    self.check_key()
+                    last_key = now
+                self.ws.event.wait(CHECK_INTERVAL)
+                self.ws.event.clear()
+        finally:
+            hub.leave(self.key.team, self)
+
+
+def _limit_send_time(ws):
+    """Make a send to a client that stopped reading fail instead of blocking forever."""
+    sock = getattr(ws, "sock", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT, 0))
+        except OSError:
+            pass
+
+
+def session(ws):
+    store = current_app.extensions["sk_store"]
+    hub = current_app.extensions["sk_hub"]
+    token = request.args.get("token", "")
+    key = store.consume_ws_token(wire.token_hash(token)) if token else "missing token"
+    if isinstance(key, str):
+        ws.close(4401, f"refused: {key}")
+        return
+    _limit_send_time(ws)
+    try:
+        Session(ws, store, key, wire.token_hash(token)).run(hub)
+    except Closed as e:
+        if ws.connected:
+            ws.close(e.code, e.message)
+    except OSError:
+        pass  # the client went away or stopped reading
+
+
+def init_app(app):
+    from flask_sock import Sock
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": PING_INTERVAL,
+                                                  "max_message_size": wire.MAX_BODY})
+    hub = Hub()
+    app.extensions["sk_hub"] = hub
+    app.extensions["sk_notify"] = hub.notify
+    bp = Blueprint("ws", __name__)
+    Sock().route(wire.WS_PATH, bp=bp)(session)
+    app.register_blueprint(bp)
