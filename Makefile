@@ -23,6 +23,7 @@ test: venv
 
 bench: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_watch.py $(BENCH_WATCH_ARGS)
 
 man: venv
 	$(PY) tools/genman.py
