@@ -122,10 +122,20 @@ def test_aggregate_id_length_boundaries():
 
 @pytest.mark.parametrize("ts", [
     "2026-01-31T12:00:00Z", "2026-01-31T12:00:00.123Z", "2026-01-31T12:00:00.123456789Z",
-    "2026-01-31T12:00:00+02:00", "2026-01-31T12:00:00-05:30",
+    "2026-01-31T12:00:00+00:00",
 ])
 def test_valid_timestamps(ts):
     assert event.check_timestamp(ts) == ts
+
+
+@pytest.mark.parametrize("ts", [
+    "2026-01-31T12:00:00+02:00", "2026-01-31T12:00:00-05:30",   # UTC only
+    "2026-13-45T99:00:00Z", "2026-02-30T12:00:00Z", "2026-01-31T24:00:00Z",
+    "2026-01-31 12:00:00Z", "2026-01-31T12:00Z", "yesterday",
+])
+def test_invalid_timestamps(ts):
+    with pytest.raises(event.EventError):
+        event.check_timestamp(ts)
 
 
 # -- payload size and content ------------------------------------------------------------

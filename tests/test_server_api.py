@@ -87,13 +87,16 @@ class Device:
     def push(self, events):
         return self.ok("push", {"events": events})["results"]
 
-    def pull(self, after=0, limit=1000, exclude_own=False):
-        return self.ok("pull", {"after": after, "limit": limit, "exclude_own": exclude_own})
+    def pull(self, after=0, limit=1000, skip=None):
+        body = {"after": after, "limit": limit}
+        if skip is not None:
+            body["skip"] = {"node_id": skip[0], "upto": skip[1]}
+        return self.ok("pull", body)
 
-    def pull_all(self, after=0, limit=1000, exclude_own=False):
+    def pull_all(self, after=0, limit=1000, skip=None):
         events, pages = [], 0
         while True:
-            page = self.pull(after, limit, exclude_own)
+            page = self.pull(after, limit, skip)
             pages += 1
             events += page["events"]
             assert page["next"] >= after
@@ -304,25 +307,39 @@ def test_pull_defaults(dev):
     assert len(body["events"]) == 3 and body["more"] is False and body["next"] == 3
 
 
-def test_exclude_own_skips_own_events_but_cursor_reaches_head(new_device, store):
+def test_skip_leaves_out_own_events_but_cursor_reaches_head(new_device, store):
     a, b = new_device("a", "t"), new_device("b", "t")
-    order = []
+    order, clock = [], 0
     for who, n in ((a, 5), (b, 3), (a, 2), (b, 1), (a, 4)):
-        evs = [make_event(node_id=who.name) for _ in range(n)]
+        evs = []
+        for _ in range(n):
+            clock += 1
+            evs.append(make_event(node_id=who.name, lamport_clock=clock))
         who.push(evs)
-        order += [(who.name, e["event_id"]) for e in evs]
+        order += [(who.name, e["event_id"], e["lamport_clock"]) for e in evs]
     head = store.head("t")
     assert head == 15
     for limit in (1, 2, 3, 1000):
-        events, cursor, _ = a.pull_all(0, limit, exclude_own=True)
-        assert [e["event_id"] for e in events] == [i for w, i in order if w == "b"]
+        events, cursor, _ = a.pull_all(0, limit, skip=("a", clock))
+        assert [e["event_id"] for e in events] == [i for w, i, _ in order if w == "b"]
         assert cursor == head, limit
     # the last events are all a's own: the cursor still moves past them
-    page = a.pull(11, 1000, exclude_own=True)
+    page = a.pull(11, 1000, skip=("a", clock))
     assert page["events"] == [] and page["next"] == head and page["more"] is False
-    # without exclude_own, everything
+    # own events stamped above `upto` (lost by a restored log) do come back
+    events, cursor, _ = a.pull_all(0, 4, skip=("a", 7))
+    assert [e["event_id"] for e in events] == [i for w, i, lam in order if w == "b" or lam > 7]
+    # without skip, everything
     events, cursor, _ = a.pull_all(0, 4)
-    assert [e["event_id"] for e in events] == [i for _, i in order] and cursor == head
+    assert [e["event_id"] for e in events] == [i for _, i, _ in order] and cursor == head
+
+
+@pytest.mark.parametrize("skip", [1, "a", [], {"node_id": "a"}, {"upto": 3},
+                                  {"node_id": 1, "upto": 3}, {"node_id": "a", "upto": -1},
+                                  {"node_id": "a", "upto": 2 ** 63}, {"node_id": "a", "upto": 1.5}])
+def test_malformed_skip_is_refused(dev, skip):
+    r = dev.send("pull", dev.seal("pull", {"after": 0, "skip": skip})[0])
+    assert r.status_code == 400 and r.get_json()["error"]["code"] == "malformed"
 
 
 @pytest.mark.parametrize("body", [
@@ -357,7 +374,7 @@ def test_team_isolation(new_device, store):
     assert [e["seq"] for e in got] == [1, 2] and cursor == 2
     assert b.ok("hello", {})["head"] == 2
     # a cursor past B's head never reaches into A's sequence
-    assert b.pull(2, 1000)["events"] == [] and b.pull(0, 5000, True)["events"] == []
+    assert b.pull(2, 1000)["events"] == [] and b.pull(0, 5000, ("node-a", 1))["events"] == []
     got, cursor, _ = a1.pull_all(0, 2)
     assert [e["event_id"] for e in got] == [e["event_id"] for e in a_events]
     assert [e["seq"] for e in got] == list(range(1, 7)) and cursor == 6
@@ -826,7 +843,7 @@ def test_fuzz_sealed_push_events(dev, store, events):
 
 @HYPO
 @given(body=st.one_of(json_values,
-                      st.dictionaries(st.sampled_from(["events", "after", "limit", "exclude_own", "x"]),
+                      st.dictionaries(st.sampled_from(["events", "after", "limit", "skip", "x"]),
                                       st.one_of(json_values, field_values, events_strategy),
                                       max_size=4)),
        endpoint=st.sampled_from(["push", "pull", "hello"]))
@@ -841,17 +858,29 @@ def test_fuzz_sealed_random_bodies(dev, store, body, endpoint):
 
 
 @HYPO
-@example(after=2 ** 64, limit=10, exclude=False)
-@example(after=3, limit=2, exclude=True)
+@example(after=2 ** 64, limit=10, skip=None)
+@example(after=3, limit=2, skip={"node_id": "node-a", "upto": 0})
 @given(after=st.integers(min_value=-5, max_value=2 ** 70), limit=st.integers(-5, 10_000),
-       exclude=st.one_of(st.booleans(), json_values))
-def test_fuzz_pull_cursor(dev, store, after, limit, exclude):
+       skip=st.one_of(st.none(), json_values,
+                      st.fixed_dictionaries({"node_id": st.just("node-a"),
+                                             "upto": st.integers(-2, 2 ** 64)})))
+def test_fuzz_pull_cursor(dev, store, after, limit, skip):
     if count(store) == 0:
-        dev.push([make_event() for _ in range(5)])
-    blob, nonce = dev.seal("pull", {"after": after, "limit": limit, "exclude_own": exclude})
+        dev.push([make_event() for _ in range(5)])   # node-a, lamport 1
+    body = {"after": after, "limit": limit}
+    if skip is not None:
+        body["skip"] = skip
+    blob, nonce = dev.seal("pull", body)
     r = dev.send("pull", blob)
     got = _check_answer(dev, store, "pull", r, nonce, count(store))
-    if 0 <= after < 2 ** 63 and 1 <= limit <= wire.MAX_PAGE and exclude is not True:
+    valid_skip = skip is None or (isinstance(skip, dict) and isinstance(skip.get("node_id"), str)
+                                  and type(skip.get("upto")) is int and 0 <= skip["upto"] < 2 ** 63)
+    if not valid_skip or not 0 <= after < 2 ** 63 or not 1 <= limit <= wire.MAX_PAGE:
+        assert got is None and r.status_code == 400
+    elif skip is not None and skip["node_id"] == "node-a" and skip["upto"] >= 1:
+        # every stored event is node-a's at lamport 1
+        assert got["events"] == [] and got["next"] == max(after, 5)
+    else:
         assert got is not None
         expect = list(range(after + 1, 6))[:limit]
         assert [e["seq"] for e in got["events"]] == expect

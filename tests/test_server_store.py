@@ -55,8 +55,8 @@ def test_dense_sequence_per_team(store):
 
 
 def test_pulled_rows_round_trip(store):
-    r = row(payload={"k": [1, 2, {"x": None}]}, lamport_clock=2 ** 63 - 1)
-    store.push("A", "a1", [r])
+    r = row(payload={"k": [1, 2, {"x": None}]}, lamport_clock=2 ** 32)
+    assert store.push("A", "a1", [r]) == [("accepted", None)]
     (got,), _, _ = store.pull("A", 0, 10)
     assert got[0] == 1 and tuple(got[1:]) == r
 
@@ -88,10 +88,10 @@ def test_big_batch_with_duplicates_across_chunks(store):
     assert store.head("A") == 1200 and seqs(store, "A") == list(range(1, 1201))
 
 
-def test_pull_paging_and_exclude(store):
+def test_pull_paging_and_skip(store):
     owners = []
     for dev, n in (("a1", 3), ("a2", 2), ("a1", 4), ("a2", 1), ("a1", 2)):
-        store.push("A", dev, [row() for _ in range(n)])
+        store.push("A", dev, [row(node_id=dev) for _ in range(n)])
         owners += [dev] * n
     head = store.head("A")
     assert head == 12
@@ -112,13 +112,15 @@ def test_pull_paging_and_exclude(store):
     for limit in (1, 2, 100):
         after, got = 0, []
         while True:
-            rows, nxt, more = store.pull("A", after, limit, "a1")
+            rows, nxt, more = store.pull("A", after, limit, ("a1", 1))
             got += [r[0] for r in rows]
             after = nxt
             if not more:
                 break
         assert got == want and after == head, limit
-    assert store.pull("A", 10, 100, "a1") == ([], head, False)
+    assert store.pull("A", 10, 100, ("a1", 1)) == ([], head, False)
+    # events of a1 stamped above the mark are not left out
+    assert seqs(store, "A", 0, 100, ("a1", 0)) == list(range(1, 13))
 
 
 def test_concurrent_pushes_keep_the_sequence_dense(tmp_path, store):
@@ -237,3 +239,14 @@ def test_open_store_errors(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError):
         open_store(str(tmp_path / "junk.db"))
+
+
+def test_lamport_jump_past_the_limit_is_rejected(store):
+    """One device must not push the team's clock to 2^63 and stop all stamping."""
+    big, ok = row(lamport_clock=2 ** 63 - 1), row(lamport_clock=5)
+    assert store.push("A", "a1", [big, ok]) == [
+        ("rejected", "lamport_clock jumps more than 2^32 past the team's highest clock"),
+        ("accepted", None)]
+    # the allowance moves with the team's clock
+    assert store.push("A", "a1", [row(lamport_clock=5 + 2 ** 32)]) == [("accepted", None)]
+    assert seqs(store, "A") == [1, 2]

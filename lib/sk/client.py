@@ -58,8 +58,11 @@ class Client:
     def push(self, events):
         return self.call("push", {"events": events})
 
-    def pull(self, after, limit, exclude_own=False):
-        return self.call("pull", {"after": after, "limit": limit, "exclude_own": exclude_own})
+    def pull(self, after, limit, skip=None):
+        body = {"after": after, "limit": limit}
+        if skip is not None:
+            body["skip"] = {"node_id": skip[0], "upto": skip[1]}
+        return self.call("pull", body)
 
     def close(self):
         if self._session is not None:
@@ -77,10 +80,11 @@ def _reason(exc):
 
 def _error(r, server, endpoint):
     """Turn a non-200 answer into the right exception, naming the HTTP status."""
-    code, message = None, None
+    code, message, theirs = None, None, None
     try:
-        err = r.json().get("error", {})
-        code, message = err.get("code"), err.get("message")
+        answer = r.json()
+        err = answer.get("error", {})
+        code, message, theirs = err.get("code"), err.get("message"), answer.get("protocol")
     except (ValueError, AttributeError):
         pass
     what = f"server '{server}' answered HTTP {r.status_code}"
@@ -89,12 +93,14 @@ def _error(r, server, endpoint):
         return AuthError(f"key rejected: {message or r.reason}" if message
                          else f"{what}: key rejected")
     if code == "protocol_version":
-        return IntegrityError(f"{message}; upgrade sk on whichever side is older")
+        side = ("upgrade the sk server" if isinstance(theirs, int) and theirs < PROTOCOL_VERSION
+                else "upgrade sk on this device")
+        return IntegrityError(f"{message}; {side}")
     if r.status_code == 413:
         return ServerError(f"{what} (too large){': ' + message if message else ''}",
                            status=413, code=code)
     if r.status_code in (502, 503, 504) or (r.status_code >= 500 and code):
         return Unreachable(what + detail)
-    if code is None:
+    if code is None or r.status_code == 404:
         return IntegrityError(f"{what}{detail} for /api/{endpoint}: wrong URL, or not an sk server")
     return IntegrityError(what + detail)

@@ -24,7 +24,11 @@ class Config:
             self._file = {}
             if self.env_path.exists():
                 from dotenv import dotenv_values
-                self._file = {k: v for k, v in dotenv_values(self.env_path).items() if v is not None}
+                try:
+                    values = dotenv_values(self.env_path)
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ConfigError(f"cannot read '{self.env_path}': {e}") from None
+                self._file = {k: v for k, v in values.items() if v is not None}
         return self._file
 
     def get(self, name, default=None):
@@ -49,9 +53,17 @@ class Config:
         url = self.get("SK_SERVER")
         if not url:
             raise ConfigError("no server configured: run 'sk sync setup' or set SK_SERVER")
-        url = url.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"server URL {url!r} must start with http:// or https://")
+        url = url.strip().rstrip("/")
+        from urllib.parse import urlsplit
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise ConfigError(f"server URL {url!r} is not valid: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"server URL {url!r} must look like http://HOST[:PORT]")
+        if port == 0:
+            raise ConfigError(f"server URL {url!r} has port 0")
         return url
 
     @property
@@ -63,10 +75,14 @@ class Config:
 
     @property
     def timeout(self):
+        import math
         try:
-            return float(self.get("SK_TIMEOUT", "30"))
+            value = float(self.get("SK_TIMEOUT", "30"))
         except ValueError:
-            raise ConfigError("SK_TIMEOUT must be a number of seconds") from None
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError("SK_TIMEOUT must be a positive number of seconds")
+        return value
 
     @property
     def never_sync_rules(self):
@@ -78,7 +94,14 @@ class Config:
 
     def write_env(self, updates):
         """Set `updates` in $SK_HOME/.env, keeping other lines; the file is mode 600."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_env(updates)
+        except OSError as e:
+            raise ConfigError(f"cannot write '{self.env_path}': {e.strerror or e}") from None
+        self._file = None
+
+    def _write_env(self, updates):
+        make_home(self.home)
         lines, seen = [], set()
         if self.env_path.exists():
             for line in self.env_path.read_text().splitlines():
@@ -96,7 +119,17 @@ class Config:
             f.write("\n".join(lines) + "\n")
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.env_path)
-        self._file = None
+
+
+def make_home(home):
+    """Create $SK_HOME (mode 700) if missing; ConfigError if it cannot be."""
+    home = Path(home)
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"SK_HOME '{home}' is not a directory")
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create SK_HOME '{home}': {e.strerror or e}") from None
 
 
 def _quote(value):

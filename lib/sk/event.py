@@ -14,7 +14,7 @@ FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_LAMPORT = 2 ** 63 - 1
 _TYPE_RE = re.compile(r"[a-z0-9_.]{1,64}")
-_TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")
+_TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|\+00:00)")
 
 # aggregate_type:glob, matched case-insensitively against aggregate_id
 DEFAULT_NEVER_SYNC = ("setting:*_pat", "setting:*token*", "setting:*password*",
@@ -119,7 +119,12 @@ def check_new(ev):
 
 def check_timestamp(value):
     if not isinstance(value, str) or not _TS_RE.fullmatch(value):
-        raise EventError("timestamp must be RFC 3339 text such as 2026-01-31T12:00:00Z")
+        raise EventError("timestamp must be RFC 3339 UTC text such as 2026-01-31T12:00:00Z")
+    from datetime import datetime
+    try:
+        datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise EventError(f"timestamp {value!r} is not a real date and time") from None
     return value
 
 

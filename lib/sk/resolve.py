@@ -121,8 +121,9 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     db = store.db
     pairs = [tuple(p) for p in (path_map if path_map is not None
                                 else json.loads(store.meta("path_map", "[]")))]
-    if rebuild:
+    if rebuild or store.meta("needs_rebuild") == "1":
         with store.write():
+            store._set("needs_rebuild", 0)
             db.execute("DELETE FROM aggregates")
             db.execute("DELETE FROM fields")
             db.execute("UPDATE events SET applied = 0 WHERE applied = 1")

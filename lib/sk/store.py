@@ -36,9 +36,23 @@ CREATE TABLE IF NOT EXISTS events (
     node_id        TEXT NOT NULL,
     payload        TEXT NOT NULL,
     timestamp      TEXT NOT NULL,
-    status         TEXT NOT NULL,   -- queued | sent | rejected | local_only | remote
-    reason         TEXT,
-    applied        INTEGER NOT NULL DEFAULT 0
+    status         TEXT NOT NULL,   -- queued | sent | local_only | remote
+    applied        INTEGER NOT NULL DEFAULT 0,
+    stamped_at     TEXT             -- local time it was stamped (queue age)
+);
+-- events the server refused for good, set aside out of the log with the reason
+CREATE TABLE IF NOT EXISTS rejected (
+    seq            INTEGER PRIMARY KEY,
+    event_id       TEXT NOT NULL,
+    event_type     TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    lamport_clock  INTEGER NOT NULL,
+    node_id        TEXT NOT NULL,
+    payload        TEXT NOT NULL,
+    timestamp      TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    rejected_at    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_queued ON events(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS events_unapplied ON events(seq) WHERE applied = 0;
@@ -77,11 +91,14 @@ class LocalStore:
     """One device's SQLite file. Writers take BEGIN IMMEDIATE; readers never block."""
 
     def __init__(self, path, create=True):
+        from .config import make_home
         path = os.fspath(path)
         if not create and not os.path.exists(path):
             raise ConfigError(f"no local log at '{path}' yet: run 'sk-append' or 'sk sync' first")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        make_home(os.path.dirname(os.path.abspath(path)))
         try:
+            if not os.path.exists(path):  # private from the start: it may hold secrets
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             self.db = sqlite3.connect(path, timeout=60, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -93,7 +110,7 @@ class LocalStore:
                         if stmt.strip():
                             self.db.execute(stmt)
                     self._set("schema", SCHEMA_VERSION)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.Error, OSError) as e:
             raise ConfigError(f"cannot open local log '{path}': {e}") from None
         self.path = path
 
@@ -150,6 +167,12 @@ class LocalStore:
 
     def cursor(self):
         return int(self.meta("cursor", "0"))
+
+    def own_events(self):
+        """(node_id, highest Lamport clock this log has stamped): a pull may leave
+        out this node's events up to there, which are in the log already. A log put
+        back from an older copy has a lower mark, so what it lost comes back."""
+        return self.node_id(), int(self.meta("stamped_max", "0"))
 
     # -- append and stamp ------------------------------------------------------
     def append(self, events):
@@ -222,15 +245,17 @@ class LocalStore:
                     local_only += private
                     out.append((ev["event_id"] or str(uuid.uuid4()), etype, atype, aid, clock,
                                 node, ev["payload"], ev["timestamp"] or now,
-                                "local_only" if private else "queued"))
+                                "local_only" if private else "queued", now))
                     done.append((seq,))
                 db.executemany(
                     "INSERT INTO events(event_id, event_type, aggregate_type,"
-                    " aggregate_id, lamport_clock, node_id, payload, timestamp, status)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)", out)
+                    " aggregate_id, lamport_clock, node_id, payload, timestamp, status,"
+                    " stamped_at) VALUES (?,?,?,?,?,?,?,?,?,?)", out)
                 db.executemany("DELETE FROM unstamped WHERE seq = ?", done)
                 stamped += len(out)
             self._set("clock", clock)
+            if stamped:
+                self._set("stamped_max", clock)
         return stamped, local_only, duplicates, problems
 
     # -- push side -------------------------------------------------------------
@@ -247,23 +272,44 @@ class LocalStore:
         `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected.
         """
         sent = [(eid,) for eid, st, _ in results if st in ("accepted", "duplicate")]
-        rejected = [(reason or "rejected by server", eid) for eid, st, reason in results
-                    if st == "rejected"]
         with self.write() as db:
             db.executemany("UPDATE events SET status = 'sent' WHERE event_id = ?"
                            " AND status = 'queued'", sent)
-            db.executemany("UPDATE events SET status = 'rejected', reason = ? WHERE event_id = ?"
-                           " AND status = 'queued'", rejected)
+            for eid, st, reason in results:
+                if st == "rejected":
+                    self._set_aside(db, eid, reason or "rejected by server")
 
     def set_aside(self, event_id, reason):
         with self.write() as db:
-            db.execute("UPDATE events SET status = 'rejected', reason = ? WHERE event_id = ?"
-                       " AND status = 'queued'", (reason, event_id))
+            self._set_aside(db, event_id, reason)
+
+    def _set_aside(self, db, event_id, reason):
+        """Move a queued event out of the log into `rejected`: it is not part of the
+        team's log, so it must not shape the state, nor block the event the server
+        holds under the same id."""
+        row = db.execute("SELECT applied FROM events WHERE event_id = ? AND status = 'queued'",
+                         (event_id,)).fetchone()
+        if row is None:
+            return
+        db.execute("INSERT INTO rejected(seq, " + ", ".join(LOG_COLUMNS) + ", reason, rejected_at)"
+                   " SELECT seq, " + ", ".join(LOG_COLUMNS) + ", ?, ? FROM events"
+                   " WHERE event_id = ?", (reason, utc_now(), event_id))
+        db.execute("DELETE FROM events WHERE event_id = ?", (event_id,))
+        if row[0]:
+            self._set("needs_rebuild", 1)  # it was folded into the state already
 
     def requeue_rejected(self):
+        """Queue set-aside events again (those whose id the log has not taken since)."""
         with self.write() as db:
-            return db.execute("UPDATE events SET status = 'queued', reason = NULL"
-                              " WHERE status = 'rejected'").rowcount
+            before = db.total_changes
+            db.execute("INSERT OR IGNORE INTO events(seq, " + ", ".join(LOG_COLUMNS) +
+                       ", status, stamped_at) SELECT seq, " + ", ".join(LOG_COLUMNS) +
+                       ", 'queued', rejected_at FROM rejected"
+                       " WHERE event_id NOT IN (SELECT event_id FROM events)")
+            moved = db.total_changes - before
+            db.execute("DELETE FROM rejected WHERE event_id IN (SELECT event_id FROM events"
+                       " WHERE status = 'queued')")
+            return moved
 
     # -- pull side -------------------------------------------------------------
     def receive(self, rows, cursor):
@@ -292,12 +338,13 @@ class LocalStore:
                 "SELECT status, count(*) FROM events GROUP BY status").fetchall())
             unstamped = db.execute("SELECT count(*) FROM unstamped").fetchone()[0]
             unapplied = db.execute("SELECT count(*) FROM events WHERE applied = 0").fetchone()[0]
-            oldest = db.execute("SELECT min(timestamp) FROM events WHERE status = 'queued'"
+            oldest = db.execute("SELECT min(stamped_at) FROM events WHERE status = 'queued'"
                                 ).fetchone()[0]
+            rejected = db.execute("SELECT count(*) FROM rejected").fetchone()[0]
         return {
             "queued": by_status.get("queued", 0),
             "sent": by_status.get("sent", 0),
-            "rejected": by_status.get("rejected", 0),
+            "rejected": rejected,
             "local_only": by_status.get("local_only", 0),
             "remote": by_status.get("remote", 0),
             "unstamped": unstamped,
@@ -309,12 +356,15 @@ class LocalStore:
             after=0, limit=None):
         """Yield log entries (dicts with every envelope field, plus status/reason/seq)."""
         where, args = ["seq > ?"], [after]
+        aside = status == "rejected"
         for col, val in (("aggregate_type", aggregate_type), ("aggregate_id", aggregate_id),
-                         ("event_type", event_type), ("status", status)):
+                         ("event_type", event_type), ("status", None if aside else status)):
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        sql = ("SELECT seq, " + ", ".join(LOG_COLUMNS) + ", status, reason FROM events WHERE "
+        sql = ("SELECT seq, " + ", ".join(LOG_COLUMNS)
+               + (", 'rejected', reason FROM rejected WHERE " if aside
+                  else ", status, NULL FROM events WHERE ")
                + " AND ".join(where) + " ORDER BY seq")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"

@@ -7,7 +7,7 @@ import os
 import time
 
 from . import wire
-from .errors import AuthError, IntegrityError, ServerError, SkError, Unreachable
+from .errors import AuthError, ConfigError, IntegrityError, ServerError, SkError, Unreachable
 from .event import EventError, NeverSync, check_stamped
 from .store import LOG_COLUMNS, open_store
 
@@ -48,7 +48,11 @@ def tracked(store):
 
 
 def stamp(store, cfg):
-    stamped, local_only, dups, problems = store.stamp(NeverSync(cfg.never_sync_rules))
+    try:
+        rules = NeverSync(cfg.never_sync_rules)
+    except EventError as e:
+        raise ConfigError(f"SK_NEVER_SYNC: {e}") from None
+    stamped, local_only, dups, problems = store.stamp(rules)
     return {"stamped": stamped, "local_only": local_only, "duplicates": dups,
             "problems": [{"unstamped_seq": s, "reason": r} for s, r in problems]}
 
@@ -139,12 +143,10 @@ def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
-    # once this log has completed a pull, every event this device pushed since is in
-    # it already: skip them. A new log (say, a reinstalled device) gets its own back.
-    own_known = since is None and store.meta("cursor") is not None
+    skip = store.own_events()
     counts = {"received": 0, "new": 0, "pages": 0}
     while True:
-        page = client.pull(cursor, page_size, exclude_own=own_known)
+        page = client.pull(cursor, page_size, skip)
         events, nxt, more = page.get("events"), page.get("next"), page.get("more")
         if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
                 or not isinstance(more, bool) or (more and nxt == cursor)):
@@ -175,27 +177,31 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
     store = open_store(cfg)
     if dry_run:
         return _dry_run(store, cfg)
-    client = open_client(cfg)
     summary = {}
-    with device_lock(cfg), tracked(store):
-        summary["stamp"] = stamp(store, cfg)
-        queued = store.counts()["queued"]
-        bar = progress_factory("push", queued) if progress_factory else None
-        summary["push"] = push(store, client, all_batches=True, on_event=on_event, progress=bar)
+    try:
+        with device_lock(cfg), tracked(store):
+            client = open_client(cfg)
+            summary["stamp"] = stamp(store, cfg)
+            queued = store.counts()["queued"]
+            bar = progress_factory("push", queued) if progress_factory else None
+            summary["push"] = push(store, client, all_batches=True, on_event=on_event,
+                                   progress=bar)
+            if bar:
+                bar.close()
+            bar = progress_factory("pull", None) if progress_factory else None
+            summary["pull"] = pull(store, client,
+                                   on_event=(lambda k, ev: on_event(k, ev["event_id"], None))
+                                   if on_event else None, progress=bar)
+            if bar:
+                bar.close()
+            client.close()
+    finally:
+        # offline or not, this device's own edits show in its state
+        unapplied = store.counts()["unapplied"]
+        bar = progress_factory("resolve", unapplied) if progress_factory else None
+        summary["resolved"] = resolve(store, cfg.path_map or None, progress=bar)
         if bar:
             bar.close()
-        bar = progress_factory("pull", None) if progress_factory else None
-        summary["pull"] = pull(store, client,
-                               on_event=(lambda k, ev: on_event(k, ev["event_id"], None))
-                               if on_event else None, progress=bar)
-        if bar:
-            bar.close()
-    unapplied = store.counts()["unapplied"]
-    bar = progress_factory("resolve", unapplied) if progress_factory else None
-    summary["resolved"] = resolve(store, cfg.path_map or None, progress=bar)
-    if bar:
-        bar.close()
-    client.close()
     return summary
 
 

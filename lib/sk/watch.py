@@ -101,8 +101,8 @@ class Watch:
 
     def _serve(self, conn):
         store = self.store
-        conn.send({"t": "hello", "cursor": store.cursor(),
-                   "exclude_own": store.meta("cursor") is not None})
+        node, upto = store.own_events()
+        conn.send({"t": "hello", "cursor": store.cursor(), "skip": {"node_id": node, "upto": upto}})
         watcher = sqlite3.connect(store.path, timeout=60)
         last_version = None
         in_flight = None
@@ -153,10 +153,13 @@ class Watch:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
         new = self.store.receive(rows, nxt)
         if new:
-            if self.resolve_each:
-                from .resolve import resolve
-                resolve(self.store, self.cfg.path_map or None)
+            self._resolve()
             self.log(f"received {new} event{'s' if new != 1 else ''}")
+
+    def _resolve(self):
+        if self.resolve_each:
+            from .resolve import resolve
+            resolve(self.store, self.cfg.path_map or None)
 
     def _results(self, ids, results):
         if (not isinstance(results, list) or len(results) != len(ids)
@@ -164,6 +167,7 @@ class Watch:
             raise IntegrityError("server's push answer does not match the events sent")
         out = [(r["event_id"], r.get("status"), r.get("reason")) for r in results]
         self.store.mark_pushed(out)
+        self._resolve()  # this device's own events show in its state too
         sent = sum(1 for _, st, _ in out if st in ("accepted", "duplicate"))
         rejected = len(out) - sent
         self.log(f"pushed {sent} event{'s' if sent != 1 else ''}"

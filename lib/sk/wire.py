@@ -76,10 +76,16 @@ def seal_request(master, key_id, endpoint, obj):
     return blob, crypto.peek(blob)[1]
 
 
+def open_request_seal(master, key_id, endpoint, blob):
+    """Server side: (timestamp_ms, nonce, compressed plaintext); CryptoError if not
+    authentic. decompress() the plaintext once the sender is known to be allowed."""
+    key = crypto.direction_key(master, crypto.C2S)
+    return crypto.open_sealed(key, blob, _context(crypto.C2S, key_id, endpoint))
+
+
 def open_request(master, key_id, endpoint, blob):
     """Server side: return (timestamp_ms, nonce, obj). CryptoError if not authentic."""
-    key = crypto.direction_key(master, crypto.C2S)
-    ts, nonce, plain = crypto.open_sealed(key, blob, _context(crypto.C2S, key_id, endpoint))
+    ts, nonce, plain = open_request_seal(master, key_id, endpoint, blob)
     return ts, nonce, decompress(plain)
 
 

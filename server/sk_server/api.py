@@ -24,7 +24,8 @@ def _store():
 
 
 def error(status, code, message):
-    resp = jsonify({"error": {"code": code, "message": message}})
+    resp = jsonify({"error": {"code": code, "message": message},
+                    "protocol": PROTOCOL_VERSION})
     resp.status_code = status
     return resp
 
@@ -65,12 +66,6 @@ def _authenticate(endpoint):
     key = store.get_key(key_id)
     if key is None:
         raise Refused(401, "unknown_key", f"key '{key_id}' is not registered on this server")
-    if key.revoked:
-        raise Refused(401, "revoked", f"device '{key.device}' was revoked on {key.revoked}")
-    if key.retired:
-        raise Refused(401, "rotated", f"key '{key_id}' of device '{key.device}' was"
-                                      f" {key.retired_why or 'retired'} on {key.retired};"
-                                      " use the device's new key")
     blob = request.get_data(cache=False)
     try:
         ts, nonce = crypto.peek(blob)
@@ -81,10 +76,19 @@ def _authenticate(endpoint):
         raise Refused(400, "stale", f"request timestamp is {abs(now - ts) / 1000:.0f} s away"
                                     " from the server's clock (limit 300 s): check the clocks")
     try:
-        _, nonce, body = wire.open_request(key.master, key_id, endpoint, blob)
+        _, nonce, plain = wire.open_request_seal(key.master, key_id, endpoint, blob)
     except crypto.CryptoError:
-        raise Refused(401, "bad_key", f"request failed authentication under key '{key_id}'"
-                                      f" of device '{key.device}': wrong key, or altered") from None
+        raise Refused(401, "bad_key", f"request failed authentication under key '{key_id}':"
+                                      " wrong key, or altered") from None
+    # only a holder of the key learns why it is refused
+    if key.revoked:
+        raise Refused(401, "revoked", f"device '{key.device}' was revoked on {key.revoked}")
+    if key.retired:
+        raise Refused(401, "rotated", f"key '{key_id}' of device '{key.device}' was"
+                                      f" {key.retired_why or 'retired'} on {key.retired};"
+                                      " use the device's new key")
+    try:
+        body = wire.decompress(plain)
     except wire.WireError as e:
         raise Refused(e.status, e.code, str(e)) from None
     if not store.admit(key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS):
@@ -141,6 +145,17 @@ def push_events(key, events):
     return results
 
 
+def parse_skip(skip):
+    """The optional {"node_id": str, "upto": int} of a pull: the puller's own events,
+    which it already holds, are left out."""
+    if skip is None:
+        return None
+    if (not isinstance(skip, dict) or not isinstance(skip.get("node_id"), str)
+            or type(skip.get("upto")) is not int or not 0 <= skip["upto"] < 2 ** 63):
+        raise Refused(400, "malformed", "'skip' must be {\"node_id\": text, \"upto\": integer}")
+    return skip["node_id"], skip["upto"]
+
+
 def events_out(rows):
     """Store rows (seq first) to wire events."""
     return [{"event_id": eid, "event_type": etype, "aggregate_type": atype,
@@ -157,8 +172,7 @@ def pull():
         raise Refused(400, "malformed", "'after' must be an integer from 0 to 2^63-1")
     if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
-    exclude = key.device if body.get("exclude_own") is True else None
-    rows, nxt, more = _store().pull(key.team, after, limit, exclude)
+    rows, nxt, more = _store().pull(key.team, after, limit, parse_skip(body.get("skip")))
     return _sealed(key, "pull", nonce, {"events": events_out(rows), "next": nxt, "more": more})
 
 

@@ -5,11 +5,16 @@ import sys
 
 def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_log=False,
           control_socket=True, timeout=60):
+    import signal
+
     from gunicorn.app.base import BaseApplication
 
     from . import create_app
 
     app = create_app({"DB": db} if db else None)  # fail here, clearly, on a bad DB
+    _check_bind(host, port)
+    # a client that hangs up mid-answer must not kill a worker: ignore SIGPIPE
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
     class _Server(BaseApplication):
         def load_config(self):
@@ -31,6 +36,20 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_lo
 
     _Server().run()
     return 0
+
+
+def _check_bind(host, port):
+    """Fail with one line, before gunicorn starts, when the address can't be used."""
+    import socket
+
+    from sk.errors import ConfigError
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

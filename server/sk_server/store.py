@@ -53,8 +53,9 @@ class Store(abc.ABC):
     def push(self, team, device, rows):
         """Store rows; [(status, reason)] per row; durable before it returns."""
     @abc.abstractmethod
-    def pull(self, team, after, limit, exclude_device=None):
-        """(rows, next cursor, more) from one consistent snapshot."""
+    def pull(self, team, after, limit, skip=None):
+        """(rows, next cursor, more) from one consistent snapshot; skip=(node_id,
+        upto) leaves out that node's events stamped at or below upto."""
     @abc.abstractmethod
     def head(self, team): ...
     @abc.abstractmethod
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS teams (
     team    TEXT PRIMARY KEY,
     head    INTEGER NOT NULL DEFAULT 0,   -- last seq: dense, in commit order
+    lamport INTEGER NOT NULL DEFAULT 0,   -- highest Lamport clock stored
     created TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS devices (
@@ -126,6 +128,9 @@ CREATE TABLE IF NOT EXISTS ws_tokens (
     used       INTEGER
 ) WITHOUT ROWID;
 """
+# One device must not be able to push the team's Lamport clock to its end (2^63)
+# and so stop everybody from stamping: a jump this far ahead is refused.
+MAX_LAMPORT_JUMP = 2 ** 32
 EVENT_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
                  "lamport_clock", "node_id", "payload", "timestamp")
 _SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + " FROM events"
@@ -142,6 +147,8 @@ class SQLiteStore(Store):
         if not os.path.isdir(parent):
             raise StoreError(f"directory '{parent}' for the server database does not exist")
         self._local = threading.local()
+        if not os.path.exists(self.path):  # key material lives here: private from the start
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = self._db()
         with self._write(db):
             for stmt in SCHEMA.split(";"):
@@ -245,7 +252,8 @@ class SQLiteStore(Store):
         now = utc_now()
         results = [None] * len(rows)
         with self._write(db):
-            head = db.execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()[0]
+            head, lamport = db.execute("SELECT head, lamport FROM teams WHERE team = ?",
+                                       (team,)).fetchone()
             existing = {}
             ids = [r[0] for r in rows]
             for i in range(0, len(ids), 500):
@@ -257,7 +265,11 @@ class SQLiteStore(Store):
             new = []
             for i, row in enumerate(rows):
                 old = existing.get(row[0])
-                if old is None:
+                if old is None and row[4] > lamport + MAX_LAMPORT_JUMP:
+                    results[i] = ("rejected", "lamport_clock jumps more than 2^32 past the"
+                                              " team's highest clock")
+                elif old is None:
+                    lamport = max(lamport, row[4])
                     head += 1
                     new.append((team, head, *row, device, now))
                     existing[row[0]] = row
@@ -270,23 +282,26 @@ class SQLiteStore(Store):
                 db.executemany("INSERT INTO events(team, seq, " + ", ".join(EVENT_COLUMNS) +
                                ", device, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", new)
                 # last statement of the transaction: the team row orders commits
-                db.execute("UPDATE teams SET head = ? WHERE team = ?", (head, team))
+                db.execute("UPDATE teams SET head = ?, lamport = ? WHERE team = ?",
+                           (head, lamport, team))
         return results
 
-    def pull(self, team, after, limit, exclude_device=None):
-        """Return (rows [(seq, *EVENT_COLUMNS)], next cursor, more) from one snapshot."""
+    def pull(self, team, after, limit, skip=None):
+        """Return (rows [(seq, *EVENT_COLUMNS)], next cursor, more) from one snapshot.
+        skip=(node_id, upto): leave out the events of node_id with lamport_clock <=
+        upto (the puller stamped them and holds them); the cursor still moves past."""
         db = self._db()
         db.execute("BEGIN")
         try:
             head = db.execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()
             head = head[0] if head else 0
-            if exclude_device is None:
+            if skip is None:
                 rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq"
                                   " LIMIT ?", (team, after, limit + 1)).fetchall()
             else:
-                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? AND device != ?"
-                                  " ORDER BY seq LIMIT ?",
-                                  (team, after, exclude_device, limit + 1)).fetchall()
+                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? AND NOT"
+                                  " (node_id = ? AND lamport_clock <= ?) ORDER BY seq LIMIT ?",
+                                  (team, after, skip[0], skip[1], limit + 1)).fetchall()
         finally:
             db.execute("COMMIT")
         if len(rows) > limit:
@@ -334,7 +349,14 @@ class SQLiteStore(Store):
 
     def backup(self, path):
         """A consistent copy of the live database (SQLite online backup API)."""
-        target = sqlite3.connect(os.fspath(path))
+        path = os.fspath(path)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise StoreError(f"directory of '{path}' does not exist")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise StoreError(f"'{path}' exists; refusing to overwrite it") from None
+        target = sqlite3.connect(path)
         try:
             self._db().backup(target)
         finally:
@@ -347,14 +369,18 @@ class SQLiteStore(Store):
             self._local.db = None
 
 
-def open_store(url):
-    """The store for a database URL or path (SQLite for a path)."""
+def open_store(url, create=True):
+    """The store for a database URL or path (SQLite for a path). With create=False
+    a database that does not exist yet is an error, not a new empty one."""
     url = os.fspath(url)
     if url.startswith(("postgresql://", "postgres://")):
         raise StoreError("PostgreSQL is not supported by this version of sk yet")
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") - 1:]
+    path = os.path.expanduser(url)
+    if not create and not os.path.exists(path):
+        raise StoreError(f"no server database at '{path}' (check --db or SK_SERVER_DB)")
     try:
-        return SQLiteStore(os.path.expanduser(url))
+        return SQLiteStore(path)
     except sqlite3.Error as e:
         raise StoreError(f"cannot open server database '{url}': {e}") from None

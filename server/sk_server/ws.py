@@ -22,7 +22,7 @@ from flask import Blueprint, current_app, request
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
-from .api import events_out, push_events
+from .api import Refused, events_out, parse_skip, push_events
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -110,7 +110,10 @@ class Session:
                 cursor = hello.get("cursor")
                 if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
                     raise Closed(4400, "first frame must be a hello with an integer cursor")
-                return cursor, hello.get("exclude_own") is True
+                try:
+                    return cursor, parse_skip(hello.get("skip"))
+                except Refused as e:
+                    raise Closed(4400, e.message) from None
             self.ws.event.wait(0.5)
             self.ws.event.clear()
         raise Closed(4408, "no hello within 15 s")
@@ -142,8 +145,7 @@ class Session:
         self.send({"t": "result", "id": msg.get("id"), "results": push_events(self.key, events)})
 
     def run(self, hub):
-        cursor, own = self.recv_hello()
-        exclude = self.key.device if own else None
+        cursor, exclude = self.recv_hello()
         cursor = self.send_new(cursor, exclude, catchup=True)
         self.send({"t": "live", "cursor": cursor})
         hub.join(self.key.team, self)

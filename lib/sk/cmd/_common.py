@@ -71,6 +71,16 @@ def run(prog, get_parser, body, argv=None):
     except SkError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the disk, not the user: full, read-only, gone
+        print(f"{prog}: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
+              file=sys.stderr)
+        return 2
+    except Exception as e:
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(e, sqlite3.Error):
+            raise
+        print(f"{prog}: database error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -88,14 +98,15 @@ def server_db(args):
     return args.db or os.environ.get("SK_SERVER_DB") or str(Config().home / "server.db")
 
 
-def server_store(args):
-    """Open the server's store for a server-side command; errors become exit 2."""
+def server_store(args, create=False):
+    """Open the server's store for a server-side command; errors become exit 2.
+    Only a command that is meant to (registering the first device) creates it."""
     from ..errors import ConfigError
     try:
         from sk_server.store import StoreError, open_store
     except ImportError as e:
         raise ConfigError(f"the sk server package is not installed: {e}") from None
     try:
-        return open_store(server_db(args))
+        return open_store(server_db(args), create=create)
     except StoreError as e:
         raise ConfigError(str(e)) from None

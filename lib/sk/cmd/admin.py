@@ -1,5 +1,7 @@
 """sk-admin: server upkeep, on the server host."""
 
+import argparse
+
 from . import _common
 
 DESCRIPTION = """\
@@ -13,20 +15,23 @@ def get_parser(prog="sk-admin"):
     _common.db_flag(p)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = sub.add_parser("backup", help="consistent copy of the live database")
-    b.add_argument("--to", required=True, metavar="FILE", help="where to write the copy")
-    sub.add_parser("stats", help="counts of teams, devices and events")
+    b.add_argument("--to", required=True, metavar="FILE", help="where to write the copy (mode 600)")
+    st = sub.add_parser("stats", help="counts of teams, devices and events")
+    for sp in (b, st):
+        _common.common(sp, suppress=True)
+        sp.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def _body(args):
-    import os
-
     from ..errors import UsageError
     store = _common.server_store(args)
     if args.action == "backup":
-        if os.path.exists(args.to):
-            raise UsageError(f"'{args.to}' exists; refusing to overwrite it")
-        store.backup(args.to)
+        from sk_server.store import StoreError
+        try:
+            store.backup(args.to)
+        except StoreError as e:
+            raise UsageError(str(e)) from None
         stats = store.stats()
         _common.say(args, f"backed up {stats['events']} events of {stats['teams']} team(s)"
                           f" to '{args.to}'")

@@ -27,18 +27,17 @@ def get_parser(prog="sk-append"):
 
 
 def _from_flags(args):
-    import json
 
     from ..errors import UsageError
-    from ..event import EventError, check_new
+    from ..event import EventError, check_new, loads
     if not args.type or not args.aggregate:
         raise UsageError("--type and --aggregate TYPE:ID go together")
     atype, sep, aid = args.aggregate.partition(":")
     if not sep:
         raise UsageError(f"--aggregate {args.aggregate!r} must look like TYPE:ID")
     try:
-        payload = json.loads(args.payload) if args.payload else {}
-    except ValueError as e:
+        payload = loads(args.payload) if args.payload else {}
+    except (ValueError, RecursionError) as e:
         raise UsageError(f"--payload is not JSON: {e}") from None
     if not isinstance(payload, dict):
         raise UsageError("--payload must be a JSON object")
@@ -47,8 +46,8 @@ def _from_flags(args):
         if not sep or not key:
             raise UsageError(f"--set {item!r} must look like KEY=VALUE")
         try:
-            payload[key] = json.loads(value)
-        except ValueError:
+            payload[key] = loads(value)
+        except (ValueError, RecursionError):
             payload[key] = value
     try:
         return [check_new({"event_type": args.type, "aggregate_type": atype, "aggregate_id": aid,

@@ -7,13 +7,16 @@ Print the local event log as NDJSON on stdout, oldest first: one object per
 event with every envelope field (event_id, event_type, aggregate_type,
 aggregate_id, lamport_clock, node_id, payload, timestamp), its local status
 (queued, sent, rejected, local_only, remote), the reason when rejected, and its
-local sequence number seq. Filters combine."""
+local sequence number seq. Filters combine. --rejected lists the events the
+server refused, set aside out of the log with the reason (sk-push-batch
+--retry-rejected queues them again). The output is NDJSON with or without
+--json."""
 
 STATUSES = ("queued", "sent", "rejected", "local_only", "remote")
 
 
 def get_parser(prog="sk-log"):
-    p = _common.parser(prog, DESCRIPTION, json_flag=False)
+    p = _common.parser(prog, DESCRIPTION)
     _common.home_flag(p)
     p.add_argument("--type", metavar="EVENT_TYPE", help="only events of this type")
     p.add_argument("--aggregate", metavar="TYPE[:ID]", help="only events of this aggregate (type)")
@@ -26,7 +29,10 @@ def get_parser(prog="sk-log"):
 
 
 def _body(args):
+    from ..errors import UsageError
     from ..store import open_store
+    if args.limit is not None and args.limit < 0:
+        raise UsageError("--limit must be >= 0")
     store = open_store(_common.config(args))
     atype = aid = None
     if args.aggregate:

@@ -33,8 +33,8 @@ def _body(args):
     from ..sync import device_lock, open_client, pull, tracked
     if not 1 <= args.page_size <= 5000:
         raise UsageError("--page-size must be from 1 to 5000")
-    if args.since is not None and args.since < 0:
-        raise UsageError("--since must be >= 0")
+    if args.since is not None and not 0 <= args.since < 2 ** 63:
+        raise UsageError("--since must be from 0 to 2^63-1")
     cfg = _common.config(args)
     store = open_store(cfg)
     client = open_client(cfg)

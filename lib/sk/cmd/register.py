@@ -28,16 +28,16 @@ def _body(args):
     from sk_server.store import StoreError
 
     from ..errors import UsageError
-    store = _common.server_store(args)
+    store = _common.server_store(args, create=args.name is not None)
     try:
-        if args.name:
+        if args.name is not None:
             print(devices.register(store, args.name, args.team))
             _common.say(args, f"registered device '{args.name}' in team '{args.team}';"
                               " the key above is shown only once")
-        elif args.rotate:
+        elif args.rotate is not None:
             print(devices.rotate(store, args.rotate))
             _common.say(args, f"rotated the key of '{args.rotate}'; the old key is refused now")
-        elif args.revoke:
+        elif args.revoke is not None:
             devices.revoke(store, args.revoke)
             _common.say(args, f"revoked device '{args.revoke}'")
         else:

@@ -51,9 +51,12 @@ def get_parser(prog="sk sync"):
     wa = sub.add_parser("watch", help="real-time sync over a WebSocket until stopped")
     _common.common(wa, suppress=True)
     for sp in (now, st, su, wa):
-        sp.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
-        sp.add_argument("--server", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
-        sp.add_argument("--key", default=argparse.SUPPRESS, metavar="KEY", help=argparse.SUPPRESS)
+        sp.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
+                        help="device directory (default: $SK_HOME, else ~/.spec-kitty)")
+        sp.add_argument("--server", default=argparse.SUPPRESS, metavar="URL",
+                        help="server URL (default: SK_SERVER)")
+        sp.add_argument("--key", default=argparse.SUPPRESS, metavar="KEY",
+                        help="API key (default: SK_API_KEY)")
     return p
 
 
