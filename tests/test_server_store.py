@@ -206,7 +206,7 @@ def test_backup_is_a_consistent_copy(tmp_path, store):
     store.push("B", "b1", [row() for _ in range(3)])
     target = tmp_path / "backup.db"
     store.backup(target)
-    copy = SQLiteStore(target)
+    copy = SQLiteStore(target, secret=store._secret)  # a backup needs the server secret
     assert copy.stats() == store.stats() == {"teams": 2, "devices": 3, "events": 10}
     for team in ("A", "B"):
         assert copy.pull(team, 0, 100) == store.pull(team, 0, 100)

@@ -96,6 +96,8 @@ def _error(r, server, endpoint):
         side = ("upgrade the sk server" if isinstance(theirs, int) and theirs < PROTOCOL_VERSION
                 else "upgrade sk on this device")
         return IntegrityError(f"{message}; {side}")
+    if r.status_code == 429:
+        return Unreachable(f"{what}{detail}")
     if r.status_code == 413:
         return ServerError(f"{what} (too large){': ' + message if message else ''}",
                            status=413, code=code)

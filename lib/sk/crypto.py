@@ -108,3 +108,33 @@ def open_sealed(key, blob, context):
 def same(a, b):
     """Constant-time comparison of two secrets."""
     return hmac.compare_digest(a, b)
+
+
+# -- key material at rest (server side) ------------------------------------------
+# A device's master is stored wrapped under the server secret, so a copied
+# database alone cannot impersonate a device:
+#   wrapped = 0x01 | nonce(12) | AES-256-GCM(secret, master, ad="sk/1 wrap|<key_id>") | tag(16)
+WRAP_VERSION = 1
+
+
+def wrap_key(secret, key_id, master):
+    from Cryptodome.Cipher import AES
+    nonce = os.urandom(12)
+    cipher = AES.new(secret, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(b"sk/1 wrap|" + key_id.encode())
+    ct, tag = cipher.encrypt_and_digest(master)
+    return bytes([WRAP_VERSION]) + nonce + ct + tag
+
+
+def unwrap_key(secret, key_id, wrapped):
+    """The master inside `wrapped`; CryptoError if the secret (or key_id) is wrong."""
+    from Cryptodome.Cipher import AES
+    wrapped = bytes(wrapped)
+    if len(wrapped) != 1 + 12 + 32 + TAG_LEN or wrapped[0] != WRAP_VERSION:
+        raise FormatError("stored key material is not wrapped key material of version 1")
+    cipher = AES.new(secret, AES.MODE_GCM, nonce=wrapped[1:13], mac_len=TAG_LEN)
+    cipher.update(b"sk/1 wrap|" + key_id.encode())
+    try:
+        return cipher.decrypt_and_verify(wrapped[13:-TAG_LEN], wrapped[-TAG_LEN:])
+    except ValueError:
+        raise CryptoError("key material does not unwrap with this server secret") from None

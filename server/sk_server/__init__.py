@@ -15,6 +15,7 @@ def create_app(config=None):
 
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=wire.MAX_BODY, JSON_SORT_KEYS=False,
+                      AUTH_FAIL_LIMIT=20,   # failed authentications per address a minute
                       DB=os.environ.get("SK_SERVER_DB") or "sk-server.db")
     app.config.update(config or {})
     store = app.config.get("STORE") or open_store(app.config["DB"])

@@ -9,14 +9,18 @@ from werkzeug.exceptions import HTTPException
 from sk import PROTOCOL_VERSION, crypto, wire
 from sk.event import EventError, check_stamped, loads
 
+from .store import StoreError
+
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
+AUTH_FAIL_WINDOW_MS = 60_000
 
 
 class Refused(Exception):
-    def __init__(self, status, code, message):
+    def __init__(self, status, code, message, retry_after=None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after = retry_after
 
 
 def _store():
@@ -32,7 +36,16 @@ def error(status, code, message):
 
 @api.errorhandler(Refused)
 def _refused(e):
-    return error(e.status, e.code, e.message)
+    resp = error(e.status, e.code, e.message)
+    if e.retry_after:
+        resp.headers["Retry-After"] = str(e.retry_after)
+    return resp
+
+
+@api.app_errorhandler(StoreError)
+def _store_error(e):
+    current_app.logger.error("store: %s", e)
+    return error(500, "server_misconfigured", f"server misconfigured: {e}")
 
 
 @api.app_errorhandler(HTTPException)
@@ -49,7 +62,23 @@ def _internal(e):
 
 
 def _authenticate(endpoint):
-    """Check protocol, key and seal; return (key record, request nonce, body object)."""
+    """Check protocol, key and seal; return (key record, request nonce, body object).
+    Failed authentications are counted per address in the store (so every server
+    process sees them); past AUTH_FAIL_LIMIT a minute the address waits."""
+    limit = current_app.config["AUTH_FAIL_LIMIT"]
+    addr = request.remote_addr or "?"
+    if limit and _store().auth_failures(addr, AUTH_FAIL_WINDOW_MS) >= limit:
+        raise Refused(429, "slow_down", f"too many failed authentications from {addr};"
+                                        " wait a minute", retry_after=60)
+    try:
+        return _check_request(endpoint)
+    except Refused as e:
+        if limit and e.code in ("unknown_key", "bad_key"):
+            _store().note_auth_failure(addr, AUTH_FAIL_WINDOW_MS)
+        raise
+
+
+def _check_request(endpoint):
     sent = request.headers.get(wire.PROTOCOL_HEADER)
     if sent is None:
         raise Refused(400, "protocol_version",

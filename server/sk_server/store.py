@@ -12,6 +12,8 @@ import threading
 import time
 from datetime import datetime, timezone
 
+from sk import crypto
+
 
 def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -59,6 +61,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def head(self, team): ...
     @abc.abstractmethod
+    def auth_failures(self, addr, window_ms):
+        """How many failed authentications came from addr in the current window."""
+    @abc.abstractmethod
+    def note_auth_failure(self, addr, window_ms):
+        """Count one failed authentication from addr; return the window's count."""
+    @abc.abstractmethod
     def add_ws_token(self, token_hash, key_id, expires_ms):
         """Remember a WebSocket token (by hash) for key_id until expires_ms."""
     @abc.abstractmethod
@@ -93,7 +101,7 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE TABLE IF NOT EXISTS keys (
     key_id      TEXT PRIMARY KEY,
     device      TEXT NOT NULL REFERENCES devices(name),
-    master      BLOB NOT NULL,       -- HKDF output, never the API key itself
+    master      BLOB NOT NULL,       -- HKDF output wrapped by the server secret
     created     TEXT NOT NULL,
     retired     TEXT,
     retired_why TEXT
@@ -121,6 +129,11 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (key_id, nonce)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
+CREATE TABLE IF NOT EXISTS auth_failures (
+    addr         TEXT PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    count        INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ws_tokens (
     token_hash TEXT PRIMARY KEY,
     key_id     TEXT NOT NULL,
@@ -141,11 +154,18 @@ class SQLiteStore(Store):
     writers take BEGIN IMMEDIATE so SQLite serialises them, which makes each
     team's sequence order its commit order."""
 
-    def __init__(self, path):
+    def __init__(self, path, secret=None):
         self.path = os.path.abspath(os.fspath(path))
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise StoreError(f"directory '{parent}' for the server database does not exist")
+        if secret is None:
+            from .secret import SecretError, load_secret
+            try:  # a new secret only with a new database: old key material needs the old one
+                secret = load_secret(self.path, create=not os.path.exists(self.path))
+            except SecretError as e:
+                raise StoreError(str(e)) from None
+        self._secret = secret
         self._local = threading.local()
         if not os.path.exists(self.path):  # key material lives here: private from the start
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -190,7 +210,7 @@ class SQLiteStore(Store):
             db.execute("INSERT INTO devices(name, team, created) VALUES (?, ?, ?)",
                        (name, team, now))
             db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
-                       (key_id, name, master, now))
+                       (key_id, name, crypto.wrap_key(self._secret, key_id, master), now))
 
     def _device(self, db, name):
         row = db.execute("SELECT revoked FROM devices WHERE name = ?", (name,)).fetchone()
@@ -207,7 +227,7 @@ class SQLiteStore(Store):
             db.execute("UPDATE keys SET retired = ?, retired_why = 'rotated' WHERE device = ?"
                        " AND retired IS NULL", (now, name))
             db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
-                       (key_id, name, master, now))
+                       (key_id, name, crypto.wrap_key(self._secret, key_id, master), now))
 
     def revoke_device(self, name):
         db = self._db()
@@ -230,7 +250,13 @@ class SQLiteStore(Store):
             "SELECT k.key_id, k.device, d.team, k.master, k.retired, k.retired_why, d.revoked"
             " FROM keys k JOIN devices d ON d.name = k.device WHERE k.key_id = ?",
             (key_id,)).fetchone()
-        return KeyRecord(*row) if row else None
+        if row is None:
+            return None
+        try:
+            master = crypto.unwrap_key(self._secret, key_id, row[3])
+        except crypto.CryptoError as e:
+            raise StoreError(f"key '{key_id}': {e} (wrong secret file for this database?)") from None
+        return KeyRecord(row[0], row[1], row[2], master, *row[4:])
 
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request's nonce; False if it was seen before (a replay)."""
@@ -308,6 +334,24 @@ class SQLiteStore(Store):
             rows = rows[:limit]
             return rows, rows[-1][0], True
         return rows, max(head, after), False
+
+    def auth_failures(self, addr, window_ms):
+        row = self._db().execute("SELECT window_start, count FROM auth_failures WHERE addr = ?",
+                                 (addr,)).fetchone()
+        now = int(time.time() * 1000)
+        return row[1] if row and row[0] > now - window_ms else 0
+
+    def note_auth_failure(self, addr, window_ms):
+        db = self._db()
+        now = int(time.time() * 1000)
+        with self._write(db):
+            db.execute("DELETE FROM auth_failures WHERE window_start < ?", (now - 10 * window_ms,))
+            db.execute("INSERT INTO auth_failures(addr, window_start, count) VALUES (?, ?, 1)"
+                       " ON CONFLICT(addr) DO UPDATE SET"
+                       " count = CASE WHEN window_start > ? THEN count + 1 ELSE 1 END,"
+                       " window_start = CASE WHEN window_start > ? THEN window_start ELSE ? END",
+                       (addr, now, now - window_ms, now - window_ms, now))
+            return db.execute("SELECT count FROM auth_failures WHERE addr = ?", (addr,)).fetchone()[0]
 
     def add_ws_token(self, token_hash, key_id, expires_ms):
         db = self._db()

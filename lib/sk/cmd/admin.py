@@ -34,7 +34,8 @@ def _body(args):
             raise UsageError(str(e)) from None
         stats = store.stats()
         _common.say(args, f"backed up {stats['events']} events of {stats['teams']} team(s)"
-                          f" to '{args.to}'")
+                          f" to '{args.to}'; keep the server secret too (see sk server):"
+                          " the devices' keys in the copy need it")
         if args.json:
             _common.emit({"backup": args.to, **stats})
         return 0

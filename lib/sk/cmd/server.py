@@ -7,7 +7,15 @@ Run the sk server: the Flask application under gunicorn with the gthread
 worker (a production WSGI server, not the Flask development server). The
 database is --db, else $SK_SERVER_DB, else $SK_HOME/server.db (SQLite, created
 if missing). Register devices with sk-register against the same database.
-Stop it with SIGTERM or Ctrl-C. `python -m sk_server` does the same."""
+Stop it with SIGTERM or Ctrl-C. `python -m sk_server` does the same.
+
+Each device's key material in the database is wrapped with the server secret,
+which is kept out of the database: SK_SERVER_SECRET (32 bytes, base64url), else
+the file SK_SERVER_SECRET_FILE, else the file beside the database (server.db ->
+server.secret, created with mode 600 together with a new database). Back it up
+with the database, apart from it; several servers on one database share it.
+Repeated failed authentication from one address (20 a minute) is answered with
+429 until the minute is over."""
 
 
 def get_parser(prog="sk server"):

@@ -1,0 +1,138 @@
+"""Key material at rest is wrapped by a server secret kept outside the database;
+failed authentication from one address is slowed down, across server processes."""
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from sk import crypto, wire
+from sk.client import Client
+from sk.errors import AuthError, Unreachable
+from sk_server import create_app, devices
+from sk_server.secret import SecretError, load_secret
+from sk_server.store import SQLiteStore, StoreError, open_store
+
+from conftest import ServerProcess, sk
+
+
+def test_secret_is_created_beside_a_new_database_with_mode_600(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    path = tmp_path / "s.secret"
+    assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_secret(tmp_path / "s.db", create=False) == store._secret
+    assert len(store._secret) == 32
+
+
+def test_key_material_is_wrapped_not_the_plain_master(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    key = devices.register(store, "a")
+    key_id, _ = crypto.parse_api_key(key)
+    stored = sqlite3.connect(tmp_path / "s.db").execute(
+        "SELECT master FROM keys WHERE key_id = ?", (key_id,)).fetchone()[0]
+    master = crypto.derive_master(key)
+    assert master not in stored and len(stored) == 1 + 12 + 32 + 16
+    assert store.get_key(key_id).master == master
+
+
+def test_a_copied_database_alone_cannot_impersonate(tmp_path):
+    """The thief has server.db but not server.secret: no device's key unwraps."""
+    store = SQLiteStore(tmp_path / "s.db")
+    key = devices.register(store, "a")
+    key_id, _ = crypto.parse_api_key(key)
+    (tmp_path / "stolen").mkdir()
+    store.backup(tmp_path / "stolen" / "s.db")   # a complete copy of the database file
+    with pytest.raises(StoreError, match="no server secret"):
+        SQLiteStore(tmp_path / "stolen" / "s.db")
+    # with a secret of their own making, nothing unwraps either
+    fake = tmp_path / "stolen" / "s.secret"
+    fd = os.open(fake, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"A" * 43)
+    os.close(fd)
+    thief = SQLiteStore(tmp_path / "stolen" / "s.db")
+    with pytest.raises(StoreError, match="does not unwrap"):
+        thief.get_key(key_id)
+
+
+def test_unwrap_is_bound_to_key_id_and_detects_tampering():
+    secret, master = os.urandom(32), os.urandom(32)
+    wrapped = crypto.wrap_key(secret, "00112233aabbccdd", master)
+    assert crypto.unwrap_key(secret, "00112233aabbccdd", wrapped) == master
+    with pytest.raises(crypto.CryptoError):
+        crypto.unwrap_key(secret, "ffffffffffffffff", wrapped)
+    with pytest.raises(crypto.CryptoError):
+        crypto.unwrap_key(os.urandom(32), "00112233aabbccdd", wrapped)
+    for i in range(len(wrapped)):
+        bad = bytearray(wrapped)
+        bad[i] ^= 0x01
+        with pytest.raises(crypto.CryptoError):
+            crypto.unwrap_key(secret, "00112233aabbccdd", bytes(bad))
+
+
+def test_secret_from_environment_and_file_override(tmp_path, monkeypatch):
+    value = "B" * 43
+    monkeypatch.setenv("SK_SERVER_SECRET", value)
+    store = SQLiteStore(tmp_path / "env.db")
+    assert store._secret == crypto.base64.urlsafe_b64decode(value + "=")
+    assert not (tmp_path / "env.secret").exists()
+    monkeypatch.setenv("SK_SERVER_SECRET", "short")
+    with pytest.raises(SecretError, match="32 bytes"):
+        load_secret(tmp_path / "env.db")
+    monkeypatch.delenv("SK_SERVER_SECRET")
+    shared = tmp_path / "shared.secret"
+    monkeypatch.setenv("SK_SERVER_SECRET_FILE", str(shared))
+    one = SQLiteStore(tmp_path / "one.db")
+    assert shared.exists() and load_secret(tmp_path / "other.db") == one._secret
+
+
+def test_group_readable_secret_is_refused(tmp_path):
+    SQLiteStore(tmp_path / "s.db")
+    os.chmod(tmp_path / "s.secret", 0o644)
+    with pytest.raises(StoreError, match="readable by others"):
+        open_store(tmp_path / "s.db")
+
+
+def test_failed_authentication_is_slowed_down_per_address(tmp_path):
+    app = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
+    store = app.extensions["sk_store"]
+    good = devices.register(store, "good")
+    client = app.test_client()
+    key_id, _ = crypto.parse_api_key(good)
+    wrong = crypto.derive_master(crypto.new_api_key()[1])
+
+    def attempt(master, addr="10.0.0.1"):
+        blob, _ = wire.seal_request(master, key_id, "hello", {})
+        return client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": addr},
+                           headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+
+    codes = [attempt(wrong).status_code for _ in range(7)]
+    assert codes == [401] * 5 + [429] * 2
+    r = attempt(crypto.derive_master(good))           # even the right key waits now
+    assert r.status_code == 429 and r.headers["Retry-After"] == "60"
+    assert r.get_json()["error"]["code"] == "slow_down"
+    assert attempt(crypto.derive_master(good), "10.0.0.2").status_code == 200  # others not
+    # the count lives in the store: a second app on the same database sees it
+    other = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
+    blob, _ = wire.seal_request(crypto.derive_master(good), key_id, "hello", {})
+    r = other.test_client().post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
+                                 headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+    assert r.status_code == 429
+
+
+def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path):
+    srv = ServerProcess(tmp_path / "server.db").start()
+    try:
+        good = srv.register("a")
+        key_id, _ = crypto.parse_api_key(good)
+        forged = f"sk1.{key_id}." + "A" * 43
+        for _ in range(20):
+            with pytest.raises(AuthError):
+                Client(srv.url, forged).hello()
+        with pytest.raises(Unreachable, match="429"):
+            Client(srv.url, good).hello()
+        assert stat.S_IMODE((tmp_path / "server.secret").stat().st_mode) == 0o600
+        p = sk("sk-admin", "--db", tmp_path / "server.db", "stats", check=0)
+        assert "devices: 1" in p.stdout
+    finally:
+        srv.stop()
