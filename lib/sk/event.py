@@ -34,7 +34,13 @@ def _no_constants(name):
 # dumps is compact JSON, the one encoding used for payloads and on the wire;
 # loads is strict JSON, refusing NaN and Infinity.
 dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-loads = json.JSONDecoder(parse_constant=_no_constants).decode
+_decode = json.JSONDecoder(parse_constant=_no_constants).decode
+
+
+def loads(text):
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")   # UnicodeDecodeError is a ValueError
+    return _decode(text)
 
 
 def _utf8(name, value):
