@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
 
 
 def free_port():
@@ -43,15 +45,20 @@ def run_rss(argv, env, stdin=None):
 
 
 def make_events(path, n, payload_bytes, aggregates):
+    """Write n NDJSON events to path; return them as floor.run wants them."""
     filler = "x" * max(0, payload_bytes - 220)
+    rows = []
     with open(path, "w") as f:
         for i in range(n):
-            agg = f"F-{i % aggregates}"
-            f.write(json.dumps({
-                "event_type": "feature_updated", "aggregate_type": "feature",
-                "aggregate_id": agg, "event_id": str(uuid.uuid4()),
-                "payload": {"title": f"feature {i}", "status": random.choice(["draft", "ready"]),
-                            "n": i, "notes": filler}}) + "\n")
+            ev = {"event_type": "feature_updated", "aggregate_type": "feature",
+                  "aggregate_id": f"F-{i % aggregates}", "event_id": str(uuid.uuid4()),
+                  "payload": {"title": f"feature {i}", "status": random.choice(["draft", "ready"]),
+                              "n": i, "notes": filler}}
+            f.write(json.dumps(ev) + "\n")
+            rows.append((ev["event_id"], ev["event_type"], ev["aggregate_type"],
+                         ev["aggregate_id"], i + 1, "node-a", json.dumps(ev["payload"]),
+                         "2026-11-22T00:00:00Z"))
+    return rows
 
 
 def main():
@@ -83,8 +90,10 @@ def main():
             run_rss([str(BIN / "sk"), "sync", "setup", "--server", url, "--key", key, "-q"], homes[name])
             run_rss([str(BIN / "sk"), "sync", "-q"], homes[name])  # devices start in sync
         data = work / "events.ndjson"
-        make_events(data, args.n, args.payload, args.aggregates)
+        floor_rows = make_events(data, args.n, args.payload, args.aggregates)
         size = data.stat().st_size / args.n
+        floor_push, floor_pull = floor.run(str(work), floor_rows)
+        del floor_rows
         rows = []
         with open(data, "rb") as f:
             t, rss, _ = run_rss([str(BIN / "sk-append"), "-q"], homes["a"], stdin=f)
@@ -104,10 +113,14 @@ def main():
         server.wait(30)
     print(f"\nsk bench: N = {args.n:,} events of ~{size:.0f} bytes (NDJSON), "
           f"{args.aggregates:,} aggregates, server on 127.0.0.1 (SQLite)\n")
-    print(f"| {'step':<26} | {'seconds':>8} | {'events/s':>10} | {'peak RSS MiB':>12} |")
-    print(f"|{'-' * 28}|{'-' * 10}:|{'-' * 11}:|{'-' * 13}:|")
+    floors = {"sk sync push (A)": floor_push, "sk sync pull+resolve (B)": floor_pull}
+    print(f"| {'step':<26} | {'seconds':>8} | {'events/s':>10} | {'x floor':>7} | {'peak RSS MiB':>12} |")
+    print(f"|{'-' * 28}|{'-' * 9}:|{'-' * 11}:|{'-' * 8}:|{'-' * 13}:|")
+    print(f"| {'floor: push':<26} | {floor_push:8.2f} | {args.n / floor_push:10,.0f} | {1:7.2f} | {'':>12} |")
+    print(f"| {'floor: pull+resolve':<26} | {floor_pull:8.2f} | {args.n / floor_pull:10,.0f} | {1:7.2f} | {'':>12} |")
     for name, t, rss in rows:
-        print(f"| {name:<26} | {t:8.2f} | {args.n / t:10,.0f} | {rss:12.1f} |")
+        ratio = f"{floors[name] / t:7.2f}" if name in floors else f"{'':>7}"
+        print(f"| {name:<26} | {t:8.2f} | {args.n / t:10,.0f} | {ratio} | {rss:12.1f} |")
     print(f"\nB resolved {got:,} aggregates; A and B states identical: {same}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if same and got == min(args.n, args.aggregates) else 1

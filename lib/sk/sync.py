@@ -64,6 +64,19 @@ def _to_wire(row):
     return ev
 
 
+def encode_events(rows):
+    """A push body as JSON text, built around each event's stored payload text
+    (validated when it was appended) instead of parsing and re-encoding it."""
+    from .event import dumps
+    parts = []
+    for _, r in rows:
+        parts.append(f'{{"event_id":{dumps(r[0])},"event_type":{dumps(r[1])},'
+                     f'"aggregate_type":{dumps(r[2])},"aggregate_id":{dumps(r[3])},'
+                     f'"lamport_clock":{int(r[4])},"node_id":{dumps(r[5])},'
+                     f'"payload":{r[6]},"timestamp":{dumps(r[7])}}}')
+    return '{"events":[' + ",".join(parts) + "]}"
+
+
 def _batches(rows, max_bytes=MAX_BATCH_BYTES):
     """Split queued rows so no batch's payload text exceeds max_bytes."""
     batch, size = [], 0
@@ -78,10 +91,14 @@ def _batches(rows, max_bytes=MAX_BATCH_BYTES):
         yield batch
 
 
-def _send(store, client, batch, counts, on_event):
-    """Push one batch; on HTTP 413 split it, and set a lone event aside."""
+def _send(store, client, batch, counts, on_event, answer=None):
+    """Push one batch (or settle the `answer` already fetched for it); on HTTP 413
+    split it, and set a lone event aside."""
     try:
-        answer = client.push([_to_wire(row) for _, row in batch])
+        if answer is None:
+            answer = client.call("push", encode_events(batch))
+        elif isinstance(answer, BaseException):
+            raise answer
     except ServerError as e:
         if e.status != 413:
             raise
@@ -116,24 +133,61 @@ def _send(store, client, batch, counts, on_event):
 
 
 def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, progress=None):
-    """Push one batch (or, with all_batches, every batch) of queued events."""
+    """Push one batch (or, with all_batches, every batch) of queued events.
+
+    With all_batches the next batch is read from the queue and encoded while the
+    server stores the previous one (never more than one request in flight), so
+    client and server work side by side; each answer is applied in its own
+    transaction, in order."""
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "batches": 0}
     max_n = max(1, min(int(max_n), wire.MAX_BATCH))
-    while True:
-        rows = store.queued(max_n)
-        if not rows:
-            break
-        before = sum(counts[k] for k in ("accepted", "duplicate", "rejected"))
-        for batch in _batches(rows):
+    moved = lambda: counts["accepted"] + counts["duplicate"] + counts["rejected"]  # noqa: E731
+    if not all_batches:
+        for batch in _batches(store.queued(max_n)):
             _send(store, client, batch, counts, on_event)
             counts["batches"] += 1
-        moved = sum(counts[k] for k in ("accepted", "duplicate", "rejected")) - before
         if progress:
-            progress(moved)
-        if not all_batches or moved == 0:
-            break
+            progress(moved())
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        inflight, after = None, 0
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                while True:
+                    rows = store.queued(max_n, after)
+                    if not rows:
+                        break
+                    for batch in _batches(rows):
+                        after = batch[-1][0]
+                        body = encode_events(batch)
+                        if inflight:  # settled before the next goes: one request at a time
+                            _settle(store, client, inflight, counts, on_event, progress, moved)
+                            inflight = None
+                        inflight = (pool.submit(_call_push, client, body), batch)
+                        counts["batches"] += 1
+                if inflight:
+                    _settle(store, client, inflight, counts, on_event, progress, moved)
+                    inflight = None
+            finally:
+                if inflight:
+                    inflight[0].cancel()
     counts["queued"] = store.counts()["queued"]
     return counts
+
+
+def _call_push(client, body):
+    try:
+        return client.call("push", body)
+    except ServerError as e:
+        return e  # a 413 is settled (split) in order, by the main thread
+
+
+def _settle(store, client, inflight, counts, on_event, progress, moved):
+    future, batch = inflight
+    before = moved()
+    _send(store, client, batch, counts, on_event, answer=future.result())
+    if progress:
+        progress(moved() - before)
 
 
 # -- pull ---------------------------------------------------------------------

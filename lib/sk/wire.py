@@ -36,8 +36,10 @@ class WireError(ValueError):
 
 
 def compress(obj):
+    """gzip of the JSON of obj; a str is taken as JSON text encoded already."""
     c = zlib.compressobj(5, zlib.DEFLATED, 31)
-    return c.compress(dumps(obj).encode("utf-8")) + c.flush()
+    text = obj if isinstance(obj, str) else dumps(obj)
+    return c.compress(text.encode("utf-8")) + c.flush()
 
 
 def decompress(data, limit=MAX_PLAIN):

@@ -61,7 +61,7 @@ def _internal(e):
     return error(500, "internal", "internal server error; see the server log")
 
 
-def _authenticate(endpoint):
+def _authenticate(endpoint, admit=True):
     """Check protocol, key and seal; return (key record, request nonce, body object).
     Failed authentications are counted per address in the store (so every server
     process sees them); past AUTH_FAIL_LIMIT a minute the address waits."""
@@ -71,14 +71,14 @@ def _authenticate(endpoint):
         raise Refused(429, "slow_down", f"too many failed authentications from {addr};"
                                         " wait a minute", retry_after=60)
     try:
-        return _check_request(endpoint)
+        return _check_request(endpoint, admit)
     except Refused as e:
         if limit and e.code in ("unknown_key", "bad_key"):
             _store().note_auth_failure(addr, AUTH_FAIL_WINDOW_MS)
         raise
 
 
-def _check_request(endpoint):
+def _check_request(endpoint, admit):
     sent = request.headers.get(wire.PROTOCOL_HEADER)
     if sent is None:
         raise Refused(400, "protocol_version",
@@ -120,9 +120,16 @@ def _check_request(endpoint):
         body = wire.decompress(plain)
     except wire.WireError as e:
         raise Refused(e.status, e.code, str(e)) from None
-    if not store.admit(key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS):
-        raise Refused(400, "replay", "request nonce was seen before: replayed request refused")
+    ticket = (key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS)
+    if not admit:
+        return key, nonce, body, ticket   # the caller admits it in its own transaction
+    if not store.admit(*ticket):
+        raise _replay()
     return key, nonce, body
+
+
+def _replay():
+    return Refused(400, "replay", "request nonce was seen before: replayed request refused")
 
 
 def _sealed(key, endpoint, nonce, obj):
@@ -140,19 +147,21 @@ def hello():
 
 @api.post("/api/push")
 def push():
-    key, nonce, body = _authenticate("push")
+    key, nonce, body, ticket = _authenticate("push", admit=False)
     events = body.get("events")
-    if not isinstance(events, list):
-        raise Refused(400, "malformed", "push body must have an 'events' list")
-    if len(events) > wire.MAX_BATCH:
+    if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
+        if not _store().admit(*ticket):   # refused for its content, but seen all the same
+            raise _replay()
+        if not isinstance(events, list):
+            raise Refused(400, "malformed", "push body must have an 'events' list")
         raise Refused(413, "too_large", f"{len(events)} events in one push; the limit is"
                                         f" {wire.MAX_BATCH}")
-    return _sealed(key, "push", nonce, {"results": push_events(key, events)})
+    return _sealed(key, "push", nonce, {"results": push_events(key, events, ticket)})
 
 
-def push_events(key, events):
+def push_events(key, events, ticket=None):
     """Validate and store a batch for device `key`: per-event results, in order.
-    The REST push and the WebSocket push both come here."""
+    The REST push (with its request's ticket) and the WebSocket push come here."""
     results, rows, where = [None] * len(events), [], []
     for i, ev in enumerate(events):
         eid = ev.get("event_id") if isinstance(ev, dict) else None
@@ -163,7 +172,10 @@ def push_events(key, events):
             where.append(i)
         except EventError as e:
             results[i] = {"event_id": eid, "status": "rejected", "reason": str(e)}
-    for i, (status, reason) in zip(where, _store().push(key.team, key.device, rows)):
+    stored = _store().push(key.team, key.device, rows, ticket)
+    if stored is None:
+        raise _replay()
+    for i, (status, reason) in zip(where, stored):
         results[i] = {"event_id": events[i]["event_id"], "status": status}
         if reason:
             results[i]["reason"] = reason

@@ -52,8 +52,10 @@ class Store(abc.ABC):
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request nonce; False if already seen (a replay)."""
     @abc.abstractmethod
-    def push(self, team, device, rows):
-        """Store rows; [(status, reason)] per row; durable before it returns."""
+    def push(self, team, device, rows, ticket=None):
+        """Store rows; [(status, reason)] per row; durable before it returns.
+        ticket=(key_id, device, nonce, expires_ms) admits the request in the same
+        transaction; None (and nothing stored) if that nonce was seen before."""
     @abc.abstractmethod
     def pull(self, team, after, limit, skip=None):
         """(rows, next cursor, more) from one consistent snapshot; skip=(node_id,
@@ -261,23 +263,29 @@ class SQLiteStore(Store):
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request's nonce; False if it was seen before (a replay)."""
         db = self._db()
-        now_ms = int(time.time() * 1000)
         with self._write(db):
-            db.execute("DELETE FROM nonces WHERE expires < ?", (now_ms,))
-            cur = db.execute("INSERT OR IGNORE INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)",
-                             (key_id, nonce, expires_ms))
-            if cur.rowcount != 1:
-                return False
-            db.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (utc_now(), device))
+            return self._admit(db, key_id, device, nonce, expires_ms)
+
+    def _admit(self, db, key_id, device, nonce, expires_ms):
+        db.execute("DELETE FROM nonces WHERE expires < ?", (int(time.time() * 1000),))
+        cur = db.execute("INSERT OR IGNORE INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)",
+                         (key_id, nonce, expires_ms))
+        if cur.rowcount != 1:
+            return False
+        db.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (utc_now(), device))
         return True
 
-    def push(self, team, device, rows):
+    def push(self, team, device, rows, ticket=None):
         """Store validated rows (tuples in EVENT_COLUMNS order). Returns a list of
-        (status, reason) in the same order; commits before returning."""
+        (status, reason) in the same order; commits before returning. With a
+        ticket the request's nonce is admitted in the same transaction (one
+        commit, one fsync); None if it is a replay."""
         db = self._db()
         now = utc_now()
         results = [None] * len(rows)
         with self._write(db):
+            if ticket is not None and not self._admit(db, *ticket):
+                return None
             head, lamport = db.execute("SELECT head, lamport FROM teams WHERE team = ?",
                                        (team,)).fetchone()
             existing = {}
