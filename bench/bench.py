@@ -11,6 +11,8 @@ import os
 import random
 import shutil
 import socket
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,8 +21,17 @@ import uuid
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import floor  # noqa: E402
+
+
+def rss_mib(pid):
+    """Resident memory of a process and its children (the gunicorn workers)."""
+    total = 0
+    pids = [pid] + [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    for p in pids:
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def free_port():
@@ -44,21 +55,64 @@ def run_rss(argv, env, stdin=None):
         return secs, usage.ru_maxrss / 1024, out.read()
 
 
-def make_events(path, n, payload_bytes, aggregates):
-    """Write n NDJSON events to path; return them as floor.run wants them."""
+def make_events(path, n, payload_bytes, aggregates, node=""):
+    """Write n NDJSON events of about payload_bytes each to path."""
     filler = "x" * max(0, payload_bytes - 220)
-    rows = []
     with open(path, "w") as f:
         for i in range(n):
             ev = {"event_type": "feature_updated", "aggregate_type": "feature",
                   "aggregate_id": f"F-{i % aggregates}", "event_id": str(uuid.uuid4()),
-                  "payload": {"title": f"feature {i}", "status": random.choice(["draft", "ready"]),
-                              "n": i, "notes": filler}}
+                  "payload": {"title": f"feature {node}{i}",
+                              "status": random.choice(["draft", "ready"]), "n": i,
+                              "notes": filler}}
             f.write(json.dumps(ev) + "\n")
-            rows.append((ev["event_id"], ev["event_type"], ev["aggregate_type"],
-                         ev["aggregate_id"], i + 1, "node-a", json.dumps(ev["payload"]),
-                         "2026-11-22T00:00:00Z"))
-    return rows
+
+
+def median_ms(argv, env, runs=15):
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def load_test(server_env, url, work, devices, events):
+    """`devices` devices, each with `events` events, run `sk sync` all at once, then
+    each syncs again until it holds the whole team's log. Returns a summary."""
+    homes = []
+    for i in range(devices):
+        key = subprocess.run([str(BIN / "sk-register"), "--name", f"load{i}", "--team", "load",
+                              "-q"], env=server_env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        env = dict(server_env, SK_HOME=str(work / f"load{i}"))
+        subprocess.run([str(BIN / "sk"), "sync", "setup", "-q", "--server", url, "--key", key],
+                       env=env, check=True)
+        data = work / f"load{i}.ndjson"
+        make_events(data, events, 300, 1000, node=f"d{i}-")
+        with open(data, "rb") as f:
+            subprocess.run([str(BIN / "sk-append"), "-q"], env=env, stdin=f, check=True)
+        subprocess.run([str(BIN / "sk-stamp"), "-q"], env=env, check=True)
+        homes.append(env)
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([str(BIN / "sk"), "sync", "-q"], env=env,
+                              stderr=subprocess.PIPE) for env in homes]
+    errors = [p.stderr.read().decode() for p in procs if p.wait() != 0]
+    for env in homes:  # those that pulled before the last pushes finished catch up
+        subprocess.run([str(BIN / "sk"), "sync", "-q"], env=env, check=True)
+    secs = time.perf_counter() - t0
+    total = devices * events
+    complete = 0
+    for env in homes:
+        db = sqlite3.connect(Path(env["SK_HOME"]) / "sk.db")
+        n, distinct = db.execute("SELECT count(*), count(DISTINCT event_id) FROM events").fetchone()
+        complete += (n == distinct == total)
+        db.close()
+    server = sqlite3.connect(server_env["SK_SERVER_DB"])
+    stored, distinct = server.execute("SELECT count(*), count(DISTINCT event_id) FROM events"
+                                      " WHERE team = 'load'").fetchone()
+    return {"secs": secs, "pushed": total, "moved": total * devices, "errors": errors,
+            "complete": complete, "stored": stored, "distinct": distinct}
 
 
 def main():
@@ -66,6 +120,8 @@ def main():
     p.add_argument("--n", type=int, default=100_000, help="events to move (default 100000)")
     p.add_argument("--payload", type=int, default=300, help="approximate bytes per event")
     p.add_argument("--aggregates", type=int, default=5000, help="distinct aggregates")
+    p.add_argument("--load-devices", type=int, default=20, help="devices in the load test (0: skip)")
+    p.add_argument("--load-events", type=int, default=2000, help="events per device in the load test")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sk-bench-"))
     port = free_port()
@@ -82,6 +138,7 @@ def main():
             except OSError:
                 time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
+        env["SK_SERVER_DB"] = str(work / "server.db")
         homes = {}
         for name in ("a", "b"):
             key = subprocess.run([str(BIN / "sk-register"), "--name", name, "-q"], env=env,
@@ -90,16 +147,19 @@ def main():
             run_rss([str(BIN / "sk"), "sync", "setup", "--server", url, "--key", key, "-q"], homes[name])
             run_rss([str(BIN / "sk"), "sync", "-q"], homes[name])  # devices start in sync
         data = work / "events.ndjson"
-        floor_rows = make_events(data, args.n, args.payload, args.aggregates)
+        make_events(data, args.n, args.payload, args.aggregates)
         size = data.stat().st_size / args.n
-        floor_push, floor_pull = floor.run(str(work), floor_rows)
-        del floor_rows
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("floor.py")),
+                              str(work), str(data)], capture_output=True, text=True, check=True)
+        floor_push, floor_pull = json.loads(out.stdout).values()
         rows = []
         with open(data, "rb") as f:
             t, rss, _ = run_rss([str(BIN / "sk-append"), "-q"], homes["a"], stdin=f)
         rows.append(("sk-append (A)", t, rss))
         t, rss, _ = run_rss([str(BIN / "sk-stamp"), "-q"], homes["a"])
         rows.append(("sk-stamp (A)", t, rss))
+        t, rss, _ = run_rss([str(BIN / "sk-resolve"), "-q"], homes["a"])
+        rows.append(("sk-resolve (A, own events)", t, rss))
         t, rss, _ = run_rss([str(BIN / "sk"), "sync", "-q"], homes["a"])
         rows.append(("sk sync push (A)", t, rss))
         t, rss, _ = run_rss([str(BIN / "sk"), "sync", "-q"], homes["b"])
@@ -108,6 +168,11 @@ def main():
         got = len(json.loads(out))
         _, _, out_a = run_rss([str(BIN / "sk-state"), "feature"], homes["a"])
         same = out == out_a
+        start = {"no-op sk-stamp": median_ms([str(BIN / "sk-stamp"), "-q"], homes["a"]),
+                 "sk sync status": median_ms([str(BIN / "sk"), "sync", "status"], homes["a"])}
+        load = load_test(env, url, work, args.load_devices, args.load_events) \
+            if args.load_devices else None
+        server_rss = rss_mib(server.pid)
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
@@ -122,8 +187,21 @@ def main():
         ratio = f"{floors[name] / t:7.2f}" if name in floors else f"{'':>7}"
         print(f"| {name:<26} | {t:8.2f} | {args.n / t:10,.0f} | {ratio} | {rss:12.1f} |")
     print(f"\nB resolved {got:,} aggregates; A and B states identical: {same}")
+    print("\nstart-up, median of 15 runs: " + ", ".join(f"{k} {v:.0f} ms" for k, v in start.items()))
+    ok = same and got == min(args.n, args.aggregates)
+    if load:
+        print(f"\nload: {args.load_devices} devices x {args.load_events:,} events, `sk sync` all at"
+              f" once then once more each: {load['secs']:.1f} s; pushed {load['pushed']:,}"
+              f" ({load['pushed'] / load['secs']:,.0f}/s), delivered {load['moved']:,}"
+              f" ({load['moved'] / load['secs']:,.0f}/s) into the devices' logs;"
+              f" server RSS {server_rss:.0f} MiB")
+        print(f"      errors: {len(load['errors'])}; server holds {load['stored']:,} events,"
+              f" {load['distinct']:,} distinct; devices with the whole log exactly once:"
+              f" {load['complete']}/{args.load_devices}")
+        ok = ok and not load["errors"] and load["complete"] == args.load_devices \
+            and load["stored"] == load["distinct"] == load["pushed"]
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if same and got == min(args.n, args.aggregates) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -111,3 +111,17 @@ def run(workdir, events):
     for db in (a, s, b):
         db.close()
     return push, pull
+
+
+if __name__ == "__main__":
+    import sys
+    workdir, ndjson = sys.argv[1], sys.argv[2]
+    events = []
+    with open(ndjson) as f:
+        for i, line in enumerate(f):
+            ev = json.loads(line)
+            events.append((ev["event_id"], ev["event_type"], ev["aggregate_type"],
+                           ev["aggregate_id"], i + 1, "node-a", json.dumps(ev["payload"]),
+                           "2026-11-22T00:00:00Z"))
+    push, pull = run(workdir, events)
+    print(json.dumps({"push": push, "pull": pull}))
