@@ -192,14 +192,36 @@ def session(ws):
     except Closed as e:
         if ws.connected:
             ws.close(e.code, e.message)
+        _hang_up(ws)
     except OSError:
         pass  # the client went away or stopped reading
+
+
+def _hang_up(ws):
+    """After our close frame, end the TCP connection too, so neither the reader
+    thread nor gunicorn waits on a client that keeps it open."""
+    sock = getattr(ws, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _DaemonThread(threading.Thread):
+    """simple-websocket's reader thread; a daemon, so a stopping server never
+    waits for it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.daemon = True
 
 
 def init_app(app):
     from flask_sock import Sock
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": PING_INTERVAL,
-                                                  "max_message_size": wire.MAX_BODY})
+                                                  "max_message_size": wire.MAX_BODY,
+                                                  "thread_class": _DaemonThread})
     hub = Hub()
     app.extensions["sk_hub"] = hub
     app.extensions["sk_notify"] = hub.notify
