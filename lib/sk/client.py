@@ -15,6 +15,15 @@ class Client:
         self.timeout = timeout
         self._session = None
 
+    def twin(self):
+        """Another client for the same server and key, with its own connection, for
+        a second thread (a requests session is not shared between threads)."""
+        other = Client.__new__(Client)
+        other.key_id, other.master, other.server, other.timeout = (
+            self.key_id, self.master, self.server, self.timeout)
+        other._session = None
+        return other
+
     @property
     def session(self):
         if self._session is None:

@@ -286,6 +286,7 @@ class LocalStore:
         `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected.
         """
         sent = [(eid,) for eid, st, _ in results if st in ("accepted", "duplicate")]
+        sent.sort()  # walk the event_id index in order
         with self.write() as db:
             db.executemany("UPDATE events SET status = 'sent' WHERE event_id = ?"
                            " AND status = 'queued'", sent)

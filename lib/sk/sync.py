@@ -136,9 +136,9 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
     """Push one batch (or, with all_batches, every batch) of queued events.
 
     With all_batches the next batch is read from the queue and encoded while the
-    server stores the previous one (never more than one request in flight), so
-    client and server work side by side; each answer is applied in its own
-    transaction, in order."""
+    server stores the previous one, and sent (on a connection of its own) while
+    the previous answer is applied, so client and server work side by side; each
+    answer is applied in its own transaction, in order."""
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "batches": 0}
     max_n = max(1, min(int(max_n), wire.MAX_BATCH))
     moved = lambda: counts["accepted"] + counts["duplicate"] + counts["rejected"]  # noqa: E731
@@ -151,6 +151,7 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
     else:
         from concurrent.futures import ThreadPoolExecutor
         inflight, after = None, 0
+        sender = client.twin()
         with ThreadPoolExecutor(1) as pool:
             try:
                 while True:
@@ -160,17 +161,21 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
                     for batch in _batches(rows):
                         after = batch[-1][0]
                         body = encode_events(batch)
-                        if inflight:  # settled before the next goes: one request at a time
-                            _settle(store, client, inflight, counts, on_event, progress, moved)
-                            inflight = None
-                        inflight = (pool.submit(_call_push, client, body), batch)
+                        done = inflight[0].result() if inflight else None  # wait for n-1
+                        future = pool.submit(_call_push, sender, body)      # send n
+                        if inflight:                                        # settle n-1
+                            _settle(store, client, inflight, counts, on_event, progress,
+                                    moved, done)
+                        inflight = (future, batch)
                         counts["batches"] += 1
                 if inflight:
-                    _settle(store, client, inflight, counts, on_event, progress, moved)
+                    _settle(store, client, inflight, counts, on_event, progress, moved,
+                            inflight[0].result())
                     inflight = None
             finally:
                 if inflight:
                     inflight[0].cancel()
+                sender.close()
     counts["queued"] = store.counts()["queued"]
     return counts
 
@@ -182,10 +187,12 @@ def _call_push(client, body):
         return e  # a 413 is settled (split) in order, by the main thread
 
 
-def _settle(store, client, inflight, counts, on_event, progress, moved):
-    future, batch = inflight
+def _settle(store, client, inflight, counts, on_event, progress, moved, answer):
+    """Apply the answer to an earlier batch (a 413 is split and resent here, on
+    the main thread's own connection)."""
+    _, batch = inflight
     before = moved()
-    _send(store, client, batch, counts, on_event, answer=future.result())
+    _send(store, client, batch, counts, on_event, answer=answer)
     if progress:
         progress(moved() - before)
 
