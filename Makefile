@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all venv demo test bench man check-man clean
+.PHONY: all venv bytecode demo test bench man clean
 
 all: venv
 
@@ -14,6 +14,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+	$(MAKE) -s bytecode
+
+# commands start faster from compiled modules (also when PYTHONDONTWRITEBYTECODE is set)
+bytecode:
+	$(PY) -m compileall -q lib server
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/demo.sh
@@ -21,7 +26,7 @@ demo: venv
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
-bench: venv
+bench: venv bytecode
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_watch.py $(BENCH_WATCH_ARGS)
 
