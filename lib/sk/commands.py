@@ -4,7 +4,7 @@ the README check and setup.cfg's console scripts all follow it."""
 # (name, class, module under sk.cmd, summary); porcelain runs inside `sk`,
 # plumbing is its own executable sk-<name> as well.
 COMMANDS = (
-    ("sync", "porcelain", "sync", "stamp, push, pull and resolve; status; setup"),
+    ("sync", "porcelain", "sync", "stamp, push, pull and resolve; status; setup; watch"),
     ("server", "porcelain", "server", "run the sk server under a production WSGI server"),
     ("append", "plumbing", "append", "append events (NDJSON or flags) to the local log, unstamped"),
     ("stamp", "plumbing", "stamp", "give unstamped events their id, node, Lamport clock and time"),
