@@ -61,7 +61,7 @@ def make_events(path, n, payload_bytes, aggregates, node=""):
     with open(path, "w") as f:
         for i in range(n):
             ev = {"event_type": "feature_updated", "aggregate_type": "feature",
-                  "aggregate_id": f"F-{i % aggregates}", "event_id": str(uuid.uuid4()),
+                  "aggregate_id": f"F-{i % aggregates}",   # sk-stamp gives the event_id
                   "payload": {"title": f"feature {node}{i}",
                               "status": random.choice(["draft", "ready"]), "n": i,
                               "notes": filler}}

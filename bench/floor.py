@@ -115,12 +115,15 @@ def run(workdir, events):
 
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+    from sk.event import new_event_id   # the ids sk-stamp gives
     workdir, ndjson = sys.argv[1], sys.argv[2]
     events = []
     with open(ndjson) as f:
         for i, line in enumerate(f):
             ev = json.loads(line)
-            events.append((ev["event_id"], ev["event_type"], ev["aggregate_type"],
+            events.append((ev.get("event_id") or new_event_id(), ev["event_type"], ev["aggregate_type"],
                            ev["aggregate_id"], i + 1, "node-a", json.dumps(ev["payload"]),
                            "2026-11-22T00:00:00Z"))
     push, pull = run(workdir, events)

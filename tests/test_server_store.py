@@ -250,3 +250,14 @@ def test_lamport_jump_past_the_limit_is_rejected(store):
     # the allowance moves with the team's clock
     assert store.push("A", "a1", [row(lamport_clock=5 + 2 ** 32)]) == [("accepted", None)]
     assert seqs(store, "A") == [1, 2]
+
+
+def test_dedup_lookup_uses_the_event_id_index(store):
+    """Walking the team by primary key instead made every push slower as the log
+    grew (O(N^2) in all: 2k events/s at a million). The plan must use events_id."""
+    from sk_server.store import dedup_sql
+    db = store._db()
+    for n in (1, 500):
+        plan = " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + dedup_sql(n),
+                                                  ["A", *(["x"] * n)]))
+        assert "INDEX events_id" in plan and "PRIMARY KEY" not in plan, plan

@@ -226,7 +226,8 @@ def test_stamp_failure_leaves_clock_and_log_untouched(store, monkeypatch):
     store.stamp(NeverSync())
     store.append([ev("B"), ev("C")])
     store.node_id()
-    real = uuid.uuid4
+    import sk.event as event_mod
+    real = event_mod.new_event_id
     calls = []
 
     def flaky():
@@ -234,10 +235,11 @@ def test_stamp_failure_leaves_clock_and_log_untouched(store, monkeypatch):
         if len(calls) == 2:
             raise RuntimeError("disk on fire")
         return real()
-    monkeypatch.setattr(store_mod.uuid, "uuid4", flaky)
+    monkeypatch.setattr(event_mod, "new_event_id", flaky)
     with pytest.raises(RuntimeError):
         store.stamp(NeverSync())
-    monkeypatch.setattr(store_mod.uuid, "uuid4", real)
+    assert len(calls) == 2
+    monkeypatch.setattr(event_mod, "new_event_id", real)
     assert store.clock() == 1
     assert len(events(store)) == 1
     assert store.counts()["unstamped"] == 2

@@ -176,7 +176,7 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
                 if inflight:
                     inflight[0].cancel()
                 sender.close()
-    counts["queued"] = store.counts()["queued"]
+    counts["queued"] = store.counts(totals=False)["queued"]
     return counts
 
 
@@ -243,7 +243,7 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
         with device_lock(cfg), tracked(store):
             client = open_client(cfg)
             summary["stamp"] = stamp(store, cfg)
-            queued = store.counts()["queued"]
+            queued = store.counts(totals=False)["queued"]
             bar = progress_factory("push", queued) if progress_factory else None
             summary["push"] = push(store, client, all_batches=True, on_event=on_event,
                                    progress=bar)
@@ -258,7 +258,7 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
             client.close()
     finally:
         # offline or not, this device's own edits show in its state
-        unapplied = store.counts()["unapplied"]
+        unapplied = store.counts(totals=False)["unapplied"]
         bar = progress_factory("resolve", unapplied) if progress_factory else None
         summary["resolved"] = resolve(store, cfg.path_map or None, progress=bar)
         if bar:
@@ -267,7 +267,7 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
 
 
 def _dry_run(store, cfg):
-    counts = store.counts()
+    counts = store.counts(totals=False)
     hello = open_client(cfg).hello()
     head = hello.get("head")
     return {"dry_run": True, "would_stamp": counts["unstamped"], "would_push": counts["queued"],
@@ -283,7 +283,7 @@ def status(cfg, check=False):
             "home": str(cfg.home), "database": str(cfg.db_path)}
     store = open_store(cfg)
     info["node_id"] = store.node_id()
-    info.update(store.counts())
+    info.update(store.counts(totals=False))
     info["cursor"] = store.cursor()
     info["clock"] = store.clock()
     info["last_success"] = store.meta("last_success")

@@ -45,7 +45,7 @@ def _body(args):
         if args.retry_rejected:
             n = store.requeue_rejected()
             _common.say(args, f"queued {n} rejected event(s) again")
-        bar = Progress("push", store.counts()["queued"] if args.all else None, quiet=args.quiet)
+        bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None, quiet=args.quiet)
         counts = push(store, client, args.max, args.all, on_event, bar)
         bar.close()
     if args.json:

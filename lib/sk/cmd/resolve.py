@@ -29,7 +29,7 @@ def _body(args):
     cfg = _common.config(args)
     store = open_store(cfg)
     path_map = parse_path_map(args.map) if args.map else (cfg.path_map or None)
-    bar = Progress("resolve", store.counts()["unapplied"], quiet=args.quiet)
+    bar = Progress("resolve", store.counts(totals=False)["unapplied"], quiet=args.quiet)
     n = resolve(store, path_map, args.rebuild, bar)
     bar.close()
     if args.json:
