@@ -38,11 +38,6 @@ def find(name):
     return None
 
 
-def module(name):
-    import importlib
-    return importlib.import_module("sk.cmd." + find(name)[2])
-
-
 def executables():
     """(executable name, module name) for every installed command."""
     return [("sk", "sk")] + [(f"sk-{n}", m) for n, c, m, _ in COMMANDS if c == "plumbing"]

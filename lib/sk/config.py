@@ -8,7 +8,6 @@ from .errors import ConfigError
 DEFAULT_HOME = "~/.spec-kitty"
 DB_NAME = "sk.db"
 ENV_NAME = ".env"
-KEYS = ("SK_SERVER", "SK_API_KEY", "SK_NEVER_SYNC", "SK_PATH_MAP", "SK_TIMEOUT")
 
 
 class Config:

@@ -16,7 +16,6 @@ from .event import dumps, loads
 PROTOCOL_HEADER = "X-SK-Protocol"
 KEY_HEADER = "X-SK-Key-Id"
 CONTENT_TYPE = "application/vnd.sk.sealed"
-ENDPOINTS = ("hello", "push", "pull", "ws-token")
 MAX_BODY = 16 * 1024 * 1024          # sealed, compressed bytes a server accepts
 MAX_PLAIN = 64 * 1024 * 1024         # bytes a body may inflate to
 MAX_CLOCK_SKEW_MS = 5 * 60 * 1000    # requests older or newer than this are stale
