@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,6 +56,28 @@ def sk(*args, env=None, input=None, home=None, timeout=120, check=None):
             f"{args} exited {proc.returncode}, wanted {check}\nstdout: {proc.stdout}\n"
             f"stderr: {proc.stderr}")
     return proc
+
+
+def run(*args, home=None, code=0, input=None, env=None, timeout=60):
+    """Run an installed command as a user would: never a traceback, never "database
+    is locked"; it must exit `code` unless code is None."""
+    p = sk(*args, home=home, input=input, env=env, timeout=timeout)
+    for stream in (p.stderr, p.stdout):
+        assert "Traceback" not in stream, f"{args}: traceback:\n{stream}"
+    assert "database is locked" not in p.stderr, f"{args}: {p.stderr}"
+    if code is not None:
+        assert p.returncode == code, (f"{args} exited {p.returncode}, wanted {code}\n"
+                                      f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def query(path, sql, args=()):
+    """The rows of `sql` on a SQLite file opened read-only."""
+    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    try:
+        return c.execute(sql, args).fetchall()
+    finally:
+        c.close()
 
 
 class ServerProcess:

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import sk
+from conftest import query, run, sk  # noqa: F401 - run is shared with other test files
 
 KEY_RE = re.compile(r"^sk1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}$")
 FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
@@ -20,17 +20,6 @@ FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
 
 
 # -- helpers (also used by test_e2e_faults.py) -----------------------------------
-def run(*args, code=0, home=None, input=None, env=None, timeout=60):
-    """Run an installed command; never a traceback; exit `code` unless code is None."""
-    p = sk(*args, home=home, input=input, env=env, timeout=timeout)
-    assert "Traceback" not in p.stderr, f"{args}: traceback on stderr:\n{p.stderr}"
-    assert "Traceback" not in p.stdout, f"{args}: traceback on stdout:\n{p.stdout}"
-    if code is not None:
-        assert p.returncode == code, (f"{args} exited {p.returncode}, wanted {code}\n"
-                                      f"stdout: {p.stdout}\nstderr: {p.stderr}")
-    return p
-
-
 def ndjson(events):
     return "".join(json.dumps(e) + "\n" for e in events)
 
@@ -72,11 +61,7 @@ def unstamped_count(home):
 
 
 def server_rows(server, sql="SELECT aggregate_type, aggregate_id, event_id FROM events"):
-    c = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True, timeout=30)
-    try:
-        return c.execute(sql).fetchall()
-    finally:
-        c.close()
+    return query(server.db, sql)
 
 
 def server_count(server):

@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from conftest import ServerProcess, command, sk
+from conftest import ServerProcess, command, query, sk
+from conftest import run as _run
 
 SEED = 20240917
 TIMEOUT = 60  # seconds, for every subprocess
@@ -28,13 +29,7 @@ TIMEOUT = 60  # seconds, for every subprocess
 
 # -- helpers -----------------------------------------------------------------------
 def run(*args, home, code=0, input=None, timeout=TIMEOUT):
-    p = sk(*args, home=home, input=input, timeout=timeout)
-    assert "Traceback" not in p.stderr, f"{args}: traceback:\n{p.stderr}"
-    assert "database is locked" not in p.stderr, f"{args}: {p.stderr}"
-    if code is not None:
-        assert p.returncode == code, (f"{args} exited {p.returncode}, wanted {code}\n"
-                                      f"stdout: {p.stdout}\nstderr: {p.stderr}")
-    return p
+    return _run(*args, home=home, code=code, input=input, timeout=timeout)
 
 
 def events(tag, n, pad=120):
@@ -56,33 +51,25 @@ def append(home, tag, n, stamp=False):
     return keys(tag, n)
 
 
-def _query(path, sql, args=()):
-    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return c.execute(sql, args).fetchall()
-    finally:
-        c.close()
-
-
 def server_events(server):
     """[(aggregate_id, event_id)] of every event in the server's table."""
-    return _query(server.db, "SELECT aggregate_id, event_id FROM events")
+    return query(server.db, "SELECT aggregate_id, event_id FROM events")
 
 
 def server_count(server):
-    return _query(server.db, "SELECT count(*) FROM events")[0][0]
+    return query(server.db, "SELECT count(*) FROM events")[0][0]
 
 
 def local_events(home, status=None):
     """[(aggregate_id, event_id, status)] of a device's log."""
     sql = "SELECT aggregate_id, event_id, status FROM events"
     if status:
-        return _query(home / "sk.db", sql + " WHERE status = ?", (status,))
-    return _query(home / "sk.db", sql)
+        return query(home / "sk.db", sql + " WHERE status = ?", (status,))
+    return query(home / "sk.db", sql)
 
 
 def local_unstamped(home):
-    return _query(home / "sk.db", "SELECT count(*) FROM unstamped")[0][0]
+    return query(home / "sk.db", "SELECT count(*) FROM unstamped")[0][0]
 
 
 def assert_once(rows, expected, where):
@@ -100,7 +87,7 @@ def assert_once(rows, expected, where):
 
 
 def assert_server_once(server, expected):
-    n = _query(server.db, "SELECT count(*), count(DISTINCT event_id) FROM events")[0]
+    n = query(server.db, "SELECT count(*), count(DISTINCT event_id) FROM events")[0]
     assert n[0] == n[1] == len(expected), (f"server: count {n[0]}, distinct {n[1]},"
                                            f" appended {len(expected)}")
     assert_once(server_events(server), expected, "server")
@@ -242,7 +229,7 @@ def test_kill9_client_mid_push_then_sync_is_exactly_once(server, device, procs, 
             rows = local_events(b)
             pulled.append(len(rows))
             assert_once(rows, {r[0] for r in rows}, f"device b after kill {trial}")
-            cursor = _query(b / "sk.db", "SELECT value FROM meta WHERE key = 'cursor'")
+            cursor = query(b / "sk.db", "SELECT value FROM meta WHERE key = 'cursor'")
             # b holds no events of its own: its cursor counts exactly what it stored
             assert (int(cursor[0][0]) if cursor else 0) == len(rows), (cursor, len(rows))
         print(f"kills of sync mid-pull (events held at kill): {pulled}")
@@ -483,7 +470,7 @@ def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device,
         run("sk", "sync", "--server", px.url, home=b, code=want)
         # the first page is stored, the cursor at its end; nothing of the second
         first = local_events(b)
-        cursor = int(_query(b / "sk.db", "SELECT value FROM meta WHERE key = 'cursor'")[0][0])
+        cursor = int(query(b / "sk.db", "SELECT value FROM meta WHERE key = 'cursor'")[0][0])
         assert 0 < len(first) < 2500 and cursor == len(first), (len(first), cursor)
         assert_once(first, {r[0] for r in first}, "device b after the fault")
         run("sk-pull", "--server", px.url, home=b, code=0)     # 3rd call passes again

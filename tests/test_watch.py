@@ -16,19 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ServerProcess, command, sk
+from conftest import ServerProcess, command, query, run, sk
 
 
 # -- helpers -------------------------------------------------------------------------
-def run(*args, home=None, code=0, input=None, timeout=60):
-    p = sk(*args, home=home, input=input, timeout=timeout)
-    assert "Traceback" not in p.stderr, f"{args}: traceback:\n{p.stderr}"
-    if code is not None:
-        assert p.returncode == code, (f"{args} exited {p.returncode}, wanted {code}\n"
-                                      f"stdout: {p.stdout}\nstderr: {p.stderr}")
-    return p
-
-
 def wait_until(pred, timeout, what, interval=0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -77,11 +68,7 @@ def local(home, sql="SELECT event_id, status, applied FROM events"):
     path = os.path.join(home, "sk.db")
     if not os.path.exists(path):
         return []
-    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-    try:
-        return c.execute(sql).fetchall()
-    finally:
-        c.close()
+    return query(path, sql)
 
 
 def local_ids(home):
@@ -92,12 +79,8 @@ def local_ids(home):
 
 
 def server_ids(server, team):
-    c = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True, timeout=60)
-    try:
-        rows = c.execute("SELECT seq, event_id FROM events WHERE team = ? ORDER BY seq",
-                         (team,)).fetchall()
-    finally:
-        c.close()
+    rows = query(server.db, "SELECT seq, event_id FROM events WHERE team = ? ORDER BY seq",
+                 (team,))
     ids = [r[1] for r in rows]
     assert len(ids) == len(set(ids)), f"team {team}: an event is stored twice on the server"
     assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "team sequence has gaps"

@@ -13,7 +13,7 @@ import pytest
 import websocket
 from websocket import ABNF
 
-from conftest import ServerProcess, sk
+from conftest import ServerProcess, query, sk
 from sk import crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -32,12 +32,8 @@ def new_event(tag, i=0):
 
 def server_events(server, team):
     """The event ids the server stored for `team`, in sequence order."""
-    c = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True, timeout=30)
-    try:
-        return [r[0] for r in c.execute("SELECT event_id FROM events WHERE team = ? ORDER BY seq",
-                                        (team,))]
-    finally:
-        c.close()
+    return [r[0] for r in query(server.db, "SELECT event_id FROM events WHERE team = ?"
+                                              " ORDER BY seq", (team,))]
 
 
 class Session:
