@@ -1,6 +1,11 @@
 """Shared fixtures: a scrubbed environment with a temporary HOME/SK_HOME for every
-test, and a real `sk server` process on a free loopback port."""
+test, the server database of a test on each backend (a SQLite file, or a fresh
+database on a real PostgreSQL started for the session), and a real `sk server`
+process on a free loopback port.
 
+SK_TEST_BACKENDS=sqlite (or postgresql) runs the server tests on one backend only."""
+
+import itertools
 import os
 import shutil
 import signal
@@ -16,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent          # the venv's installed commands
 SCRUB = ("SK_HOME", "SK_SERVER", "SK_API_KEY", "SK_NEVER_SYNC", "SK_PATH_MAP",
-         "SK_SERVER_DB", "SK_TIMEOUT")
+         "SK_SERVER_DB", "SK_TIMEOUT", "SK_SERVER_SECRET", "SK_SERVER_SECRET_FILE")
+BACKENDS = os.environ.get("SK_TEST_BACKENDS", "sqlite,postgresql").split(",")
 
 
 @pytest.fixture(autouse=True)
@@ -71,23 +77,80 @@ def run(*args, home=None, code=0, input=None, env=None, timeout=60):
     return p
 
 
-def query(path, sql, args=()):
-    """The rows of `sql` on a SQLite file opened read-only."""
-    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+def is_pg(db):
+    return str(db).startswith("postgresql://")
+
+
+def query(db, sql, args=()):
+    """The rows of `sql` (with ? placeholders) on a server or device database: a
+    SQLite file opened read-only, or a PostgreSQL URL."""
+    if is_pg(db):
+        import psycopg
+        with psycopg.connect(str(db), autocommit=True) as c:
+            return [tuple(r) for r in c.execute(sql.replace("?", "%s"), args).fetchall()]
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
     try:
         return c.execute(sql, args).fetchall()
     finally:
         c.close()
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One real PostgreSQL for the session (from the pgserver wheel's binaries)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from pgcluster import PgCluster
+    cluster = PgCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+_databases = itertools.count()
+
+
+def new_server_db(request, backend, base):
+    """(database, extra environment) of a new server database: a SQLite file in
+    `base`, or a fresh PostgreSQL database whose server secret is the file
+    SK_SERVER_SECRET_FILE names (several servers on one database share it)."""
+    if backend == "sqlite":
+        return str(base / "server.db"), {}
+    cluster = request.getfixturevalue("pg_cluster")
+    name = f"t{next(_databases)}"
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.create_database(name), {"SK_SERVER_SECRET_FILE": str(base / "server.secret")}
+
+
+@pytest.fixture(params=BACKENDS)
+def server_db(request, tmp_path, monkeypatch):
+    """The server database of a test, on each backend."""
+    db, env = new_server_db(request, request.param, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return db
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_server(request, tmp_path_factory):
+    """One real `sk server` shared by a module's tests, on each backend."""
+    base = tmp_path_factory.mktemp("server")
+    db, env = new_server_db(request, request.param, base)
+    srv = ServerProcess(db, env=env, log=base / "server.log").start()
+    yield srv
+    srv.stop()
+
+
 class ServerProcess:
     """`sk server` as a real process; stopped by its own PID."""
 
-    def __init__(self, db, port=None, extra=()):
-        self.db = Path(db)
+    def __init__(self, db, port=None, extra=(), log=None, env=None):
+        self.db = str(db) if is_pg(db) else Path(db)
+        self.extra_env = dict(env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = self.db.with_suffix(".log")
+        if log is None:
+            log = (Path(os.environ["HOME"]).parent / f"server-{self.port}.log" if is_pg(db)
+                   else self.db.with_suffix(".log"))
+        self.log = Path(log)
         self.extra = list(extra)
         self.proc = None
 
@@ -96,7 +159,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [command("sk"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--db", str(self.db), "--no-control-socket", *self.extra],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,14 +184,30 @@ class ServerProcess:
             self._log.close()
         self.proc = None
 
+    def env(self):
+        """The environment for this server's commands (its secret file, if any)."""
+        return {**os.environ, **self.extra_env}
+
+    def admin(self, *args, code=0):
+        """Run sk-register or sk-admin (args[0]) against this server's database."""
+        return run(args[0], "--db", self.db, *args[1:], env=self.env(), code=code)
+
+    def store(self):
+        """This server's store, opened in the test process."""
+        from sk_server.store import open_store
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in self.extra_env.items():
+                mp.setenv(k, v)
+            return open_store(self.db)
+
     def register(self, name, team="default"):
         return sk("sk-register", "--name", name, "--team", team, "--db", self.db,
-                  check=0).stdout.strip()
+                  check=0, env=self.env()).stdout.strip()
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = ServerProcess(tmp_path / "server.db").start()
+def server(server_db):
+    srv = ServerProcess(server_db).start()
     yield srv
     srv.stop()
 

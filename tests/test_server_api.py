@@ -5,7 +5,6 @@ replayed request (always a 4xx JSON error, never a 500, never a change)."""
 import base64
 import json
 import os
-import sqlite3
 import time
 import uuid
 import zlib
@@ -18,6 +17,8 @@ from sk import PROTOCOL_VERSION, crypto, wire
 from sk.client import Client
 from sk_server import create_app
 from sk_server.devices import register, revoke, rotate
+
+from conftest import is_pg, query
 
 HYPO = settings(max_examples=150, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -121,10 +122,11 @@ def assert_refused(r, status=None, code=None):
 
 
 @pytest.fixture
-def app(tmp_path):
+def app(server_db):
     # the fuzzers fail authentication thousands of times from one address: the
     # slow-down has its own tests (test_server_secret.py)
-    app = create_app({"DB": str(tmp_path / "s.db"), "TESTING": True, "AUTH_FAIL_LIMIT": 0})
+    app = create_app({"DB": server_db, "TESTING": True, "AUTH_FAIL_LIMIT": 0})
+    app.db = server_db
     yield app
     app.extensions["sk_store"].close()
 
@@ -299,7 +301,9 @@ def test_pull_pages_by_sequence_cursor(dev, store):
     last = dev.pull(15, 10)
     assert len(last["events"]) == 10 and last["more"] is False and last["next"] == 25
     # at the head: nothing, cursor stays
-    assert dev.pull(25, 10) == {"events": [], "next": 25, "more": False}
+    at_head = dev.pull(25, 10)
+    assert at_head.pop("chain") == store.push("team-a", "dev-a", []).chain.hex()
+    assert at_head == {"events": [], "next": 25, "more": False}
     assert dev.ok("hello", {})["head"] == 25
 
 
@@ -435,17 +439,22 @@ def test_api_key_never_crosses_the_wire(client, dev, store):
             assert needle not in blob
 
 
-def test_server_db_never_holds_an_api_key(tmp_path, client, store, new_device):
+def test_server_db_never_holds_an_api_key(tmp_path, app, client, store, new_device):
     devs = [new_device(f"d{i}", "T") for i in range(3)]
     devs[0].push([make_event()])
     rotated = rotate(store, "d1")
     revoke(store, "d2")
     keys = [d.api_key for d in devs] + [rotated]
-    files = [p for p in tmp_path.iterdir() if p.name.startswith("s.db")]
-    assert any(p.name == "s.db" for p in files)
-    data = b"".join(p.read_bytes() for p in files)
-    store.backup(tmp_path / "backup.db")
-    data += (tmp_path / "backup.db").read_bytes()
+    if is_pg(app.db):   # every value of every row, as bytes
+        data = b"".join(
+            v if isinstance(v, bytes) else str(v).encode()
+            for t in ("meta", "teams", "devices", "keys", "events", "nonces", "ws_tokens")
+            for r in query(app.db, f"SELECT * FROM {t}") for v in r)
+    else:
+        db_files = [p for p in tmp_path.iterdir() if p.name.startswith("server.db")]
+        assert any(p.name == "server.db" for p in db_files)
+        store.backup(tmp_path / "backup.db")
+        data = b"".join(p.read_bytes() for p in [*db_files, tmp_path / "backup.db"])
     assert len(data) > 0
     for key in keys:
         key_id, secret = crypto.parse_api_key(key)
@@ -455,12 +464,10 @@ def test_server_db_never_holds_an_api_key(tmp_path, client, store, new_device):
                        base64.b64encode(secret)):
             assert needle not in data
     # and the keys table holds nothing that looks like a key
-    db = sqlite3.connect(tmp_path / "backup.db")
-    for row in db.execute("SELECT * FROM keys"):
+    for row in query(app.db, "SELECT * FROM keys"):
         for col in row:
             if isinstance(col, str):
                 assert not col.startswith("sk1.")
-    db.close()
 
 
 # -- tampering, staleness, replays ---------------------------------------------

@@ -2,7 +2,6 @@
 failed authentication from one address is slowed down, across server processes."""
 
 import os
-import sqlite3
 import stat
 
 import pytest
@@ -14,7 +13,7 @@ from sk_server import create_app, devices
 from sk_server.secret import SecretError, load_secret
 from sk_server.store import SQLiteStore, StoreError, open_store
 
-from conftest import ServerProcess, sk
+from conftest import BACKENDS, ServerProcess, new_server_db, query, sk
 
 
 def test_secret_is_created_beside_a_new_database_with_mode_600(tmp_path):
@@ -25,12 +24,11 @@ def test_secret_is_created_beside_a_new_database_with_mode_600(tmp_path):
     assert len(store._secret) == 32
 
 
-def test_key_material_is_wrapped_not_the_plain_master(tmp_path):
-    store = SQLiteStore(tmp_path / "s.db")
+def test_key_material_is_wrapped_not_the_plain_master(server_db):
+    store = open_store(server_db)
     key = devices.register(store, "a")
     key_id, _ = crypto.parse_api_key(key)
-    stored = sqlite3.connect(tmp_path / "s.db").execute(
-        "SELECT master FROM keys WHERE key_id = ?", (key_id,)).fetchone()[0]
+    stored = bytes(query(server_db, "SELECT master FROM keys WHERE key_id = ?", (key_id,))[0][0])
     master = crypto.derive_master(key)
     assert master not in stored and len(stored) == 1 + 12 + 32 + 16
     assert store.get_key(key_id).master == master
@@ -86,6 +84,29 @@ def test_secret_from_environment_and_file_override(tmp_path, monkeypatch):
     assert shared.exists() and load_secret(tmp_path / "other.db") == one._secret
 
 
+def test_postgresql_needs_the_shared_secret_outside_the_database(tmp_path, monkeypatch,
+                                                                request):
+    if "postgresql" not in BACKENDS:
+        pytest.skip("PostgreSQL not among SK_TEST_BACKENDS")
+    db, env = new_server_db(request, "postgresql", tmp_path)
+    with pytest.raises(StoreError, match="SK_SERVER_SECRET"):   # nowhere to keep one
+        open_store(db)
+    monkeypatch.setenv("SK_SERVER_SECRET_FILE", env["SK_SERVER_SECRET_FILE"])
+    key_id, _ = crypto.parse_api_key(devices.register(open_store(db), "a"))
+    assert stat.S_IMODE(os.stat(env["SK_SERVER_SECRET_FILE"]).st_mode) == 0o600
+    assert open_store(db).get_key(key_id).device == "a"         # a second server
+    # a server given another secret cannot use the key material
+    monkeypatch.delenv("SK_SERVER_SECRET_FILE")
+    monkeypatch.setenv("SK_SERVER_SECRET", "C" * 43)
+    with pytest.raises(StoreError, match="does not unwrap"):
+        open_store(db).get_key(key_id)
+    # nor does a server start without one once the database holds keys
+    monkeypatch.delenv("SK_SERVER_SECRET")
+    monkeypatch.setenv("SK_SERVER_SECRET_FILE", str(tmp_path / "missing.secret"))
+    with pytest.raises(StoreError, match="no server secret"):
+        open_store(db)
+
+
 def test_group_readable_secret_is_refused(tmp_path):
     SQLiteStore(tmp_path / "s.db")
     os.chmod(tmp_path / "s.secret", 0o644)
@@ -93,8 +114,8 @@ def test_group_readable_secret_is_refused(tmp_path):
         open_store(tmp_path / "s.db")
 
 
-def test_failed_authentication_is_slowed_down_per_address(tmp_path):
-    app = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
+def test_failed_authentication_is_slowed_down_per_address(server_db):
+    app = create_app({"DB": server_db, "AUTH_FAIL_LIMIT": 5})
     store = app.extensions["sk_store"]
     good = devices.register(store, "good")
     client = app.test_client()
@@ -113,15 +134,15 @@ def test_failed_authentication_is_slowed_down_per_address(tmp_path):
     assert r.get_json()["error"]["code"] == "slow_down"
     assert attempt(crypto.derive_master(good), "10.0.0.2").status_code == 200  # others not
     # the count lives in the store: a second app on the same database sees it
-    other = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
+    other = create_app({"DB": server_db, "AUTH_FAIL_LIMIT": 5})
     blob, _ = wire.seal_request(crypto.derive_master(good), key_id, "hello", {})
     r = other.test_client().post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
                                  headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
     assert r.status_code == 429
 
 
-def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path):
-    srv = ServerProcess(tmp_path / "server.db").start()
+def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path, server_db):
+    srv = ServerProcess(server_db).start()
     try:
         good = srv.register("a")
         key_id, _ = crypto.parse_api_key(good)
@@ -132,7 +153,7 @@ def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path):
         with pytest.raises(Unreachable, match="429"):
             Client(srv.url, good).hello()
         assert stat.S_IMODE((tmp_path / "server.secret").stat().st_mode) == 0o600
-        p = sk("sk-admin", "--db", tmp_path / "server.db", "stats", check=0)
+        p = sk("sk-admin", "--db", server_db, "stats", check=0)
         assert "devices: 1" in p.stdout
     finally:
         srv.stop()

@@ -5,7 +5,6 @@ Every refusal test also shows that the refused attempt stored nothing and that
 the server still serves a correct session afterwards."""
 
 import secrets
-import sqlite3
 import time
 import uuid
 
@@ -13,12 +12,11 @@ import pytest
 import websocket
 from websocket import ABNF
 
-from conftest import ServerProcess, query, sk
+from conftest import query
 from sk import crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
 from sk.errors import AuthError
-from sk_server.store import SQLiteStore
 
 TIMEOUT = 10  # seconds: every socket operation is bounded by this
 
@@ -161,12 +159,11 @@ class Device:
         self.client.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real `sk server` for this module (each test uses its own devices and teams)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("ws-proto") / "server.db").start()
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(module_server):
+    """One real `sk server` per backend for this module (each test uses its own
+    devices and teams)."""
+    return module_server
 
 
 @pytest.fixture
@@ -257,7 +254,7 @@ def test_reused_token_session_cannot_speak(server, devices):
 
 def test_expired_token_refused(server, devices):
     a = devices("a")
-    store = SQLiteStore(server.db)
+    store = server.store()
     try:
         past, fresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         now_ms = int(time.time() * 1000)
@@ -273,12 +270,8 @@ def test_expired_token_refused(server, devices):
     s.close()
     # a server-issued token expires 5 minutes after issue
     tok = a.token()
-    c = sqlite3.connect(server.db, timeout=30)
-    try:
-        expires = c.execute("SELECT expires FROM ws_tokens WHERE token_hash = ?",
-                            (wire.token_hash(tok),)).fetchone()[0]
-    finally:
-        c.close()
+    expires = query(server.db, "SELECT expires FROM ws_tokens WHERE token_hash = ?",
+                    (wire.token_hash(tok),))[0][0]
     assert abs(expires - (time.time() * 1000 + wire.WS_TOKEN_TTL_MS)) < 30_000
 
 
@@ -297,7 +290,7 @@ def test_missing_or_garbage_token_refused(server, devices, query):
 def test_token_of_revoked_device_refused(server, devices):
     a = devices("a")
     tok = a.token()
-    sk("sk-register", "--revoke", a.name, "--db", server.db, check=0, timeout=30)
+    server.admin("sk-register", "--revoke", a.name)
     code, _ = a.refused("?token=" + tok)
     assert code == 4401
     with pytest.raises(AuthError):
@@ -308,7 +301,7 @@ def test_revoked_during_session_push_refused(server, devices):
     a = devices("a")
     s = a.connect()
     s.hello(0)
-    sk("sk-register", "--revoke", a.name, "--db", server.db, check=0, timeout=30)
+    server.admin("sk-register", "--revoke", a.name)
     s.send({"t": "push", "id": 1, "events": [new_event("revoked")]})
     s.expect_closed({4401})
     assert server_events(server, a.team) == []

@@ -67,10 +67,12 @@ class Client:
     def push(self, events):
         return self.call("push", {"events": events})
 
-    def pull(self, after, limit, skip=None):
+    def pull(self, after, limit, skip=None, known=None):
         body = {"after": after, "limit": limit}
         if skip is not None:
             body["skip"] = {"node_id": skip[0], "upto": skip[1]}
+        if known is not None:
+            body["known"] = known
         return self.call("pull", body)
 
     def close(self):

@@ -14,7 +14,7 @@ COMMANDS = (
     ("state", "plumbing", "state", "print the resolved state as JSON"),
     ("log", "plumbing", "log", "print the local log as NDJSON"),
     ("register", "plumbing", "register", "on the server host: create, list, revoke, rotate devices"),
-    ("admin", "plumbing", "admin", "on the server host: backup and other upkeep"),
+    ("admin", "plumbing", "admin", "on the server host: migrate to PostgreSQL, backup, stats"),
 )
 
 EXIT_STATUS = """\
@@ -28,7 +28,9 @@ SK_HOME: the device directory (default ~/.spec-kitty) holding .env and sk.db.
 SK_SERVER, SK_API_KEY: the server URL and this device's key; a flag beats the
 environment, which beats $SK_HOME/.env. SK_NEVER_SYNC: extra TYPE:GLOB rules for
 events that never leave the device. SK_PATH_MAP: FROM=TO,... paths to remap in the
-state. SK_SERVER_DB: the server's database (server-side commands)."""
+state. SK_SERVER_DB: the server's database, a SQLite path or postgresql://URL
+(server-side commands). SK_SERVER_SECRET, SK_SERVER_SECRET_FILE: the server secret
+that wraps key material, or the file holding it (needed for PostgreSQL)."""
 
 
 def find(name):

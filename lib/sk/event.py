@@ -80,6 +80,8 @@ def _check_str(ev, name, pattern=None, maxlen=256):
     if not isinstance(value, str):
         raise EventError(f"{name} must be a string" if name in ev else f"missing {name}")
     _utf8(name, value)
+    if "\x00" in value:  # no store keeps a NUL in text (PostgreSQL refuses it)
+        raise EventError(f"{name} must not contain a NUL character")
     if pattern is not None and not pattern.fullmatch(value):
         raise EventError(f"{name} {value!r} must be 1-64 chars of [a-z0-9_.]")
     if not 1 <= len(value) <= maxlen:

@@ -170,6 +170,32 @@ class LocalStore:
     def cursor(self):
         return int(self.meta("cursor", "0"))
 
+    def known(self):
+        """The last point of the server's log this device saw: (seq, chain hex), or
+        None. Every push and pull shows it to the server, which says when its log
+        is no longer the one the device saw (restored from an older copy)."""
+        value = self.meta("known", "")
+        if not value:
+            return None
+        seq, _, chain = value.partition(":")
+        return int(seq), chain
+
+    def _see(self, seq, chain):
+        """Keep (seq, chain) as the known point if it is not behind the one kept."""
+        if chain and (self.known() or (0,))[0] <= seq:
+            self._set("known", f"{int(seq)}:{chain}")
+
+    def heal(self):
+        """The server's log is not the one this device saw: queue every event this
+        device holds to push again (the server drops those it has), and pull from
+        the start. Returns how many were queued again."""
+        with self.write() as db:
+            n = db.execute("UPDATE events SET status = 'queued'"
+                           " WHERE status IN ('sent', 'remote')").rowcount
+            self._set("cursor", 0)
+            self._set("known", "")
+            return n
+
     def own_events(self):
         """(node_id, highest Lamport clock this log has stamped): a pull may leave
         out this node's events up to there, which are in the log already. A log put
@@ -283,16 +309,21 @@ class LocalStore:
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
         return [(r[0], r[1:]) for r in rows]
 
-    def mark_pushed(self, results):
+    def mark_pushed(self, results, point=None):
         """Apply the server's per-event results atomically.
 
-        `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected.
+        `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected;
+        `point` the (head, chain) of the server's log after the push. Events pulled
+        from others and pushed again (heal) go back to 'remote'.
         """
         sent = [(eid,) for eid, st, _ in results if st in ("accepted", "duplicate")]
         sent.sort()  # walk the event_id index in order
         with self.write() as db:
-            db.executemany("UPDATE events SET status = 'sent' WHERE event_id = ?"
+            db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
+                           " THEN 'remote' ELSE 'sent' END WHERE event_id = ?"
                            " AND status = 'queued'", sent)
+            if point:
+                self._see(*point)
             for eid, st, reason in results:
                 if st == "rejected":
                     self._set_aside(db, eid, reason or "rejected by server")
@@ -330,11 +361,11 @@ class LocalStore:
             return moved
 
     # -- pull side -------------------------------------------------------------
-    def receive(self, rows, cursor):
+    def receive(self, rows, cursor, point=None):
         """Store pulled events (tuples in LOG_COLUMNS order, validated), advance the
         Lamport clock past them and move the cursor forward to `cursor` (never back,
-        so a watcher and a sync on one device can't undo each other), in one
-        transaction.
+        so a watcher and a sync on one device can't undo each other), and keep
+        `point` (seq, chain) of the server's log, in one transaction.
         Returns how many were new."""
         with self.write() as db:
             before = db.total_changes
@@ -347,6 +378,8 @@ class LocalStore:
                 top = max(r[4] for r in rows)
                 self._set("clock", max(self.clock(), top) + 1)
             self._set("cursor", max(int(cursor), self.cursor()))
+            if point:
+                self._see(*point)
         return new
 
     # -- reading ---------------------------------------------------------------

@@ -64,7 +64,29 @@ def _to_wire(row):
     return ev
 
 
-def encode_events(rows):
+class Diverged(Exception):
+    """The server's log is not the one this device saw; healed by the caller."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def known_out(store):
+    """The device's known point of the server's log, as the wire carries it."""
+    known = store.known()
+    return {"seq": known[0], "chain": known[1]} if known else None
+
+
+def point_in(answer, seq_key):
+    """(seq, chain) from a push answer or pull page, if it carries a valid one."""
+    seq, chain = answer.get(seq_key), answer.get("chain")
+    if type(seq) is int and isinstance(chain, str) and len(chain) == 64:
+        return seq, chain
+    return None
+
+
+def encode_events(rows, known=None):
     """A push body as JSON text, built around each event's stored payload text
     (validated when it was appended) instead of parsing and re-encoding it."""
     from .event import dumps
@@ -74,7 +96,8 @@ def encode_events(rows):
                      f'"aggregate_type":{dumps(r[2])},"aggregate_id":{dumps(r[3])},'
                      f'"lamport_clock":{int(r[4])},"node_id":{dumps(r[5])},'
                      f'"payload":{r[6]},"timestamp":{dumps(r[7])}}}')
-    return '{"events":[' + ",".join(parts) + "]}"
+    tail = f',"known":{dumps(known)}' if known else ""
+    return '{"events":[' + ",".join(parts) + "]" + tail + "}"
 
 
 def _batches(rows, max_bytes=MAX_BATCH_BYTES):
@@ -96,7 +119,7 @@ def _send(store, client, batch, counts, on_event, answer=None):
     split it, and set a lone event aside."""
     try:
         if answer is None:
-            answer = client.call("push", encode_events(batch))
+            answer = client.call("push", encode_events(batch, known_out(store)))
         elif isinstance(answer, BaseException):
             raise answer
     except ServerError as e:
@@ -114,6 +137,8 @@ def _send(store, client, batch, counts, on_event, answer=None):
         _send(store, client, batch[:half], counts, on_event)
         _send(store, client, batch[half:], counts, on_event)
         return
+    if isinstance(answer.get("diverged"), str):
+        raise Diverged(answer["diverged"])
     results = answer.get("results")
     ids = [row[0] for _, row in batch]
     if (not isinstance(results, list) or len(results) != len(ids)
@@ -129,10 +154,23 @@ def _send(store, client, batch, counts, on_event, answer=None):
         counts[status] += 1
         if on_event:
             on_event(status, r["event_id"], reason)
-    store.mark_pushed(out)
+    store.mark_pushed(out, point_in(answer, "head"))
 
 
 def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, progress=None):
+    """Push one batch (or, with all_batches, every batch) of queued events. If the
+    server's log turns out not to be the one this device saw, heal it: queue every
+    event held here again and push (counts["healed"] says so)."""
+    try:
+        return _push(store, client, max_n, all_batches, on_event, progress)
+    except Diverged as d:
+        requeued = store.heal()
+        counts = _push(store, client, max_n, all_batches, on_event, progress)
+        counts["healed"] = {"reason": d.reason, "requeued": requeued}
+        return counts
+
+
+def _push(store, client, max_n, all_batches, on_event, progress):
     """Push one batch (or, with all_batches, every batch) of queued events.
 
     With all_batches the next batch is read from the queue and encoded while the
@@ -160,7 +198,7 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
                         break
                     for batch in _batches(rows):
                         after = batch[-1][0]
-                        body = encode_events(batch)
+                        body = encode_events(batch, known_out(store))
                         done = inflight[0].result() if inflight else None  # wait for n-1
                         future = pool.submit(_call_push, sender, body)      # send n
                         if inflight:                                        # settle n-1
@@ -200,14 +238,28 @@ def _settle(store, client, inflight, counts, on_event, progress, moved, answer):
 # -- pull ---------------------------------------------------------------------
 def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE):
     """Fetch every page after the cursor (or `since`), store it and move the cursor.
-    The cursor only moves when the pull started at or before it."""
+    The cursor only moves when the pull started at or before it. If the server's
+    log is not the one this device saw, queue every event held here to push again
+    and pull the whole log (counts["healed"] says so)."""
+    try:
+        return _pull(store, client, since, on_event, progress, page_size)
+    except Diverged as d:
+        requeued = store.heal()
+        counts = _pull(store, client, None, on_event, progress, page_size)
+        counts["healed"] = {"reason": d.reason, "requeued": requeued}
+        return counts
+
+
+def _pull(store, client, since, on_event, progress, page_size):
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
     skip = store.own_events()
     counts = {"received": 0, "new": 0, "pages": 0}
     while True:
-        page = client.pull(cursor, page_size, skip)
+        page = client.pull(cursor, page_size, skip, known_out(store))
+        if isinstance(page.get("diverged"), str):
+            raise Diverged(page["diverged"])
         events, nxt, more = page.get("events"), page.get("next"), page.get("more")
         if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
                 or not isinstance(more, bool) or (more and nxt == cursor)):
@@ -216,7 +268,7 @@ def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE
             rows = [check_stamped(ev) for ev in events]
         except EventError as e:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
-        counts["new"] += store.receive(rows, nxt if moves_cursor else 0)
+        counts["new"] += store.receive(rows, nxt if moves_cursor else 0, point_in(page, "next"))
         counts["received"] += len(rows)
         counts["pages"] += 1
         if on_event:
@@ -249,12 +301,25 @@ def run(cfg, dry_run=False, on_event=None, progress_factory=None):
                                    progress=bar)
             if bar:
                 bar.close()
+            pulled = (lambda k, ev: on_event(k, ev["event_id"], None)) if on_event else None
             bar = progress_factory("pull", None) if progress_factory else None
-            summary["pull"] = pull(store, client,
-                                   on_event=(lambda k, ev: on_event(k, ev["event_id"], None))
-                                   if on_event else None, progress=bar)
+            summary["pull"] = pull(store, client, on_event=pulled, progress=bar)
             if bar:
                 bar.close()
+            healed = summary["push"].get("healed") or summary["pull"].get("healed")
+            if "healed" in summary["pull"]:  # found by the pull: push back what it lost
+                again = push(store, client, all_batches=True, on_event=on_event)
+                for k in ("accepted", "duplicate", "rejected"):
+                    summary["push"][k] += again[k]
+                summary["push"]["queued"] = again["queued"]
+                more = pull(store, client, on_event=pulled)
+                for k in ("received", "new"):
+                    summary["pull"][k] += more[k]
+                summary["pull"]["cursor"] = more["cursor"]
+            if healed:
+                summary["healed"] = {**healed, "resent": summary["push"]["accepted"]
+                                     + summary["push"]["duplicate"],
+                                     "restored": summary["push"]["accepted"]}
             client.close()
     finally:
         # offline or not, this device's own edits show in its state

@@ -4,6 +4,10 @@ One thread owns the SQLite connection and is the socket's only writer; a reader
 thread only hands frames over through a queue. Local events are noticed without
 asking the server: PRAGMA data_version on a second connection changes whenever
 another process (sk-stamp, or anything that writes the file) commits.
+
+The hello shows the server the last point of its log this device saw; a server
+restored from an older copy answers "diverged", and the watcher queues every
+event it holds to push again and reconnects (as sk sync heals it).
 """
 
 import json
@@ -20,7 +24,7 @@ from .crypto import C2S, S2C, CryptoError
 from .errors import AuthError, IntegrityError, SkError, Unreachable
 from .event import EventError, check_stamped
 from .store import open_store, utc_now
-from .sync import _to_wire, open_client
+from .sync import _to_wire, known_out, open_client, point_in
 
 PING_INTERVAL = 20.0
 DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
@@ -102,7 +106,8 @@ class Watch:
     def _serve(self, conn):
         store = self.store
         node, upto = store.own_events()
-        conn.send({"t": "hello", "cursor": store.cursor(), "skip": {"node_id": node, "upto": upto}})
+        conn.send({"t": "hello", "cursor": store.cursor(), "skip": {"node_id": node, "upto": upto},
+                   "known": known_out(store)})
         watcher = sqlite3.connect(store.path, timeout=60)
         last_version = None
         in_flight = None
@@ -119,10 +124,15 @@ class Watch:
                         live = True
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
+                    elif t == "diverged":  # restored server: give it back what it lost
+                        n = store.heal()
+                        self.log(f"{msg.get('reason')}; queued the {n} events this device"
+                                 " holds to push again")
+                        return
                     elif t == "result":
                         if in_flight is None or msg.get("id") != in_flight[0]:
                             raise IntegrityError("push result for a batch that was not sent")
-                        self._results(in_flight[1], msg.get("results"))
+                        self._results(in_flight[1], msg)
                         in_flight = None
                         last_version = None  # look at the queue again
                     else:
@@ -151,7 +161,7 @@ class Watch:
             rows = [check_stamped(ev) for ev in events]
         except EventError as e:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
-        new = self.store.receive(rows, nxt)
+        new = self.store.receive(rows, nxt, point_in(msg, "next"))
         if new:
             self._resolve()
             self.log(f"received {new} event{'s' if new != 1 else ''}")
@@ -161,12 +171,13 @@ class Watch:
             from .resolve import resolve
             resolve(self.store, self.cfg.path_map or None)
 
-    def _results(self, ids, results):
+    def _results(self, ids, msg):
+        results = msg.get("results")
         if (not isinstance(results, list) or len(results) != len(ids)
                 or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
             raise IntegrityError("server's push answer does not match the events sent")
         out = [(r["event_id"], r.get("status"), r.get("reason")) for r in results]
-        self.store.mark_pushed(out)
+        self.store.mark_pushed(out, point_in(msg, "head"))
         self._resolve()  # this device's own events show in its state too
         sent = sum(1 for _, st, _ in out if st in ("accepted", "duplicate"))
         rejected = len(out) - sent

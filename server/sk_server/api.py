@@ -156,12 +156,15 @@ def push():
             raise Refused(400, "malformed", "push body must have an 'events' list")
         raise Refused(413, "too_large", f"{len(events)} events in one push; the limit is"
                                         f" {wire.MAX_BATCH}")
-    return _sealed(key, "push", nonce, {"results": push_events(key, events, ticket)})
+    known = parse_known(body.get("known"))
+    return _sealed(key, "push", nonce, push_events(key, events, ticket, known))
 
 
-def push_events(key, events, ticket=None):
-    """Validate and store a batch for device `key`: per-event results, in order.
-    The REST push (with its request's ticket) and the WebSocket push come here."""
+def push_events(key, events, ticket=None, known=None):
+    """Validate and store a batch for device `key`; the answer: per-event results
+    in order and the log's new (head, chain), or why the device's known point is
+    not on this log (then nothing is stored). The REST push (with its request's
+    ticket) and the WebSocket push come here."""
     results, rows, where = [None] * len(events), [], []
     for i, ev in enumerate(events):
         eid = ev.get("event_id") if isinstance(ev, dict) else None
@@ -172,10 +175,12 @@ def push_events(key, events, ticket=None):
             where.append(i)
         except EventError as e:
             results[i] = {"event_id": eid, "status": "rejected", "reason": str(e)}
-    stored = _store().push(key.team, key.device, rows, ticket)
+    stored = _store().push(key.team, key.device, rows, ticket, known)
     if stored is None:
         raise _replay()
-    for i, (status, reason) in zip(where, stored):
+    if stored.diverged:
+        return {"diverged": stored.diverged, "head": stored.head}
+    for i, (status, reason) in zip(where, stored.results):
         results[i] = {"event_id": events[i]["event_id"], "status": status}
         if reason:
             results[i]["reason"] = reason
@@ -183,7 +188,21 @@ def push_events(key, events, ticket=None):
         notify = current_app.extensions.get("sk_notify")
         if notify:
             notify(key.team)
-    return results
+    return {"results": results, "head": stored.head, "chain": stored.chain.hex()}
+
+
+def parse_known(known):
+    """The optional {"seq": int, "chain": hex} a device last saw of its team's log."""
+    if known is None:
+        return None
+    try:
+        seq, chain = known["seq"], bytes.fromhex(known["chain"])
+        if type(seq) is not int or not 0 <= seq < 2 ** 63 or len(chain) != 32:
+            raise ValueError
+    except (TypeError, KeyError, ValueError):
+        raise Refused(400, "malformed", "'known' must be {\"seq\": integer, \"chain\":"
+                                        " 64 hex digits}") from None
+    return seq, chain
 
 
 def parse_skip(skip):
@@ -213,8 +232,19 @@ def pull():
         raise Refused(400, "malformed", "'after' must be an integer from 0 to 2^63-1")
     if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
-    rows, nxt, more = _store().pull(key.team, after, limit, parse_skip(body.get("skip")))
-    return _sealed(key, "pull", nonce, {"events": events_out(rows), "next": nxt, "more": more})
+    page = _store().pull(key.team, after, limit, parse_skip(body.get("skip")),
+                         parse_known(body.get("known")))
+    return _sealed(key, "pull", nonce, page_out(page))
+
+
+def page_out(page):
+    """A store Page as the wire's pull answer (REST) or events frame (WebSocket)."""
+    if page.diverged:
+        return {"diverged": page.diverged, "events": [], "next": page.next, "more": False}
+    out = {"events": events_out(page.rows), "next": page.next, "more": page.more}
+    if page.chain is not None:
+        out["chain"] = page.chain.hex()
+    return out
 
 
 @api.post("/api/ws-token")

@@ -35,6 +35,16 @@ def secret_path(db):
     return os.path.splitext(os.path.abspath(db))[0] + ".secret"
 
 
+def where(db):
+    """Where the secret for database `db` comes from, for messages."""
+    if os.environ.get("SK_SERVER_SECRET"):
+        return "SK_SERVER_SECRET"
+    try:
+        return secret_path(db)
+    except SecretError:
+        return "SK_SERVER_SECRET_FILE"
+
+
 def load_secret(db, create=True):
     """The 32-byte secret for database `db`, creating its file if allowed."""
     if os.environ.get("SK_SERVER_SECRET"):
@@ -50,6 +60,11 @@ def load_secret(db, create=True):
             pass  # another process made it first: use theirs
         except OSError as e:
             raise SecretError(f"cannot create server secret '{path}': {e.strerror or e}") from None
+    return read_secret(path)
+
+
+def read_secret(path):
+    """The 32-byte secret in file `path` (refused if others can read it)."""
     try:
         st = os.stat(path)
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):

@@ -6,10 +6,12 @@ implementation (PostgreSQL) only has to provide the same methods.
 """
 
 import abc
+import hashlib
 import os
 import sqlite3
 import threading
 import time
+from collections import namedtuple
 from datetime import datetime, timezone
 
 from sk import crypto
@@ -31,8 +33,78 @@ class StoreError(Exception):
     """A store operation refused: unknown device, name taken, ..."""
 
 
+# Each team's log is a hash chain, git style: the chain value after event `seq` is
+# sha256(chain before it + its event_id). A device keeps the (seq, chain) of the
+# last point of the log it saw; if the server's log at that seq is not the same
+# chain (the database was put back to an older copy, or replaced) every request
+# that carries the point is told so, and the device heals the server.
+GENESIS = bytes(32)
+
+
+def chain_next(prev, event_id):
+    return hashlib.sha256(prev + event_id.encode()).digest()
+
+
+Pushed = namedtuple("Pushed", "results head chain diverged")
+Pushed.__doc__ = """What a push did: [(status, reason)] per row, the team's (head, chain)
+after it, and why the device's known point is not on this log (None if it is;
+then nothing was stored)."""
+Page = namedtuple("Page", "rows next more chain diverged")
+Page.__doc__ = """One pull page: rows [(seq, *EVENT_COLUMNS)], the next cursor and its
+chain value, whether more follow, and the divergence reason (None if none)."""
+
+
+def check_known(known, head, chain_at):
+    """Why the device's known point (seq, chain) is not on this team's log of
+    `head` events, or None if it is. chain_at(seq) reads the chain after seq."""
+    if known is None:
+        return None
+    seq, chain = known
+    if seq > head:
+        return (f"the server's log holds {head} events, but this device saw {seq}:"
+                " the server was restored from an older copy")
+    if seq and chain_at(seq) != chain:
+        return (f"event {seq} of the server's log is not the one this device saw:"
+                " the server was restored from an older copy, or replaced")
+    return None
+
+
+def plan_push(rows, existing, lamport):
+    """The merge rule of a push, shared by every store: which rows are new,
+    duplicates or refused. existing maps event_id -> stored row (EVENT_COLUMNS
+    order). Returns ([(status, reason)], [new rows], team's new lamport)."""
+    results, new = [], []
+    for row in rows:
+        old = existing.get(row[0])
+        if old is None and row[4] > lamport + MAX_LAMPORT_JUMP:
+            results.append(("rejected", "lamport_clock jumps more than 2^32 past the"
+                                        " team's highest clock"))
+        elif old is None:
+            lamport = max(lamport, row[4])
+            new.append(row)
+            existing[row[0]] = row
+            results.append(("accepted", None))
+        elif tuple(old) == tuple(row):
+            results.append(("duplicate", None))
+        else:
+            results.append(("rejected", "event_id already used by a different event"))
+    return results, new, lamport
+
+
+def number(new, head, chain):
+    """Give new rows their dense sequence numbers and chain values, in order:
+    [(seq, chain, row)], and the team's new (head, chain)."""
+    out = []
+    for row in new:
+        head += 1
+        chain = chain_next(chain, row[0])
+        out.append((head, chain, row))
+    return out, head, chain
+
+
 class Store(abc.ABC):
-    """The interface every server store implements."""
+    """The interface every server store implements (SQLiteStore here, PostgresStore
+    in pgstore.py). The server's tests run against both."""
 
     # devices and keys (sk-register)
     @abc.abstractmethod
@@ -52,16 +124,20 @@ class Store(abc.ABC):
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request nonce; False if already seen (a replay)."""
     @abc.abstractmethod
-    def push(self, team, device, rows, ticket=None):
-        """Store rows; [(status, reason)] per row; durable before it returns.
-        ticket=(key_id, device, nonce, expires_ms) admits the request in the same
-        transaction; None (and nothing stored) if that nonce was seen before."""
+    def push(self, team, device, rows, ticket=None, known=None):
+        """Store rows (EVENT_COLUMNS order) as one transaction, durable before it
+        returns: a Pushed. ticket=(key_id, device, nonce, expires_ms) admits the
+        request in the same transaction; None (and nothing stored) if that nonce
+        was seen before. known=(seq, chain): the device's last point of the log;
+        if it is not on this log nothing is stored and Pushed.diverged says why."""
     @abc.abstractmethod
-    def pull(self, team, after, limit, skip=None):
-        """(rows, next cursor, more) from one consistent snapshot; skip=(node_id,
-        upto) leaves out that node's events stamped at or below upto."""
+    def pull(self, team, after, limit, skip=None, known=None):
+        """A Page after cursor `after`, from one consistent snapshot. skip=(node_id,
+        upto) leaves out that node's events stamped at or below upto (the cursor
+        still moves past them); known as for push."""
     @abc.abstractmethod
-    def head(self, team): ...
+    def head(self, team):
+        """The number of events in the team's log."""
     @abc.abstractmethod
     def auth_failures(self, addr, window_ms):
         """How many failed authentications came from addr in the current window."""
@@ -75,11 +151,35 @@ class Store(abc.ABC):
     def consume_ws_token(self, token_hash):
         """Use a token once: its KeyRecord, or a reason string why it is refused."""
 
-    # upkeep
+    def listen(self, callback):
+        """Call callback(team) in a thread of this process whenever any process
+        stores events of that team. False if the store cannot tell (then only the
+        process that stored them wakes its sessions at once; others look every
+        second)."""
+        return False
+
+    # upkeep and moving (sk-admin)
     @abc.abstractmethod
     def stats(self): ...
     @abc.abstractmethod
     def backup(self, path): ...
+    @abc.abstractmethod
+    def export_meta(self):
+        """{"teams": [(team, head, lamport, chain, created)], "devices": [(name, team,
+        created, last_seen, revoked)], "keys": [(key_id, device, master (plain),
+        created, retired, retired_why)], "nonces": [(key_id, nonce, expires)]}."""
+    @abc.abstractmethod
+    def import_meta(self, meta):
+        """Add what export_meta gave (teams with an empty log; devices, keys and
+        unexpired nonces), keeping what is already here."""
+    @abc.abstractmethod
+    def export_events(self, team, after, limit):
+        """Up to limit stored rows after seq `after`: (seq, *EVENT_COLUMNS, chain,
+        device, received)."""
+    @abc.abstractmethod
+    def import_events(self, team, rows):
+        """Append exported rows as they are (same seq and chain); they must follow
+        the team's head, and the chain must check out."""
 
     def close(self):
         pass
@@ -91,6 +191,7 @@ CREATE TABLE IF NOT EXISTS teams (
     team    TEXT PRIMARY KEY,
     head    INTEGER NOT NULL DEFAULT 0,   -- last seq: dense, in commit order
     lamport INTEGER NOT NULL DEFAULT 0,   -- highest Lamport clock stored
+    chain   BLOB NOT NULL,                -- hash chain value after event `head`
     created TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS devices (
@@ -119,6 +220,7 @@ CREATE TABLE IF NOT EXISTS events (
     node_id        TEXT NOT NULL,
     payload        TEXT NOT NULL,
     timestamp      TEXT NOT NULL,
+    chain          BLOB NOT NULL,
     device         TEXT NOT NULL,
     received       TEXT NOT NULL,
     PRIMARY KEY (team, seq)
@@ -143,12 +245,14 @@ CREATE TABLE IF NOT EXISTS ws_tokens (
     used       INTEGER
 ) WITHOUT ROWID;
 """
+SCHEMA_VERSION = 2
 # One device must not be able to push the team's Lamport clock to its end (2^63)
 # and so stop everybody from stamping: a jump this far ahead is refused.
 MAX_LAMPORT_JUMP = 2 ** 32
 EVENT_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
                  "lamport_clock", "node_id", "payload", "timestamp")
-_SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + " FROM events"
+STORED_COLUMNS = ("seq", *EVENT_COLUMNS, "chain", "device", "received")
+_SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + ", chain FROM events"
 
 
 def dedup_sql(n):
@@ -157,6 +261,10 @@ def dedup_sql(n):
     as the log grows (quadratic in all)."""
     return ("SELECT " + ", ".join(EVENT_COLUMNS) + " FROM events INDEXED BY events_id"
             " WHERE team = ? AND event_id IN (" + ",".join("?" * n) + ")")
+
+
+def now_ms():
+    return int(time.time() * 1000)
 
 
 class SQLiteStore(Store):
@@ -181,10 +289,18 @@ class SQLiteStore(Store):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         db = self._db()
         with self._write(db):
+            version = None
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if version and int(version[0]) > SCHEMA_VERSION:
+                raise StoreError(f"server database '{self.path}' has schema {version[0]}, newer"
+                                 f" than this sk server ({SCHEMA_VERSION}): upgrade sk")
+            if version and int(version[0]) == 1:
+                _upgrade_1_to_2(db)
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def _db(self):
         db = getattr(self._local, "db", None)
@@ -208,6 +324,11 @@ class SQLiteStore(Store):
         def __exit__(self, exc_type, exc, tb):
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
+    class _read(_write):
+        def __enter__(self):
+            self.db.execute("BEGIN")
+            return self.db
+
     # -- devices ---------------------------------------------------------------
     def create_device(self, name, team, key_id, master):
         db = self._db()
@@ -215,8 +336,8 @@ class SQLiteStore(Store):
         with self._write(db):
             if db.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
                 raise StoreError(f"device '{name}' already exists (use --rotate for a new key)")
-            db.execute("INSERT OR IGNORE INTO teams(team, head, created) VALUES (?, 0, ?)",
-                       (team, now))
+            db.execute("INSERT OR IGNORE INTO teams(team, head, chain, created) VALUES (?, 0, ?, ?)",
+                       (team, GENESIS, now))
             db.execute("INSERT INTO devices(name, team, created) VALUES (?, ?, ?)",
                        (name, team, now))
             db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
@@ -260,13 +381,7 @@ class SQLiteStore(Store):
             "SELECT k.key_id, k.device, d.team, k.master, k.retired, k.retired_why, d.revoked"
             " FROM keys k JOIN devices d ON d.name = k.device WHERE k.key_id = ?",
             (key_id,)).fetchone()
-        if row is None:
-            return None
-        try:
-            master = crypto.unwrap_key(self._secret, key_id, row[3])
-        except crypto.CryptoError as e:
-            raise StoreError(f"key '{key_id}': {e} (wrong secret file for this database?)") from None
-        return KeyRecord(row[0], row[1], row[2], master, *row[4:])
+        return None if row is None else key_record(self._secret, row)
 
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request's nonce; False if it was seen before (a replay)."""
@@ -275,89 +390,79 @@ class SQLiteStore(Store):
             return self._admit(db, key_id, device, nonce, expires_ms)
 
     def _admit(self, db, key_id, device, nonce, expires_ms):
-        db.execute("DELETE FROM nonces WHERE expires < ?", (int(time.time() * 1000),))
+        db.execute("DELETE FROM nonces WHERE expires < ?", (now_ms(),))
         cur = db.execute("INSERT OR IGNORE INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)",
                          (key_id, nonce, expires_ms))
         if cur.rowcount != 1:
             return False
-        db.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (utc_now(), device))
+        now = utc_now()
+        db.execute("UPDATE devices SET last_seen = ? WHERE name = ? AND last_seen IS NOT ?",
+                   (now, device, now))
         return True
 
-    def push(self, team, device, rows, ticket=None):
-        """Store validated rows (tuples in EVENT_COLUMNS order). Returns a list of
-        (status, reason) in the same order; commits before returning. With a
-        ticket the request's nonce is admitted in the same transaction (one
-        commit, one fsync); None if it is a replay."""
+    def _chain_at(self, db, team):
+        return lambda seq: (db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
+                                       (team, seq)).fetchone() or (None,))[0]
+
+    def push(self, team, device, rows, ticket=None, known=None):
         db = self._db()
         now = utc_now()
-        results = [None] * len(rows)
         with self._write(db):
             if ticket is not None and not self._admit(db, *ticket):
                 return None
-            head, lamport = db.execute("SELECT head, lamport FROM teams WHERE team = ?",
-                                       (team,)).fetchone()
+            head, lamport, chain = db.execute(
+                "SELECT head, lamport, chain FROM teams WHERE team = ?", (team,)).fetchone()
+            diverged = check_known(known, head, self._chain_at(db, team))
+            if diverged:
+                return Pushed([], head, chain, diverged)
             existing = {}
             ids = [r[0] for r in rows]
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 for r in db.execute(dedup_sql(len(chunk)), [team, *chunk]):
                     existing[r[0]] = r
-            new = []
-            for i, row in enumerate(rows):
-                old = existing.get(row[0])
-                if old is None and row[4] > lamport + MAX_LAMPORT_JUMP:
-                    results[i] = ("rejected", "lamport_clock jumps more than 2^32 past the"
-                                              " team's highest clock")
-                elif old is None:
-                    lamport = max(lamport, row[4])
-                    head += 1
-                    new.append((team, head, *row, device, now))
-                    existing[row[0]] = row
-                    results[i] = ("accepted", None)
-                elif tuple(old) == tuple(row):
-                    results[i] = ("duplicate", None)
-                else:
-                    results[i] = ("rejected", "event_id already used by a different event")
+            results, new, lamport = plan_push(rows, existing, lamport)
             if new:
-                db.executemany("INSERT INTO events(team, seq, " + ", ".join(EVENT_COLUMNS) +
-                               ", device, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", new)
+                numbered, head, chain = number(new, head, chain)
+                db.executemany(
+                    "INSERT INTO events(team, seq, " + ", ".join(EVENT_COLUMNS) +
+                    ", chain, device, received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [(team, seq, *row, c, device, now) for seq, c, row in numbered])
                 # last statement of the transaction: the team row orders commits
-                db.execute("UPDATE teams SET head = ?, lamport = ? WHERE team = ?",
-                           (head, lamport, team))
-        return results
+                db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
+                           (head, lamport, chain, team))
+        return Pushed(results, head, chain, None)
 
-    def pull(self, team, after, limit, skip=None):
-        """Return (rows [(seq, *EVENT_COLUMNS)], next cursor, more) from one snapshot.
-        skip=(node_id, upto): leave out the events of node_id with lamport_clock <=
-        upto (the puller stamped them and holds them); the cursor still moves past."""
+    def pull(self, team, after, limit, skip=None, known=None):
         db = self._db()
-        db.execute("BEGIN")
-        try:
-            head = db.execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()
-            head = head[0] if head else 0
+        with self._read(db):
+            row = db.execute("SELECT head, chain FROM teams WHERE team = ?", (team,)).fetchone()
+            head, chain = row if row else (0, GENESIS)
+            diverged = check_known(known, head, self._chain_at(db, team))
+            if diverged:
+                return Page([], after, False, None, diverged)
             if skip is None:
-                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq"
-                                  " LIMIT ?", (team, after, limit + 1)).fetchall()
+                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq LIMIT ?",
+                                  (team, after, limit + 1)).fetchall()
             else:
                 rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? AND NOT"
                                   " (node_id = ? AND lamport_clock <= ?) ORDER BY seq LIMIT ?",
                                   (team, after, skip[0], skip[1], limit + 1)).fetchall()
-        finally:
-            db.execute("COMMIT")
-        if len(rows) > limit:
-            rows = rows[:limit]
-            return rows, rows[-1][0], True
-        return rows, max(head, after), False
+            if len(rows) > limit:
+                rows = rows[:limit]
+                return Page([r[:-1] for r in rows], rows[-1][0], True, rows[-1][-1], None)
+            if after > head:
+                return Page([r[:-1] for r in rows], after, False, None, None)
+        return Page([r[:-1] for r in rows], head, False, chain, None)
 
     def auth_failures(self, addr, window_ms):
         row = self._db().execute("SELECT window_start, count FROM auth_failures WHERE addr = ?",
                                  (addr,)).fetchone()
-        now = int(time.time() * 1000)
-        return row[1] if row and row[0] > now - window_ms else 0
+        return row[1] if row and row[0] > now_ms() - window_ms else 0
 
     def note_auth_failure(self, addr, window_ms):
         db = self._db()
-        now = int(time.time() * 1000)
+        now = now_ms()
         with self._write(db):
             db.execute("DELETE FROM auth_failures WHERE window_start < ?", (now - 10 * window_ms,))
             db.execute("INSERT INTO auth_failures(addr, window_start, count) VALUES (?, ?, 1)"
@@ -370,27 +475,21 @@ class SQLiteStore(Store):
     def add_ws_token(self, token_hash, key_id, expires_ms):
         db = self._db()
         with self._write(db):
-            db.execute("DELETE FROM ws_tokens WHERE expires < ?", (int(time.time() * 1000) - 3600_000,))
+            db.execute("DELETE FROM ws_tokens WHERE expires < ?", (now_ms() - 3600_000,))
             db.execute("INSERT INTO ws_tokens(token_hash, key_id, expires) VALUES (?, ?, ?)",
                        (token_hash, key_id, expires_ms))
 
     def consume_ws_token(self, token_hash):
         db = self._db()
-        now = int(time.time() * 1000)
+        now = now_ms()
         with self._write(db):
             row = db.execute("SELECT key_id, expires, used FROM ws_tokens WHERE token_hash = ?",
                              (token_hash,)).fetchone()
-            if row is None:
-                return "unknown token"
-            if row[2] is not None:
-                return "token already used"
-            if row[1] < now:
-                return "token expired"
+            why = token_refusal(row, now)
+            if why:
+                return why
             db.execute("UPDATE ws_tokens SET used = ? WHERE token_hash = ?", (now, token_hash))
-        key = self.get_key(row[0])
-        if key is None or key.revoked or key.retired:
-            return "key revoked or rotated"
-        return key
+        return usable_key(self.get_key(row[0]))
 
     def head(self, team):
         row = self._db().execute("SELECT head FROM teams WHERE team = ?", (team,)).fetchone()
@@ -420,6 +519,59 @@ class SQLiteStore(Store):
         finally:
             target.close()
 
+    def export_meta(self):
+        db = self._db()
+        with self._read(db):
+            keys = []
+            for key_id, device, master, created, retired, why in db.execute(
+                    "SELECT key_id, device, master, created, retired, retired_why FROM keys"):
+                keys.append((key_id, device, unwrap(self._secret, key_id, master),
+                             created, retired, why))
+            return {
+                "teams": db.execute("SELECT team, head, lamport, chain, created FROM teams"
+                                    " ORDER BY team").fetchall(),
+                "devices": db.execute("SELECT name, team, created, last_seen, revoked"
+                                      " FROM devices ORDER BY name").fetchall(),
+                "keys": keys,
+                "nonces": db.execute("SELECT key_id, nonce, expires FROM nonces"
+                                     " WHERE expires >= ?", (now_ms(),)).fetchall(),
+            }
+
+    def import_meta(self, meta):
+        db = self._db()
+        with self._write(db):
+            db.executemany("INSERT OR IGNORE INTO teams(team, head, lamport, chain, created)"
+                           " VALUES (?, 0, 0, ?, ?)",
+                           [(t[0], GENESIS, t[4]) for t in meta["teams"]])
+            db.executemany("INSERT OR IGNORE INTO devices(name, team, created, last_seen, revoked)"
+                           " VALUES (?, ?, ?, ?, ?)", meta["devices"])
+            db.executemany("UPDATE devices SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                           [(d[4], d[0]) for d in meta["devices"] if d[4]])
+            db.executemany("INSERT OR IGNORE INTO keys(key_id, device, master, created, retired,"
+                           " retired_why) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(k[0], k[1], crypto.wrap_key(self._secret, k[0], k[2]), *k[3:])
+                            for k in meta["keys"]])
+            db.executemany("UPDATE keys SET retired = ?, retired_why = ? WHERE key_id = ?"
+                           " AND retired IS NULL", [(k[4], k[5], k[0]) for k in meta["keys"] if k[4]])
+            db.executemany("INSERT OR IGNORE INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)",
+                           meta["nonces"])
+
+    def export_events(self, team, after, limit):
+        return self._db().execute(
+            "SELECT " + ", ".join(STORED_COLUMNS) + " FROM events WHERE team = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?", (team, after, limit)).fetchall()
+
+    def import_events(self, team, rows):
+        db = self._db()
+        with self._write(db):
+            head, lamport, chain = db.execute(
+                "SELECT head, lamport, chain FROM teams WHERE team = ?", (team,)).fetchone()
+            head, lamport, chain = follow(team, head, lamport, chain, rows)
+            db.executemany("INSERT INTO events(team, " + ", ".join(STORED_COLUMNS) + ") VALUES"
+                           " (?,?,?,?,?,?,?,?,?,?,?,?,?)", [(team, *r) for r in rows])
+            db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
+                       (head, lamport, chain, team))
+
     def close(self):
         db = getattr(self._local, "db", None)
         if db is not None:
@@ -427,12 +579,76 @@ class SQLiteStore(Store):
             self._local.db = None
 
 
+def _upgrade_1_to_2(db):
+    """Schema 1 (sk 0.2.0) had no hash chain: add it, computed in seq order."""
+    db.execute("ALTER TABLE teams ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
+    db.execute("ALTER TABLE events ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
+    for (team,) in db.execute("SELECT team FROM teams").fetchall():
+        chain = GENESIS
+        updates = []
+        for seq, eid in db.execute("SELECT seq, event_id FROM events WHERE team = ? ORDER BY seq",
+                                   (team,)):
+            chain = chain_next(chain, eid)
+            updates.append((chain, team, seq))
+        db.executemany("UPDATE events SET chain = ? WHERE team = ? AND seq = ?", updates)
+        db.execute("UPDATE teams SET chain = ? WHERE team = ?", (chain, team))
+
+
+def follow(team, head, lamport, chain, rows):
+    """Check that exported rows continue a team's log at (head, chain): dense seq
+    and the chain recomputed. Returns the new (head, lamport, chain)."""
+    for r in rows:
+        seq, eid, row_chain = r[0], r[1], r[9]
+        chain = chain_next(chain, eid)
+        if seq != head + 1 or bytes(row_chain) != chain:
+            raise StoreError(f"team '{team}': event {seq} does not follow event {head} of the"
+                             " target's log (the source's log is not a continuation of it)")
+        head, lamport = seq, max(lamport, r[5])
+    return head, lamport, chain
+
+
+def unwrap(secret, key_id, blob):
+    try:
+        return crypto.unwrap_key(secret, key_id, bytes(blob))
+    except crypto.CryptoError as e:
+        raise StoreError(f"key '{key_id}': {e} (wrong secret file for this database?)") from None
+
+
+def key_record(secret, row):
+    """A KeyRecord from (key_id, device, team, wrapped master, retired, why, revoked)."""
+    return KeyRecord(row[0], row[1], row[2], unwrap(secret, row[0], row[3]), *row[4:])
+
+
+def token_refusal(row, now):
+    """Why a WebSocket token row (key_id, expires, used) can't open a session."""
+    if row is None:
+        return "unknown token"
+    if row[2] is not None:
+        return "token already used"
+    if row[1] < now:
+        return "token expired"
+    return None
+
+
+def usable_key(key):
+    return key if key is not None and not key.revoked and not key.retired else \
+        "key revoked or rotated"
+
+
+def redact(url):
+    """A database URL without its password, for messages."""
+    import re
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", os.fspath(url))
+
+
 def open_store(url, create=True):
-    """The store for a database URL or path (SQLite for a path). With create=False
-    a database that does not exist yet is an error, not a new empty one."""
+    """The store for a database URL or path: PostgreSQL for postgresql://, else a
+    SQLite file. With create=False a SQLite database that does not exist yet is an
+    error, not a new empty one."""
     url = os.fspath(url)
     if url.startswith(("postgresql://", "postgres://")):
-        raise StoreError("PostgreSQL is not supported by this version of sk yet")
+        from .pgstore import PostgresStore
+        return PostgresStore(url)
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") - 1:]
     path = os.path.expanduser(url)

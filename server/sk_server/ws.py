@@ -6,10 +6,16 @@ connection's only writer. It opens with a single-use token from POST
 device missed (catch-up), then live events as they are stored, and stores the
 device's pushed batches exactly as a REST push does (api.push_events).
 
-The team's log in the store is the only truth. The in-process Hub only wakes this
-process's sessions early when a push lands here; every session also looks at the
-store each CHECK_INTERVAL, so an event stored through another process or server
-still arrives. Nothing that must hold across requests lives in the Hub.
+The team's log in the store is the only truth. The in-process Hub wakes this
+process's sessions when a push lands here, or when the store tells of events
+stored by another server (PostgreSQL LISTEN/NOTIFY, see Store.listen); every
+session also looks at the store each CHECK_INTERVAL, so an event stored
+elsewhere still arrives when the store cannot tell. Nothing that must hold
+across requests lives in the Hub.
+
+The hello carries the device's last known point of the log; if the server's log
+is not the one the device saw (restored from an older copy), the session sends
+a sealed "diverged" frame and closes with 4409, and the device heals it.
 """
 
 import socket
@@ -22,7 +28,7 @@ from flask import Blueprint, current_app, request
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
-from .api import Refused, events_out, parse_skip, push_events
+from .api import Refused, page_out, parse_known, parse_skip, push_events
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -51,8 +57,12 @@ class Hub:
                     del self._teams[team]
 
     def notify(self, team):
+        """Wake the sessions of `team` (of every team if None)."""
         with self._lock:
-            members = list(self._teams.get(team, ()))
+            if team is None:
+                members = [s for m in self._teams.values() for s in m]
+            else:
+                members = list(self._teams.get(team, ()))
         for session in members:
             session.wake()
 
@@ -111,23 +121,27 @@ class Session:
                 if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
                     raise Closed(4400, "first frame must be a hello with an integer cursor")
                 try:
-                    return cursor, parse_skip(hello.get("skip"))
+                    return cursor, parse_skip(hello.get("skip")), parse_known(hello.get("known"))
                 except Refused as e:
                     raise Closed(4400, e.message) from None
             self.ws.event.wait(0.5)
             self.ws.event.clear()
         raise Closed(4408, "no hello within 15 s")
 
-    def send_new(self, cursor, exclude, catchup=False):
-        """Send every stored event after cursor, page by page; return the new cursor."""
+    def send_new(self, cursor, exclude, catchup=False, known=None):
+        """Send every stored event after cursor, page by page; return the new cursor.
+        known: the device's last point of the log, checked before anything is sent."""
         while True:
-            rows, nxt, more = self.store.pull(self.key.team, cursor, 1000, exclude)
-            if not rows and nxt == cursor:
+            page = self.store.pull(self.key.team, cursor, 1000, exclude, known)
+            known = None
+            if page.diverged:  # said sealed; the close frame says only that
+                self.send({"t": "diverged", "reason": page.diverged})
+                raise Closed(4409, "the server's log is not the one this device saw")
+            if not page.rows and page.next == cursor:
                 return cursor
-            self.send({"t": "events", "events": events_out(rows), "next": nxt, "more": more,
-                       "catchup": catchup})
-            cursor = nxt
-            if not more:
+            self.send({"t": "events", **page_out(page), "catchup": catchup})
+            cursor = page.next
+            if not page.more:
                 return cursor
 
     def check_key(self):
@@ -142,11 +156,11 @@ class Session:
         if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
             raise Closed(4400, f"push frame needs an 'events' list of at most {wire.MAX_BATCH}")
         self.check_key()
-        self.send({"t": "result", "id": msg.get("id"), "results": push_events(self.key, events)})
+        self.send({"t": "result", "id": msg.get("id"), **push_events(self.key, events)})
 
     def run(self, hub):
-        cursor, exclude = self.recv_hello()
-        cursor = self.send_new(cursor, exclude, catchup=True)
+        cursor, exclude, known = self.recv_hello()
+        cursor = self.send_new(cursor, exclude, catchup=True, known=known)
         self.send({"t": "live", "cursor": cursor})
         hub.join(self.key.team, self)
         try:
@@ -225,6 +239,7 @@ def init_app(app):
     hub = Hub()
     app.extensions["sk_hub"] = hub
     app.extensions["sk_notify"] = hub.notify
+    app.extensions["sk_store"].listen(hub.notify)  # events stored by other servers
     bp = Blueprint("ws", __name__)
     Sock().route(wire.WS_PATH, bp=bp)(session)
     app.register_blueprint(bp)

@@ -7,7 +7,13 @@ Fetch the team's events after the stored cursor (a server sequence number,
 never a wall-clock time), page by page until the server says no more follow,
 store them in the local log, advance the Lamport clock past them and move the
 cursor, one transaction per page. Exit 0 only when the end was reached. Run
-sk-resolve afterwards (sk sync does) to fold them into the state."""
+sk-resolve afterwards (sk sync does) to fold them into the state.
+
+Every pull shows the server the last point of its log this device saw (a
+sequence number and the log's hash chain there). If the server's log is no
+longer that one (it was restored from an older copy), sk-pull queues every
+event this device holds to push again, pulls the whole log, and exits 1 until
+'sk-push-batch --all' has given the server back what it lost."""
 
 
 def get_parser(prog="sk-pull"):
@@ -55,6 +61,12 @@ def _body(args):
     else:
         _common.say(args, f"pulled {counts['received']} event(s), {counts['new']} new,"
                           f" in {counts['pages']} page(s); cursor {counts['cursor']}")
+    healed = counts.get("healed")
+    if healed:  # said even with -q: a script must push to finish healing
+        print(f"{args.prog}: {healed['reason']}; queued the {healed['requeued']} events this"
+              " device holds to push again: run 'sk-push-batch --all' (or 'sk sync')",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,7 +9,9 @@ events are marked sent; a rejected event is set aside with the server's reason
 (see sk-log --rejected, sk sync status) and never blocks the rest. A batch the
 server refuses as too large (HTTP 413) is split; an event too large on its own
 is set aside. With --all, repeat until nothing is queued or no progress is made.
-Exit 1 when anything was rejected, or, with --all, anything is left queued."""
+If the server's log is not the one this device saw (restored from an older
+copy), every event this device holds is queued to push again, so the server
+gets back what it lost. Exit 1 when anything was rejected, or, with --all, anything is left queued."""
 
 
 def get_parser(prog="sk-push-batch"):
@@ -48,6 +50,10 @@ def _body(args):
         bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None, quiet=args.quiet)
         counts = push(store, client, args.max, args.all, on_event, bar)
         bar.close()
+    healed = counts.get("healed")
+    if healed:
+        _common.say(args, f"{healed['reason']}; queued the {healed['requeued']} events this"
+                          " device holds to push again")
     if args.json:
         _common.emit(counts)
     else:

@@ -107,6 +107,10 @@ def _now(args):
                 + (f", rejected {pu['rejected']}" if pu["rejected"] else "")
                 + f", pulled {pl['new']}, resolved {summary['resolved']}")
         print(line)
+    healed = summary.get("healed")
+    if healed and not args.quiet:
+        print(f"{args.prog}: {healed['reason']}; healed it: re-sent {healed['resent']} events"
+              f" this device holds, {healed['restored']} of them new to it", file=sys.stderr)
     for prob in (summary.get("stamp") or {}).get("problems", []):
         print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
               file=sys.stderr)

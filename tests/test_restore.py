@@ -1,0 +1,145 @@
+"""A server put back to an older copy of its database loses nothing: every device
+notices at its next sync (its last known point is not on the server's log any
+more), gives the server back the events it holds, and still receives everything
+pushed after the restore, even when others pushed more than the rollback took
+away (so the server's head is past every device's cursor again)."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import ServerProcess, is_pg, query, run
+
+
+def make(device_home, tag, n):
+    lines = "".join(json.dumps({"event_type": "note_created", "aggregate_type": "note",
+                                "aggregate_id": f"{tag}-{i}", "payload": {"n": i}}) + "\n"
+                    for i in range(n))
+    run("sk-append", home=device_home, input=lines)
+    run("sk-stamp", home=device_home)
+
+
+def log_ids(home):
+    return sorted(json.loads(line)["event_id"] for line in
+                  run("sk-log", home=home).stdout.splitlines())
+
+
+def server_ids(server):
+    rows = query(server.db, "SELECT event_id FROM events")
+    assert len(rows) == len(set(rows)), "an event is stored twice"
+    return sorted(r[0] for r in rows)
+
+
+class Snapshot:
+    """An older copy of the server's database, put back while the server is stopped:
+    the SQLite file (from sk-admin backup), or a PostgreSQL database copied from
+    the live one as its template."""
+
+    def __init__(self, server, request, tmp_path):
+        self.server, self.tmp = server, tmp_path
+        if is_pg(server.db):
+            self.cluster = request.getfixturevalue("pg_cluster")
+            self.live = server.db.rsplit("/", 1)[1]
+
+    def take(self):
+        if is_pg(self.server.db):
+            self.server.stop()
+            self.cluster.create_database(self.live + "_bak", template=self.live)
+            self.server.start()
+        else:
+            run("sk-admin", "--db", self.server.db, "backup", "--to", self.tmp / "old.db")
+
+    def put_back(self):
+        self.server.stop()
+        if is_pg(self.server.db):
+            self.cluster.drop_database(self.live)
+            self.cluster.create_database(self.live, template=self.live + "_bak")
+            self.cluster.drop_database(self.live + "_bak")
+        else:
+            for suffix in ("-wal", "-shm"):
+                self.server.db.with_name(self.server.db.name + suffix).unlink(missing_ok=True)
+            shutil.copyfile(self.tmp / "old.db", self.server.db)
+        self.server.start()
+
+
+@pytest.fixture
+def snapshot(server, request, tmp_path):
+    return Snapshot(server, request, tmp_path)
+
+
+def test_restored_server_is_healed_by_the_devices(server, device, snapshot):
+    a, b, c = device("a"), device("b"), device("c")
+    make(a, "a0", 40)
+    for home in (a, b, c):
+        run("sk", "sync", home=home)
+    snapshot.take()                             # the backup: 40 events
+    make(a, "a1", 30)
+    run("sk", "sync", home=a)
+    run("sk", "sync", home=c)                   # c saw a's 30 as well
+    make(b, "b1", 10)                           # b only pushes (a cron of plumbing)
+    run("sk-push-batch", "--all", home=b)
+    lost = server_ids(server)
+    assert len(lost) == 80
+
+    snapshot.put_back()                         # back to 40: 40 events lost
+    assert len(server_ids(server)) == 40
+    d = device("d")                             # a new device pushes more than was lost
+    make(d, "d0", 100)
+    run("sk", "sync", home=d)
+    assert len(server_ids(server)) == 140
+
+    p = run("sk", "sync", home=a)               # a notices, and gives back what it holds
+    heal = [line for line in p.stderr.splitlines() if "healed it" in line]
+    assert len(heal) == 1, p.stderr
+    assert "restored from an older copy" in heal[0] and "30 of them new to it" in heal[0]
+    p = run("sk", "sync", home=b)               # b's 10 were never pulled by anyone
+    assert "healed it" in p.stderr and "10 of them new to it" in p.stderr
+    p = run("sk", "sync", home=c)               # c held a's 30: nothing new to give
+    assert "healed it" in p.stderr and "0 of them new to it" in p.stderr
+    for home in (a, b, c, d):
+        run("sk", "sync", home=home)
+    everything = server_ids(server)
+    assert len(everything) == 180 and set(lost) <= set(everything)
+    for home in (a, b, c, d):
+        assert log_ids(home) == everything, home
+    states = {run("sk-state", home=home).stdout for home in (a, b, c, d)}
+    assert len(states) == 1
+    # healed: the next syncs say nothing about it
+    for home in (a, b, c, d):
+        assert "healed" not in run("sk", "sync", home=home).stderr
+
+
+def test_plumbing_pull_notices_and_push_gives_back(server, device, snapshot):
+    a, b = device("a"), device("b")
+    make(a, "a0", 5)
+    run("sk", "sync", home=a)
+    snapshot.take()
+    make(a, "a1", 7)
+    run("sk", "sync", home=a)
+    run("sk", "sync", home=b)
+    snapshot.put_back()
+    make(b, "b0", 20)
+    run("sk", "sync", home=b)                     # b noticed and healed: 7 back
+    assert len(server_ids(server)) == 32
+    p = run("sk-pull", home=a, code=0)            # a's point is on the healed log again
+    assert "restored" not in p.stderr
+    snapshot_ids = server_ids(server)
+    assert log_ids(a) == snapshot_ids
+
+
+def test_plumbing_pull_on_a_restored_server_exits_1_until_pushed(server, device, snapshot):
+    a = device("a")
+    make(a, "a0", 5)
+    run("sk", "sync", home=a)
+    snapshot.take()
+    make(a, "a1", 7)
+    run("sk", "sync", home=a)
+    snapshot.put_back()
+    p = run("sk-pull", home=a, code=1)
+    assert "restored from an older copy" in p.stderr and "sk-push-batch --all" in p.stderr
+    assert len(server_ids(server)) == 5
+    run("sk-push-batch", "--all", home=a)
+    assert len(server_ids(server)) == 12
+    run("sk-pull", home=a, code=0)
+    assert log_ids(a) == server_ids(server)
