@@ -6,6 +6,7 @@ away (so the server's head is past every device's cursor again)."""
 
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -32,30 +33,27 @@ def server_ids(server):
 
 
 class Snapshot:
-    """An older copy of the server's database, put back while the server is stopped:
-    the SQLite file (from sk-admin backup), or a PostgreSQL database copied from
-    the live one as its template."""
+    """An older copy of the server's database, put back while the server is stopped,
+    the way the README tells an admin: `sk-admin backup` and a file copy for
+    SQLite, `pg_dump` and `pg_restore` for PostgreSQL."""
 
     def __init__(self, server, request, tmp_path):
         self.server, self.tmp = server, tmp_path
         if is_pg(server.db):
-            self.cluster = request.getfixturevalue("pg_cluster")
-            self.live = server.db.rsplit("/", 1)[1]
+            self.bin = request.getfixturevalue("pg_cluster").bin_dir
 
     def take(self):
         if is_pg(self.server.db):
-            self.server.stop()
-            self.cluster.create_database(self.live + "_bak", template=self.live)
-            self.server.start()
+            subprocess.run([self.bin / "pg_dump", "-Fc", "-f", self.tmp / "old.dump",
+                            self.server.db], check=True, timeout=60)
         else:
             run("sk-admin", "--db", self.server.db, "backup", "--to", self.tmp / "old.db")
 
     def put_back(self):
         self.server.stop()
         if is_pg(self.server.db):
-            self.cluster.drop_database(self.live)
-            self.cluster.create_database(self.live, template=self.live + "_bak")
-            self.cluster.drop_database(self.live + "_bak")
+            subprocess.run([self.bin / "pg_restore", "--clean", "--if-exists", "-d",
+                            self.server.db, self.tmp / "old.dump"], check=True, timeout=60)
         else:
             for suffix in ("-wal", "-shm"):
                 self.server.db.with_name(self.server.db.name + suffix).unlink(missing_ok=True)
@@ -143,3 +141,27 @@ def test_plumbing_pull_on_a_restored_server_exits_1_until_pushed(server, device,
     assert len(server_ids(server)) == 12
     run("sk-pull", home=a, code=0)
     assert log_ids(a) == server_ids(server)
+
+
+def test_a_watcher_heals_a_restored_server_by_itself(server, device, snapshot, tmp_path):
+    from test_watch import Watcher, wait_until
+    a, b = device("a"), device("b")
+    make(a, "a0", 5)
+    run("sk", "sync", home=a)
+    snapshot.take()
+    w = Watcher(a, tmp_path)
+    try:
+        w.wait_connected()
+        make(a, "a1", 6)                           # pushed over the WebSocket
+        wait_until(lambda: len(server_ids(server)) == 11, 20, "the watcher's push")
+        snapshot.put_back()                        # the watcher drops, and comes back
+        wait_until(lambda: "restored from an older copy" in w.text(), 60,
+                   f"the watcher to notice:\n{w.text()}")
+        wait_until(lambda: len(server_ids(server)) == 11, 30,
+                   f"the watcher to give back the 6 lost events:\n{w.text()}")
+        run("sk", "sync", home=b)
+        assert log_ids(b) == server_ids(server)
+        make(a, "a2", 2)                           # and it goes on as before
+        wait_until(lambda: len(server_ids(server)) == 13, 20, "a push after healing")
+    finally:
+        w.kill()

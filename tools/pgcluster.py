@@ -138,6 +138,7 @@ class PgCluster:
         for tool in ("initdb", "postgres"):
             if not os.access(bin_dir / tool, os.X_OK):
                 raise RuntimeError(f"no executable {tool} in {bin_dir}")
+        self.bin_dir = bin_dir   # pg_dump, pg_restore, psql of the same version too
 
         self.data_dir = self.base_dir / "data"
         self.data_dir.mkdir(mode=0o700)

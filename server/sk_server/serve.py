@@ -23,6 +23,8 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_lo
                 "workers": workers, "worker_class": "gthread", "threads": threads,
                 "timeout": timeout, "graceful_timeout": 5, "keepalive": 30,
                 "accesslog": "-" if access_log else None, "errorlog": "-",
+                # the common log format, then the time taken in microseconds
+                "access_log_format": '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s %(D)s',
                 "proc_name": "sk-server",
             }
             if not control_socket and "control_socket_disable" in self.cfg.settings:

@@ -87,8 +87,9 @@ def run(prog, get_parser, body, argv=None):
 
 
 def db_flag(p):
-    p.add_argument("--db", metavar="PATH",
-                   help="server database (default: $SK_SERVER_DB, else $SK_HOME/server.db)")
+    p.add_argument("--db", metavar="DB",
+                   help="server database: a SQLite path or postgresql://USER@HOST:PORT/DB"
+                        " (default: $SK_SERVER_DB, else $SK_HOME/server.db)")
 
 
 def server_db(args):

@@ -5,15 +5,18 @@ from . import _common
 DESCRIPTION = """\
 Run the sk server: the Flask application under gunicorn with the gthread
 worker (a production WSGI server, not the Flask development server). The
-database is --db, else $SK_SERVER_DB, else $SK_HOME/server.db (SQLite, created
-if missing). Register devices with sk-register against the same database.
-Stop it with SIGTERM or Ctrl-C. `python -m sk_server` does the same.
+database is --db, else $SK_SERVER_DB, else $SK_HOME/server.db: a SQLite file
+(created if missing), or postgresql://USER@HOST:PORT/DB, which several servers
+(with --no-control-socket) may share behind any load balancer. Register devices
+with sk-register against the same database. Stop it with SIGTERM or Ctrl-C.
+`python -m sk_server` does the same.
 
 Each device's key material in the database is wrapped with the server secret,
 which is kept out of the database: SK_SERVER_SECRET (32 bytes, base64url), else
 the file SK_SERVER_SECRET_FILE, else the file beside the database (server.db ->
-server.secret, created with mode 600 together with a new database). Back it up
-with the database, apart from it; several servers on one database share it.
+server.secret, created with mode 600 together with a new database); for
+PostgreSQL one of the first two is required. Back it up with the database,
+apart from it; several servers on one database share it.
 Repeated failed authentication from one address (20 a minute) is answered with
 429 until the minute is over."""
 
@@ -27,7 +30,8 @@ def get_parser(prog="sk server"):
     p.add_argument("--threads", type=int, default=32,
                    help="threads per worker (default 32); each open `sk sync watch`"
                         " session holds one, so size this above the number of watchers")
-    p.add_argument("--access-log", action="store_true", help="log every request to stderr")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request to stderr (common log format, then microseconds taken)")
     p.add_argument("--no-control-socket", action="store_true",
                    help="do not open gunicorn's control socket (when several servers run)")
     return p
