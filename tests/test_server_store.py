@@ -15,7 +15,7 @@ from sk.event import check_stamped
 from sk_server.devices import register, revoke, rotate
 from sk_server.store import GENESIS, SQLiteStore, StoreError, chain_next, open_store
 
-from conftest import free_port, is_pg
+from conftest import free_port, is_pg, query
 
 
 def row(**kw):
@@ -398,3 +398,28 @@ def test_a_pull_never_skips_an_event_that_commits_late(store):
     assert not errors
     assert len(got) == len(set(got)) == len(pushed) == store.head("A")
     assert set(got) == set(pushed)
+
+
+def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
+    """A server database of sk 0.2.0 (no chain) is upgraded in place when opened."""
+    path = tmp_path / "old.db"
+    s = SQLiteStore(path)
+    register(s, "a1", "A")
+    push(s, "A", "a1", [row() for _ in range(5)])
+    s.close()
+    db = sqlite3.connect(path)
+    with db:   # back to schema 1: what 0.2.0 wrote
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+        for table in ("events", "teams"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN chain")
+    db.close()
+    s = SQLiteStore(path)
+    ids = [r[1] for r in s.pull("A", 0, 10).rows]
+    chain = GENESIS
+    for i, eid in enumerate(ids, 1):
+        chain = chain_next(chain, eid)
+        assert s.pull("A", 0, 10, known=(i, chain)).diverged is None
+    assert s.pull("A", 0, 10).chain == chain
+    assert push(s, "A", "a1", [row()]) == [("accepted", None)]
+    assert query(path, "SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    s.close()

@@ -18,6 +18,8 @@ copy keeps the wheel's layout (pgserver/pginstall next to pgserver.libs): the
 binaries find libpq through an $ORIGIN-relative rpath and their share and lib
 dirs relative to themselves. $SK_PG_BIN is used in place, so as root it must be
 readable by nobody; a base_dir passed in must then be traversable by nobody.
+start() on a base_dir whose data dir was made before starts that cluster again,
+on the same port unless another is given (stop() leaves a given base_dir alone).
 
 `python tools/pgcluster.py` runs one with durable settings, prints its URL and
 stops it on SIGINT/SIGTERM.
@@ -133,20 +135,38 @@ class PgCluster:
             self.base_dir.mkdir(parents=True, exist_ok=True)
         if self._as and self._made_base:
             os.chmod(self.base_dir, 0o711)  # mkdtemp's 0700 would keep nobody out
-        if self._as and from_wheel:
-            bin_dir = _copy_install(bin_dir, self.base_dir / "pginstall")
+        if self._as and from_wheel:   # (a base dir started before has its copy)
+            copied = self.base_dir / "pginstall" / "pgserver" / "pginstall" / "bin"
+            bin_dir = copied if copied.is_dir() else _copy_install(bin_dir, self.base_dir / "pginstall")
         for tool in ("initdb", "postgres"):
             if not os.access(bin_dir / tool, os.X_OK):
                 raise RuntimeError(f"no executable {tool} in {bin_dir}")
         self.bin_dir = bin_dir   # pg_dump, pg_restore, psql of the same version too
 
         self.data_dir = self.base_dir / "data"
-        self.data_dir.mkdir(mode=0o700)
-        if self._as:
-            os.chown(self.data_dir, self._as["user"], self._as["group"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
         run = dict(env=env, cwd=self.base_dir, stdin=subprocess.DEVNULL, **self._as)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb(bin_dir, run)
+        self.port = self._port_arg or self.port or _free_port()
+        settings = {"listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": "",
+                    "max_connections": 300, "shared_buffers": "128MB"}
+        if not self.fsync:
+            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        cmd = [bin_dir / "postgres", "-D", self.data_dir]
+        for k, v in settings.items():
+            cmd += ["-c", f"{k}={v}"]
+        with open(self.base_dir / "postgres.log", "ab") as log:
+            # own session: a Ctrl-C meant for the caller does not shut the server down behind it
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True, **run)
+        self._wait_ready(timeout)
+
+    def _initdb(self, bin_dir, run):
+        self.data_dir.mkdir(mode=0o700)
+        if self._as:
+            os.chown(self.data_dir, self._as["user"], self._as["group"])
         init = subprocess.Popen(
             [bin_dir / "initdb", "-D", self.data_dir, "-U", self.user, "--auth=trust", "-E", "UTF8",
              "--no-locale", "--no-sync", "--no-instructions"],
@@ -160,20 +180,6 @@ class PgCluster:
             raise
         if init.returncode:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{out}")
-
-        self.port = self._port_arg or _free_port()
-        settings = {"listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": "",
-                    "max_connections": 300, "shared_buffers": "128MB"}
-        if not self.fsync:
-            settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
-        cmd = [bin_dir / "postgres", "-D", self.data_dir]
-        for k, v in settings.items():
-            cmd += ["-c", f"{k}={v}"]
-        with open(self.base_dir / "postgres.log", "ab") as log:
-            # own session: a Ctrl-C meant for the caller does not shut the server down behind it
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, **run)
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout

@@ -57,8 +57,22 @@ def _http_error(e):
 
 @api.app_errorhandler(Exception)
 def _internal(e):
+    if _database_down(e):
+        current_app.logger.error("database unavailable: %s", str(e).strip().splitlines()[0])
+        resp = error(503, "unavailable", "the server's database is unavailable; try again later")
+        resp.headers["Retry-After"] = "5"
+        return resp
     current_app.logger.exception("internal error")
     return error(500, "internal", "internal server error; see the server log")
+
+
+def _database_down(e):
+    """A PostgreSQL server that is down or a pool with no connection left: the
+    client should wait and retry (503), not report a bug."""
+    import sys
+    psycopg, pool = sys.modules.get("psycopg"), sys.modules.get("psycopg_pool")
+    return ((psycopg is not None and isinstance(e, psycopg.OperationalError))
+            or (pool is not None and isinstance(e, pool.PoolTimeout)))
 
 
 def _authenticate(endpoint, admit=True):
