@@ -165,3 +165,15 @@ def test_a_watcher_heals_a_restored_server_by_itself(server, device, snapshot, t
         wait_until(lambda: len(server_ids(server)) == 13, 20, "a push after healing")
     finally:
         w.kill()
+
+
+def test_a_device_moved_to_another_team_does_not_carry_its_old_log_over(server, device):
+    a = device("a", "red")
+    make(a, "red", 4)
+    run("sk", "sync", home=a)
+    key = server.register("a-blue", "blue")
+    run("sk", "sync", "setup", "--server", server.url, "--key", key, home=a)
+    p = run("sk", "sync", home=a)
+    assert "healed" not in p.stderr
+    teams = dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team"))
+    assert teams == {"red": 4}

@@ -72,6 +72,19 @@ class Diverged(Exception):
         self.reason = reason
 
 
+def healing(store, attempt):
+    """attempt(first=True); if the server's log diverged from what this device saw,
+    queue everything held here again (LocalStore.heal) and attempt(first=False).
+    The counts of the second attempt say so under "healed"."""
+    try:
+        return attempt(True)
+    except Diverged as d:
+        requeued = store.heal()
+        counts = attempt(False)
+        counts["healed"] = {"reason": d.reason, "requeued": requeued}
+        return counts
+
+
 def known_out(store):
     """The device's known point of the server's log, as the wire carries it."""
     known = store.known()
@@ -161,13 +174,8 @@ def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, 
     """Push one batch (or, with all_batches, every batch) of queued events. If the
     server's log turns out not to be the one this device saw, heal it: queue every
     event held here again and push (counts["healed"] says so)."""
-    try:
-        return _push(store, client, max_n, all_batches, on_event, progress)
-    except Diverged as d:
-        requeued = store.heal()
-        counts = _push(store, client, max_n, all_batches, on_event, progress)
-        counts["healed"] = {"reason": d.reason, "requeued": requeued}
-        return counts
+    return healing(store, lambda first: _push(store, client, max_n, all_batches, on_event,
+                                              progress))
 
 
 def _push(store, client, max_n, all_batches, on_event, progress):
@@ -241,13 +249,8 @@ def pull(store, client, since=None, on_event=None, progress=None, page_size=PAGE
     The cursor only moves when the pull started at or before it. If the server's
     log is not the one this device saw, queue every event held here to push again
     and pull the whole log (counts["healed"] says so)."""
-    try:
-        return _pull(store, client, since, on_event, progress, page_size)
-    except Diverged as d:
-        requeued = store.heal()
-        counts = _pull(store, client, None, on_event, progress, page_size)
-        counts["healed"] = {"reason": d.reason, "requeued": requeued}
-        return counts
+    return healing(store, lambda first: _pull(store, client, since if first else None,
+                                              on_event, progress, page_size))
 
 
 def _pull(store, client, since, on_event, progress, page_size):
@@ -402,5 +405,13 @@ def setup(cfg, server, api_key):
     client = Client(trial.server, trial.api_key, cfg.timeout)
     hello = client.hello()
     cfg.write_env({"SK_SERVER": trial.server, "SK_API_KEY": trial.api_key})
-    return {"server": trial.server, "device": hello.get("device"), "team": hello.get("team"),
+    store = open_store(cfg)
+    team = hello.get("team")
+    if store.meta("team") not in (None, team):
+        # another team's log: start reading it from its beginning, and never treat
+        # the old team's events as something that log lost (see LocalStore.heal)
+        store.set_meta(team=team, cursor=0, known="")
+    elif store.meta("team") is None:
+        store.set_meta(team=team)
+    return {"server": trial.server, "device": hello.get("device"), "team": team,
             "config": str(cfg.env_path)}

@@ -22,71 +22,14 @@ import time
 
 from sk import crypto
 
-from .store import (EVENT_COLUMNS, GENESIS, STORED_COLUMNS, Page, Pushed, Store, StoreError,
-                    check_known, follow, key_record, now_ms, number, plan_push, redact,
-                    token_refusal, unwrap, usable_key, utc_now)
+from .store import SCHEMA as SQLITE_SCHEMA
+from .store import (EVENT_COLUMNS, GENESIS, SCHEMA_VERSION, STORED_COLUMNS, Page, Pushed,
+                    Store, StoreError, check_known, follow, key_record, now_ms, number,
+                    plan_push, redact, token_refusal, unwrap, usable_key, utc_now)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS teams (
-    team    TEXT PRIMARY KEY,
-    head    BIGINT NOT NULL DEFAULT 0,
-    lamport BIGINT NOT NULL DEFAULT 0,
-    chain   BYTEA NOT NULL,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    name      TEXT PRIMARY KEY,
-    team      TEXT NOT NULL REFERENCES teams(team),
-    created   TEXT NOT NULL,
-    last_seen TEXT,
-    revoked   TEXT
-);
-CREATE TABLE IF NOT EXISTS keys (
-    key_id      TEXT PRIMARY KEY,
-    device      TEXT NOT NULL REFERENCES devices(name),
-    master      BYTEA NOT NULL,
-    created     TEXT NOT NULL,
-    retired     TEXT,
-    retired_why TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
-    team           TEXT NOT NULL,
-    seq            BIGINT NOT NULL,
-    event_id       TEXT NOT NULL,
-    event_type     TEXT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id   TEXT NOT NULL,
-    lamport_clock  BIGINT NOT NULL,
-    node_id        TEXT NOT NULL,
-    payload        TEXT NOT NULL,
-    timestamp      TEXT NOT NULL,
-    chain          BYTEA NOT NULL,
-    device         TEXT NOT NULL,
-    received       TEXT NOT NULL,
-    PRIMARY KEY (team, seq)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events(team, event_id);
-CREATE TABLE IF NOT EXISTS nonces (
-    key_id  TEXT NOT NULL,
-    nonce   BYTEA NOT NULL,
-    expires BIGINT NOT NULL,
-    PRIMARY KEY (key_id, nonce)
-);
-CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
-CREATE TABLE IF NOT EXISTS auth_failures (
-    addr         TEXT PRIMARY KEY,
-    window_start BIGINT NOT NULL,
-    count        INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ws_tokens (
-    token_hash TEXT PRIMARY KEY,
-    key_id     TEXT NOT NULL,
-    expires    BIGINT NOT NULL,
-    used       BIGINT
-);
-"""
-SCHEMA_VERSION = 2
+# the SQLite schema in PostgreSQL's words: one schema, two dialects
+SCHEMA = (SQLITE_SCHEMA.replace("BLOB", "BYTEA").replace("INTEGER", "BIGINT")
+          .replace(") WITHOUT ROWID", ")"))
 CHANNEL = "sk_events"
 SCHEMA_LOCK = 0x736b   # advisory lock: servers starting at once create the schema once
 PRUNE_EVERY = 60.0     # seconds between deletions of expired nonces and tokens
