@@ -3,6 +3,7 @@ failed authentication from one address is slowed down, across server processes."
 
 import os
 import stat
+from contextlib import closing
 
 import pytest
 
@@ -92,14 +93,16 @@ def test_postgresql_needs_the_shared_secret_outside_the_database(tmp_path, monke
     with pytest.raises(StoreError, match="SK_SERVER_SECRET"):   # nowhere to keep one
         open_store(db)
     monkeypatch.setenv("SK_SERVER_SECRET_FILE", env["SK_SERVER_SECRET_FILE"])
-    key_id, _ = crypto.parse_api_key(devices.register(open_store(db), "a"))
+    with closing(open_store(db)) as first:
+        key_id, _ = crypto.parse_api_key(devices.register(first, "a"))
     assert stat.S_IMODE(os.stat(env["SK_SERVER_SECRET_FILE"]).st_mode) == 0o600
-    assert open_store(db).get_key(key_id).device == "a"         # a second server
+    with closing(open_store(db)) as second:                      # a second server
+        assert second.get_key(key_id).device == "a"
     # a server given another secret cannot use the key material
     monkeypatch.delenv("SK_SERVER_SECRET_FILE")
     monkeypatch.setenv("SK_SERVER_SECRET", "C" * 43)
-    with pytest.raises(StoreError, match="does not unwrap"):
-        open_store(db).get_key(key_id)
+    with closing(open_store(db)) as other, pytest.raises(StoreError, match="does not unwrap"):
+        other.get_key(key_id)
     # nor does a server start without one once the database holds keys
     monkeypatch.delenv("SK_SERVER_SECRET")
     monkeypatch.setenv("SK_SERVER_SECRET_FILE", str(tmp_path / "missing.secret"))
@@ -157,3 +160,26 @@ def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path, server_db):
         assert "devices: 1" in p.stdout
     finally:
         srv.stop()
+
+
+def test_behind_a_proxy_the_slow_down_is_per_forwarded_client(server_db):
+    """Behind a proxy every request comes from the proxy's address: with
+    FORWARDED_FOR the count is kept per client (X-Forwarded-For), so one client's
+    wrong key does not lock out every device."""
+    app = create_app({"DB": server_db, "AUTH_FAIL_LIMIT": 5, "FORWARDED_FOR": 1})
+    store = app.extensions["sk_store"]
+    good = devices.register(store, "good")
+    key_id, _ = crypto.parse_api_key(good)
+    wrong = crypto.derive_master(crypto.new_api_key()[1])
+    client = app.test_client()
+
+    def attempt(master, client_addr):
+        blob, _ = wire.seal_request(master, key_id, "hello", {})
+        return client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.9.9.9"},
+                           headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id,
+                                    "X-Forwarded-For": client_addr})
+
+    assert [attempt(wrong, "192.0.2.1").status_code for _ in range(6)] == [401] * 5 + [429]
+    assert attempt(crypto.derive_master(good), "192.0.2.2").status_code == 200
+    assert attempt(crypto.derive_master(good), "192.0.2.1").status_code == 429
+    store.close()

@@ -5,7 +5,8 @@ import os
 
 def create_app(config=None):
     """Build the app. `config` may set DB (path or URL; default $SK_SERVER_DB or
-    ./sk-server.db) and any Flask setting."""
+    ./sk-server.db), AUTH_FAIL_LIMIT, FORWARDED_FOR (how many trusted proxies stand
+    in front) and any Flask setting."""
     from flask import Flask
 
     from sk import wire
@@ -20,6 +21,12 @@ def create_app(config=None):
     app.config.update(config or {})
     store = app.config.get("STORE") or open_store(app.config["DB"])
     app.extensions["sk_store"] = store
+    if app.config.get("FORWARDED_FOR"):
+        # behind N trusted proxies: the client's address (for the failed-auth
+        # slow-down) is the one they put in X-Forwarded-For
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["FORWARDED_FOR"]),
+                                x_proto=0, x_host=0, x_port=0, x_prefix=0)
     app.register_blueprint(api)
     from . import ws
     ws.init_app(app)

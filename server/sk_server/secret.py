@@ -51,16 +51,33 @@ def load_secret(db, create=True):
         return _decode(os.environ["SK_SERVER_SECRET"], "SK_SERVER_SECRET")
     path = secret_path(db)
     if create and not os.path.exists(path):
-        text = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+        _create(path)
+    return read_secret(path)
+
+
+def _create(path):
+    """Write a new secret to `path` whole or not at all: written to a private file
+    first, then linked into place, so a server starting at the same moment never
+    reads a half-written one, and of two, the first one's wins."""
+    text = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(text + b"\n")
+            os.link(tmp, path)
         except FileExistsError:
             pass  # another process made it first: use theirs
-        except OSError as e:
-            raise SecretError(f"cannot create server secret '{path}': {e.strerror or e}") from None
-    return read_secret(path)
+    except OSError as e:
+        raise SecretError(f"cannot create server secret '{path}': {e.strerror or e}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def read_secret(path):

@@ -4,14 +4,17 @@ import sys
 
 
 def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_log=False,
-          control_socket=True, timeout=60):
+          control_socket=True, timeout=60, forwarded_for=0):
     import signal
 
     from gunicorn.app.base import BaseApplication
 
     from . import create_app
 
-    app = create_app({"DB": db} if db else None)  # fail here, clearly, on a bad DB
+    config = {"FORWARDED_FOR": forwarded_for}
+    if db:
+        config["DB"] = db
+    app = create_app(config)  # fail here, clearly, on a bad DB
     _check_bind(host, port)
     # a client that hangs up mid-answer must not kill a worker: ignore SIGPIPE
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -18,7 +18,8 @@ server.secret, created with mode 600 together with a new database); for
 PostgreSQL one of the first two is required. Back it up with the database,
 apart from it; several servers on one database share it.
 Repeated failed authentication from one address (20 a minute) is answered with
-429 until the minute is over."""
+429 until the minute is over; behind a proxy or load balancer, give
+--forwarded-for so that the address is the client's, not the proxy's."""
 
 
 def get_parser(prog="sk server"):
@@ -32,6 +33,10 @@ def get_parser(prog="sk server"):
                         " session holds one, so size this above the number of watchers")
     p.add_argument("--access-log", action="store_true",
                    help="log every request to stderr (common log format, then microseconds taken)")
+    p.add_argument("--forwarded-for", type=int, default=0, metavar="N",
+                   help="N trusted proxies (nginx, a load balancer) stand in front: take the"
+                        " client's address from X-Forwarded-For (default 0: the peer's"
+                        " address), so the failed-authentication slow-down is per client")
     p.add_argument("--no-control-socket", action="store_true",
                    help="do not open gunicorn's control socket (when several servers run)")
     return p
@@ -43,12 +48,14 @@ def _body(args):
         raise UsageError("--port must be from 1 to 65535")
     if args.workers < 1 or args.threads < 1:
         raise UsageError("--workers and --threads must be at least 1")
+    if not 0 <= args.forwarded_for <= 10:
+        raise UsageError("--forwarded-for must be from 0 to 10")
     from sk_server.serve import serve
     from sk_server.store import StoreError
     db = _common.server_db(args)
     try:
         return serve(args.host, args.port, db, args.workers, args.threads, args.access_log,
-                     not args.no_control_socket)
+                     not args.no_control_socket, forwarded_for=args.forwarded_for)
     except StoreError as e:
         raise ConfigError(str(e)) from None
 
