@@ -32,7 +32,7 @@ def get_parser(prog="sk server"):
                    help="threads per worker (default 32); each open `sk sync watch`"
                         " session holds one, so size this above the number of watchers")
     p.add_argument("--access-log", action="store_true",
-                   help="log every request to stderr (common log format, then microseconds taken)")
+                   help="log every request to stdout (common log format, then microseconds taken)")
     p.add_argument("--forwarded-for", type=int, default=0, metavar="N",
                    help="N trusted proxies (nginx, a load balancer) stand in front: take the"
                         " client's address from X-Forwarded-For (default 0: the peer's"
