@@ -25,6 +25,14 @@ SCRUB = ("SK_HOME", "SK_SERVER", "SK_API_KEY", "SK_NEVER_SYNC", "SK_PATH_MAP",
 BACKENDS = os.environ.get("SK_TEST_BACKENDS", "sqlite,postgresql").split(",")
 
 
+def pytest_configure(config):
+    """A SIGTERM (a CI timeout, say) stops the run like Ctrl-C, so fixtures still
+    stop every server and the session's PostgreSQL."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @pytest.fixture(autouse=True)
 def scrubbed_env(tmp_path, monkeypatch):
     """Never touch the real ~: HOME and SK_HOME point into the test's temp dir."""

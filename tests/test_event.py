@@ -315,3 +315,16 @@ def test_check_event_id_roundtrip_of_fresh_uuids():
     for _ in range(20):
         u = str(uuid.uuid4())
         assert event.check_event_id(u) == u
+
+
+def test_nul_in_text_is_refused_for_new_events_but_pulled_ones_pass():
+    """PostgreSQL keeps no NUL in text, so a server refuses one in an event; an
+    sk 0.2.0 server may have stored such an event, and devices must still pull it."""
+    from sk.event import EventError, check_stamped
+    ev = {"event_id": "01234567-89ab-7def-8123-456789abcdef", "event_type": "x",
+          "aggregate_type": "t", "aggregate_id": "a\x00b", "lamport_clock": 1,
+          "node_id": "n", "payload": {"s": "\x00 in JSON is escaped"},
+          "timestamp": "2026-01-31T12:00:00Z"}
+    with pytest.raises(EventError, match="NUL"):
+        check_stamped(ev)
+    assert check_stamped(ev, new=False)[3] == "a\x00b"

@@ -4,7 +4,9 @@ more), gives the server back the events it holds, and still receives everything
 pushed after the restore, even when others pushed more than the rollback took
 away (so the server's head is past every device's cursor again)."""
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 
@@ -177,3 +179,77 @@ def test_a_device_moved_to_another_team_does_not_carry_its_old_log_over(server, 
     assert "healed" not in p.stderr
     teams = dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team"))
     assert teams == {"red": 4}
+
+
+def rollback(db, team, seq):
+    """What putting the database back to an older copy does to a team's log, done
+    under a running server: events after `seq` gone, the head back at `seq`."""
+    sql = ["DELETE FROM events WHERE team = ? AND seq > ?",
+           "UPDATE teams SET head = ?, chain = (SELECT chain FROM events WHERE team = ?"
+           " AND seq = ?) WHERE team = ?"]
+    args = [(team, seq), (seq, team, seq, team)]
+    if is_pg(db):
+        import psycopg
+        with psycopg.connect(db, autocommit=True) as c, c.transaction():
+            for q, a in zip(sql, args):
+                c.execute(q.replace("?", "%s"), a)
+    else:
+        import sqlite3
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as c, c:
+            for q, a in zip(sql, args):
+                c.execute(q, a)
+
+
+def test_a_live_watcher_notices_a_log_put_back_under_it(server, device, tmp_path):
+    """The session stays connected while the log is put back and others push past
+    the device's cursor: the session's own last point gives it away."""
+    from test_watch import Watcher, wait_until
+    a, b = device("a"), device("b")
+    make(b, "b0", 5)
+    run("sk", "sync", home=b)
+    w = Watcher(a, tmp_path)
+    try:
+        w.wait_connected()
+        wait_until(lambda: len(log_ids(a)) == 5, 20, "the catch-up")
+        make(a, "a1", 5)
+        wait_until(lambda: len(server_ids(server)) == 10, 20, "the watcher's push")
+        rollback(server.db, "default", 5)         # a's five are gone from the server
+        make(b, "b1", 8)                          # and others push past a's cursor
+        run("sk", "sync", home=b)
+        wait_until(lambda: "restored from an older copy" in w.text(), 30,
+                   f"the watcher to notice:\n{w.text()}")
+        wait_until(lambda: len(server_ids(server)) == 18, 30,
+                   f"the watcher to give back a's five:\n{w.text()}")
+        wait_until(lambda: log_ids(a) == server_ids(server), 30, "a to hold everything")
+    finally:
+        w.kill()
+
+
+def test_a_key_of_another_team_in_the_environment_does_not_carry_the_log_over(server, device):
+    a = device("a", "red")
+    make(a, "red", 4)
+    run("sk", "sync", home=a)
+    blue = server.register("a-blue", "blue")
+    p = run("sk", "sync", home=a, env={**os.environ, "SK_API_KEY": blue})
+    assert "healed" not in p.stderr
+    assert dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team")) == {"red": 4}
+    make(a, "blue", 2)                            # what it stamps now goes to blue
+    run("sk", "sync", home=a, env={**os.environ, "SK_API_KEY": blue})
+    assert dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team")) == \
+        {"red": 4, "blue": 2}
+
+
+def test_diverging_again_after_healing_is_one_clear_error(tmp_path):
+    """Two servers on different databases behind one URL: the second attempt
+    diverges too. That is an integrity failure (exit 5), not a traceback."""
+    from sk.config import Config
+    from sk.errors import IntegrityError
+    from sk.store import open_store
+    from sk.sync import Diverged, healing
+    store = open_store(Config(tmp_path / "home"))
+
+    def attempt(first):
+        raise Diverged("event 3 of the server's log is not the one this device saw", "t")
+    with pytest.raises(IntegrityError, match="again after starting over") as e:
+        healing(store, attempt)
+    assert e.value.exit_code == 5

@@ -2,6 +2,7 @@
 failed authentication from one address is slowed down, across server processes."""
 
 import os
+import sqlite3
 import stat
 from contextlib import closing
 
@@ -49,9 +50,13 @@ def test_a_copied_database_alone_cannot_impersonate(tmp_path):
     fd = os.open(fake, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"A" * 43)
     os.close(fd)
-    thief = SQLiteStore(tmp_path / "stolen" / "s.db")
+    with pytest.raises(StoreError, match="not the one this database's key material"):
+        SQLiteStore(tmp_path / "stolen" / "s.db").get_key(key_id)
+    # nor on a database of sk 0.2.0, which has no fingerprint of its secret
+    with closing(sqlite3.connect(tmp_path / "stolen" / "s.db")) as db, db:
+        db.execute("DELETE FROM meta WHERE key = 'secret_check'")
     with pytest.raises(StoreError, match="does not unwrap"):
-        thief.get_key(key_id)
+        SQLiteStore(tmp_path / "stolen" / "s.db")
 
 
 def test_unwrap_is_bound_to_key_id_and_detects_tampering():
@@ -101,13 +106,24 @@ def test_postgresql_needs_the_shared_secret_outside_the_database(tmp_path, monke
     # a server given another secret cannot use the key material
     monkeypatch.delenv("SK_SERVER_SECRET_FILE")
     monkeypatch.setenv("SK_SERVER_SECRET", "C" * 43)
-    with closing(open_store(db)) as other, pytest.raises(StoreError, match="does not unwrap"):
-        other.get_key(key_id)
+    with pytest.raises(StoreError, match="not the one this database's key material is wrapped"):
+        open_store(db)
     # nor does a server start without one once the database holds keys
     monkeypatch.delenv("SK_SERVER_SECRET")
     monkeypatch.setenv("SK_SERVER_SECRET_FILE", str(tmp_path / "missing.secret"))
     with pytest.raises(StoreError, match="no server secret"):
         open_store(db)
+
+
+def test_servers_with_different_secrets_on_one_database_are_refused(server_db, tmp_path,
+                                                                    monkeypatch):
+    """Two hosts that each made their own secret for an empty database: the second
+    is refused at start, before any device is registered, not with 500s later."""
+    with closing(open_store(server_db)):
+        pass
+    monkeypatch.setenv("SK_SERVER_SECRET", "D" * 43)
+    with pytest.raises(StoreError, match="every server on a database needs the same"):
+        open_store(server_db)
 
 
 def test_group_readable_secret_is_refused(tmp_path):

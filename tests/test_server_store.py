@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import closing
 
 import pytest
 
@@ -422,4 +423,20 @@ def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
     assert s.pull("A", 0, 10).chain == chain
     assert push(s, "A", "a1", [row()]) == [("accepted", None)]
     assert query(path, "SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    s.close()
+    # an sk 0.2.0 server still running on the file goes on writing events without
+    # a chain and moves only the head: the next open mends the chain
+    extra = row()
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO events(team, seq, event_id, event_type, aggregate_type,"
+                   " aggregate_id, lamport_clock, node_id, payload, timestamp, device, received)"
+                   " VALUES ('A', 7, ?, ?, ?, ?, ?, ?, ?, ?, 'a1', 'now')", extra)
+        db.execute("UPDATE teams SET head = 7 WHERE team = 'A'")
+    s = SQLiteStore(path)
+    ids = [r[1] for r in s.pull("A", 0, 10).rows]
+    chain = GENESIS
+    for eid in ids:
+        chain = chain_next(chain, eid)
+    assert ids[-1] == extra[0] and s.pull("A", 0, 10, known=(7, chain)).diverged is None
+    assert s.push("A", "a1", [row()]).head == 8
     s.close()

@@ -75,12 +75,12 @@ def check_event_id(value):
     return value
 
 
-def _check_str(ev, name, pattern=None, maxlen=256):
+def _check_str(ev, name, pattern=None, maxlen=256, nul_ok=False):
     value = ev.get(name)
     if not isinstance(value, str):
         raise EventError(f"{name} must be a string" if name in ev else f"missing {name}")
     _utf8(name, value)
-    if "\x00" in value:  # no store keeps a NUL in text (PostgreSQL refuses it)
+    if not nul_ok and "\x00" in value:  # PostgreSQL keeps no NUL in text
         raise EventError(f"{name} must not contain a NUL character")
     if pattern is not None and not pattern.fullmatch(value):
         raise EventError(f"{name} {value!r} must be 1-64 chars of [a-z0-9_.]")
@@ -154,9 +154,10 @@ def _real_time(text):
     return True
 
 
-def check_stamped(ev):
+def check_stamped(ev, new=True):
     """Validate a complete, stamped event (push, pull). Returns a tuple in FIELDS
-    order with the payload as compact JSON text."""
+    order with the payload as compact JSON text. new=False (pulled events) lets
+    through a NUL in text fields, which sk 0.2.0 servers stored."""
     if not isinstance(ev, dict):
         raise EventError("an event must be a JSON object")
     missing = [f for f in FIELDS if f not in ev]
@@ -169,9 +170,9 @@ def check_stamped(ev):
         check_event_id(ev["event_id"]),
         _check_str(ev, "event_type", _TYPE_RE, 64),
         _check_str(ev, "aggregate_type", _TYPE_RE, 64),
-        _check_str(ev, "aggregate_id"),
+        _check_str(ev, "aggregate_id", nul_ok=not new),
         clock,
-        _check_str(ev, "node_id", maxlen=64),
+        _check_str(ev, "node_id", maxlen=64, nul_ok=not new),
         check_payload(ev["payload"]),
         check_timestamp(ev["timestamp"]),
     )

@@ -185,13 +185,32 @@ class LocalStore:
         if chain and (self.known() or (0,))[0] <= seq:
             self._set("known", f"{int(seq)}:{chain}")
 
+    def switch_team(self, team):
+        """Note the team the server says this device's key belongs to. If it is
+        another team than before, this device reads that team's log from its start,
+        and the events it holds from the old team stay out of any healing. True if
+        the team changed."""
+        with self.write() as db:
+            before = self.meta("team")
+            if before == team:
+                return False
+            self._set("team", team)
+            if before is None:
+                return False
+            self._set("cursor", 0)
+            self._set("known", "")
+            self._set("team_from", db.execute("SELECT coalesce(max(seq), 0) FROM events")
+                      .fetchone()[0])
+            return True
+
     def heal(self):
         """The server's log is not the one this device saw: queue every event this
-        device holds to push again (the server drops those it has), and pull from
-        the start. Returns how many were queued again."""
+        device holds of its team to push again (the server drops those it has), and
+        pull from the start. Returns how many were queued again."""
         with self.write() as db:
-            n = db.execute("UPDATE events SET status = 'queued'"
-                           " WHERE status IN ('sent', 'remote')").rowcount
+            n = db.execute("UPDATE events SET status = 'queued' WHERE status IN"
+                           " ('sent', 'remote') AND seq > ?",
+                           (int(self.meta("team_from", "0")),)).rowcount
             self._set("cursor", 0)
             self._set("known", "")
             return n

@@ -7,7 +7,8 @@ import os
 import time
 
 from . import wire
-from .errors import AuthError, ConfigError, IntegrityError, ServerError, SkError, Unreachable
+from .errors import (AuthError, ConfigError, IntegrityError, ServerError, SkError, Unreachable,
+                     UsageError)
 from .event import EventError, NeverSync, check_stamped
 from .store import LOG_COLUMNS, open_store
 
@@ -64,24 +65,43 @@ def _to_wire(row):
     return ev
 
 
-class Diverged(Exception):
-    """The server's log is not the one this device saw; healed by the caller."""
+class Diverged(IntegrityError):
+    """The server's log is not the one this device saw (reason), or the device's
+    key now belongs to another team's log (reason None); handled by healing()."""
 
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
+    def __init__(self, reason, team=None):
+        super().__init__(reason or f"the key now belongs to team '{team}'")
+        self.reason, self.team = reason, team
+
+
+def check_answer(store, answer):
+    """Raise Diverged if a push answer or pull page says the device's point is not
+    on the server's log, or that its key is now another team's."""
+    team = answer.get("team")
+    if isinstance(team, str) and store.switch_team(team):
+        raise Diverged(None, team)
+    if isinstance(answer.get("diverged"), str):
+        raise Diverged(answer["diverged"], team)
 
 
 def healing(store, attempt):
-    """attempt(first=True); if the server's log diverged from what this device saw,
-    queue everything held here again (LocalStore.heal) and attempt(first=False).
-    The counts of the second attempt say so under "healed"."""
+    """attempt(first=True); if the device's key moved to another team, read that
+    team's log from its start: attempt(first=False). If the server's log diverged
+    from what this device saw, queue the events it holds again (LocalStore.heal)
+    and attempt(first=False); its counts say so under "healed"."""
     try:
         return attempt(True)
     except Diverged as d:
-        requeued = store.heal()
-        counts = attempt(False)
-        counts["healed"] = {"reason": d.reason, "requeued": requeued}
+        healed = None
+        if d.reason is not None:
+            healed = {"reason": d.reason, "requeued": store.heal()}
+        try:
+            counts = attempt(False)
+        except Diverged as again:
+            raise IntegrityError(f"{again}; and again after starting over: do servers with"
+                                 " different databases answer at this URL?") from None
+        if healed:
+            counts["healed"] = healed
         return counts
 
 
@@ -150,8 +170,7 @@ def _send(store, client, batch, counts, on_event, answer=None):
         _send(store, client, batch[:half], counts, on_event)
         _send(store, client, batch[half:], counts, on_event)
         return
-    if isinstance(answer.get("diverged"), str):
-        raise Diverged(answer["diverged"])
+    check_answer(store, answer)
     results = answer.get("results")
     ids = [row[0] for _, row in batch]
     if (not isinstance(results, list) or len(results) != len(ids)
@@ -261,14 +280,15 @@ def _pull(store, client, since, on_event, progress, page_size):
     counts = {"received": 0, "new": 0, "pages": 0}
     while True:
         page = client.pull(cursor, page_size, skip, known_out(store))
-        if isinstance(page.get("diverged"), str):
-            raise Diverged(page["diverged"])
+        if isinstance(page.get("diverged"), str) and not moves_cursor:
+            raise UsageError(f"--since {since}: {page['diverged']}")
+        check_answer(store, page)
         events, nxt, more = page.get("events"), page.get("next"), page.get("more")
         if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
                 or not isinstance(more, bool) or (more and nxt == cursor)):
             raise IntegrityError("malformed pull page from server")
         try:
-            rows = [check_stamped(ev) for ev in events]
+            rows = [check_stamped(ev, new=False) for ev in events]
         except EventError as e:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
         counts["new"] += store.receive(rows, nxt if moves_cursor else 0, point_in(page, "next"))
@@ -405,13 +425,8 @@ def setup(cfg, server, api_key):
     client = Client(trial.server, trial.api_key, cfg.timeout)
     hello = client.hello()
     cfg.write_env({"SK_SERVER": trial.server, "SK_API_KEY": trial.api_key})
-    store = open_store(cfg)
     team = hello.get("team")
-    if store.meta("team") not in (None, team):
-        # another team's log: start reading it from its beginning, and never treat
-        # the old team's events as something that log lost (see LocalStore.heal)
-        store.set_meta(team=team, cursor=0, known="")
-    elif store.meta("team") is None:
-        store.set_meta(team=team)
+    if isinstance(team, str):
+        open_store(cfg).switch_team(team)
     return {"server": trial.server, "device": hello.get("device"), "team": team,
             "config": str(cfg.env_path)}

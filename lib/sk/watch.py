@@ -89,7 +89,13 @@ class Watch:
     def session(self):
         import websocket
         client = open_client(self.cfg)
-        token = client.call("ws-token", {})["token"]
+        answer = client.call("ws-token", {})
+        token = answer.get("token")
+        if not isinstance(token, str):
+            raise IntegrityError("server's ws-token answer has no token")
+        if isinstance(answer.get("team"), str) and self.store.switch_team(answer["team"]):
+            self.log(f"this device's key now belongs to team '{answer['team']}': reading"
+                     " its log from the start")
         client.close()
         url = self.cfg.server.replace("http", "ws", 1) + wire.WS_PATH + "?token=" + token
         try:
@@ -125,6 +131,8 @@ class Watch:
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
                     elif t == "diverged":  # restored server: give it back what it lost
+                        if isinstance(msg.get("team"), str) and store.switch_team(msg["team"]):
+                            return
                         n = store.heal()
                         self.log(f"{msg.get('reason')}; queued the {n} events this device"
                                  " holds to push again")
@@ -158,7 +166,7 @@ class Watch:
         if not isinstance(events, list) or type(nxt) is not int:
             raise IntegrityError("malformed events frame")
         try:
-            rows = [check_stamped(ev) for ev in events]
+            rows = [check_stamped(ev, new=False) for ev in events]
         except EventError as e:
             raise IntegrityError(f"server sent an invalid event: {e}") from None
         new = self.store.receive(rows, nxt, point_in(msg, "next"))

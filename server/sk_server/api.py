@@ -193,7 +193,7 @@ def push_events(key, events, ticket=None, known=None):
     if stored is None:
         raise _replay()
     if stored.diverged:
-        return {"diverged": stored.diverged, "head": stored.head}
+        return {"diverged": stored.diverged, "head": stored.head, "team": key.team}
     for i, (status, reason) in zip(where, stored.results):
         results[i] = {"event_id": events[i]["event_id"], "status": status}
         if reason:
@@ -202,7 +202,7 @@ def push_events(key, events, ticket=None, known=None):
         notify = current_app.extensions.get("sk_notify")
         if notify:
             notify(key.team)
-    return {"results": results, "head": stored.head, "chain": stored.chain.hex()}
+    return {"results": results, "head": stored.head, "chain": stored.chain.hex(), "team": key.team}
 
 
 def parse_known(known):
@@ -248,7 +248,7 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     page = _store().pull(key.team, after, limit, parse_skip(body.get("skip")),
                          parse_known(body.get("known")))
-    return _sealed(key, "pull", nonce, page_out(page))
+    return _sealed(key, "pull", nonce, {**page_out(page), "team": key.team})
 
 
 def page_out(page):
@@ -268,7 +268,8 @@ def ws_token():
     token = secrets.token_urlsafe(32)
     _store().add_ws_token(wire.token_hash(token), key.key_id,
                           int(time.time() * 1000) + wire.WS_TOKEN_TTL_MS)
-    return _sealed(key, "ws-token", nonce, {"token": token, "expires_in": wire.WS_TOKEN_TTL_MS // 1000})
+    return _sealed(key, "ws-token", nonce, {"token": token, "team": key.team,
+                                            "expires_in": wire.WS_TOKEN_TTL_MS // 1000})
 
 
 @api.get("/healthz")

@@ -24,8 +24,8 @@ from sk import crypto
 
 from .store import SCHEMA as SQLITE_SCHEMA
 from .store import (EVENT_COLUMNS, GENESIS, SCHEMA_VERSION, STORED_COLUMNS, Page, Pushed,
-                    Store, StoreError, check_known, follow, key_record, now_ms, number,
-                    plan_push, redact, token_refusal, unwrap, usable_key, utc_now)
+                    Store, StoreError, check_known, check_secret, follow, key_record, now_ms,
+                    number, plan_push, redact, token_refusal, unwrap, usable_key, utc_now)
 
 # the SQLite schema in PostgreSQL's words: one schema, two dialects
 SCHEMA = (SQLITE_SCHEMA.replace("BLOB", "BYTEA").replace("INTEGER", "BIGINT")
@@ -67,6 +67,11 @@ class PostgresStore(Store):
             except SecretError as e:
                 raise StoreError(str(e)) from None
         self._secret = secret
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                check_secret(secret, lambda sql, *a: conn.execute(sql, a).fetchone(),
+                             "INSERT INTO meta VALUES ('secret_check', %s) ON CONFLICT DO NOTHING")
 
     def _create_schema(self, conn):
         with conn.transaction():
@@ -124,7 +129,10 @@ class PostgresStore(Store):
         psycopg = _psycopg()
         while True:
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                # keepalives: a connection that died half-open is noticed and remade
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=10, keepalives=1,
+                                     keepalives_idle=30, keepalives_interval=10,
+                                     keepalives_count=3) as conn:
                     conn.execute("LISTEN " + CHANNEL)
                     callback(None)   # anything missed while not listening: look now
                     for note in conn.notifies():
@@ -239,7 +247,7 @@ class PostgresStore(Store):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             row = conn.execute("SELECT head, chain FROM teams WHERE team = %s", (team,)).fetchone()
             head, chain = row if row else (0, GENESIS)
-            diverged = check_known(known, head, self._chain_at(conn, team))
+            diverged = check_known(known, head, self._chain_at(conn, team), after)
             if diverged:
                 return Page([], after, False, None, diverged)
             sql = "SELECT seq, " + _COLS + ", chain FROM events WHERE team = %s AND seq > %s"
@@ -251,8 +259,6 @@ class PostgresStore(Store):
         if len(rows) > limit:
             rows = rows[:limit]
             return Page([r[:-1] for r in rows], rows[-1][0], True, bytes(rows[-1][-1]), None)
-        if after > head:
-            return Page([r[:-1] for r in rows], after, False, None, None)
         return Page([r[:-1] for r in rows], head, False, bytes(chain), None)
 
     def head(self, team):
@@ -347,11 +353,19 @@ class PostgresStore(Store):
                                 (team, after, limit)).fetchall()
 
     def import_events(self, team, rows):
+        try:
+            self._import_events(team, rows)
+        except _psycopg().DataError as e:
+            raise StoreError(f"team '{team}': events {rows[0][0]}-{rows[-1][0]} hold text"
+                             f" PostgreSQL cannot store: {str(e).strip().splitlines()[0]}"
+                             " (a NUL character, which sk 0.2.0 let through)") from None
+
+    def _import_events(self, team, rows):
         with self._conn() as conn, conn.transaction():
             head, lamport, chain = conn.execute(
                 "SELECT head, lamport, chain FROM teams WHERE team = %s FOR UPDATE",
                 (team,)).fetchone()
-            head, lamport, chain = follow(team, head, lamport, bytes(chain), rows)
+            head, lamport, chain, rows = follow(team, head, lamport, bytes(chain), rows)
             with conn.cursor().copy("COPY events (team, " + ", ".join(STORED_COLUMNS) +
                                     ") FROM STDIN") as copy:
                 for r in rows:

@@ -54,9 +54,13 @@ Page.__doc__ = """One pull page: rows [(seq, *EVENT_COLUMNS)], the next cursor a
 chain value, whether more follow, and the divergence reason (None if none)."""
 
 
-def check_known(known, head, chain_at):
+def check_known(known, head, chain_at, after=0):
     """Why the device's known point (seq, chain) is not on this team's log of
-    `head` events, or None if it is. chain_at(seq) reads the chain after seq."""
+    `head` events, or None if it is. chain_at(seq) reads the chain after seq. A
+    pull cursor `after` past the head says the same, known point or not."""
+    if after > head:
+        return (f"the server's log holds {head} events, but this device has read up to"
+                f" {after}: the server was restored from an older copy")
     if known is None:
         return None
     seq, chain = known
@@ -153,9 +157,9 @@ class Store(abc.ABC):
 
     def listen(self, callback):
         """Call callback(team) in a thread of this process whenever any process
-        stores events of that team. False if the store cannot tell (then only the
-        process that stored them wakes its sessions at once; others look every
-        second)."""
+        stores events of that team (callback(None): anything may have changed).
+        False if the store cannot tell: then only the process that stored them
+        wakes its sessions at once. (Sessions also look every second regardless.)"""
         return False
 
     # upkeep and moving (sk-admin)
@@ -296,10 +300,14 @@ class SQLiteStore(Store):
                 raise StoreError(f"server database '{self.path}' has schema {version[0]}, newer"
                                  f" than this sk server ({SCHEMA_VERSION}): upgrade sk")
             if version and int(version[0]) == 1:
-                _upgrade_1_to_2(db)
+                db.execute("ALTER TABLE teams ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
+                db.execute("ALTER TABLE events ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            _mend_chains(db)
+            check_secret(secret, lambda sql, *a: db.execute(sql.replace("%s", "?"), a).fetchone(),
+                         "INSERT OR IGNORE INTO meta VALUES ('secret_check', %s)")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     def _db(self):
@@ -438,7 +446,7 @@ class SQLiteStore(Store):
         with self._read(db):
             row = db.execute("SELECT head, chain FROM teams WHERE team = ?", (team,)).fetchone()
             head, chain = row if row else (0, GENESIS)
-            diverged = check_known(known, head, self._chain_at(db, team))
+            diverged = check_known(known, head, self._chain_at(db, team), after)
             if diverged:
                 return Page([], after, False, None, diverged)
             if skip is None:
@@ -451,8 +459,6 @@ class SQLiteStore(Store):
             if len(rows) > limit:
                 rows = rows[:limit]
                 return Page([r[:-1] for r in rows], rows[-1][0], True, rows[-1][-1], None)
-            if after > head:
-                return Page([r[:-1] for r in rows], after, False, None, None)
         return Page([r[:-1] for r in rows], head, False, chain, None)
 
     def auth_failures(self, addr, window_ms):
@@ -566,7 +572,7 @@ class SQLiteStore(Store):
         with self._write(db):
             head, lamport, chain = db.execute(
                 "SELECT head, lamport, chain FROM teams WHERE team = ?", (team,)).fetchone()
-            head, lamport, chain = follow(team, head, lamport, chain, rows)
+            head, lamport, chain, rows = follow(team, head, lamport, chain, rows)
             db.executemany("INSERT INTO events(team, " + ", ".join(STORED_COLUMNS) + ") VALUES"
                            " (?,?,?,?,?,?,?,?,?,?,?,?,?)", [(team, *r) for r in rows])
             db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
@@ -579,15 +585,38 @@ class SQLiteStore(Store):
             self._local.db = None
 
 
-def _upgrade_1_to_2(db):
-    """Schema 1 (sk 0.2.0) had no hash chain: add it, computed in seq order."""
-    db.execute("ALTER TABLE teams ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
-    db.execute("ALTER TABLE events ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
-    for (team,) in db.execute("SELECT team FROM teams").fetchall():
-        chain = GENESIS
-        updates = []
-        for seq, eid in db.execute("SELECT seq, event_id FROM events WHERE team = ? ORDER BY seq",
-                                   (team,)):
+def check_secret(secret, one, insert):
+    """Refuse a server secret that is not the one this database's key material is
+    wrapped with (several servers must share one); remember its fingerprint the
+    first time. one(sql, *args) returns a row; insert records the fingerprint."""
+    import hmac
+    mine = hmac.new(secret, b"sk server secret check", "sha256").hexdigest()[:32]
+    recorded = one("SELECT value FROM meta WHERE key = 'secret_check'")
+    if recorded is None:
+        sample = one("SELECT key_id, master FROM keys ORDER BY key_id LIMIT 1")
+        if sample:
+            unwrap(secret, sample[0], sample[1])   # a wrong secret is refused here
+        one(insert + " RETURNING value", mine)
+        recorded = one("SELECT value FROM meta WHERE key = 'secret_check'")
+    if recorded[0] != mine:
+        raise StoreError("the server secret is not the one this database's key material is"
+                         " wrapped with: every server on a database needs the same"
+                         " SK_SERVER_SECRET or SK_SERVER_SECRET_FILE")
+
+
+def _mend_chains(db):
+    """Give every team's log its hash chain where it has none or a stale one: a
+    schema 1 database (sk 0.2.0) just upgraded, or events an sk 0.2.0 server went
+    on writing after a newer tool upgraded its file. One lookup a team when all
+    is well."""
+    for team, head, chain in db.execute("SELECT team, head, chain FROM teams").fetchall():
+        last = db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
+                          (team, head)).fetchone()
+        if (last[0] if last else GENESIS) == chain and len(chain) == 32:
+            continue
+        chain, updates = GENESIS, []
+        for seq, eid in db.execute("SELECT seq, event_id FROM events WHERE team = ?"
+                                   " ORDER BY seq", (team,)):
             chain = chain_next(chain, eid)
             updates.append((chain, team, seq))
         db.executemany("UPDATE events SET chain = ? WHERE team = ? AND seq = ?", updates)
@@ -596,15 +625,19 @@ def _upgrade_1_to_2(db):
 
 def follow(team, head, lamport, chain, rows):
     """Check that exported rows continue a team's log at (head, chain): dense seq
-    and the chain recomputed. Returns the new (head, lamport, chain)."""
+    and the chain recomputed (a row an sk 0.2.0 server wrote has none yet: it is
+    given its own). Returns the new (head, lamport, chain) and the rows to store."""
+    out = []
     for r in rows:
-        seq, eid, row_chain = r[0], r[1], r[9]
+        seq, eid, row_chain = r[0], r[1], bytes(r[9])
         chain = chain_next(chain, eid)
-        if seq != head + 1 or bytes(row_chain) != chain:
-            raise StoreError(f"team '{team}': event {seq} does not follow event {head} of the"
-                             " target's log (the source's log is not a continuation of it)")
+        if seq != head + 1 or row_chain not in (chain, b""):
+            raise StoreError(f"team '{team}': event {seq} of the source does not follow event"
+                             f" {head} of the target's log, which is not the start of the"
+                             " source's")
         head, lamport = seq, max(lamport, r[5])
-    return head, lamport, chain
+        out.append((*r[:9], chain, *r[10:]))
+    return head, lamport, chain, out
 
 
 def unwrap(secret, key_id, blob):

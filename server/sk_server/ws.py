@@ -82,6 +82,7 @@ class Session:
         self.ws, self.store, self.key, self.sid = ws, store, key, sid
         self.n_in = self.n_out = 0
         self.dirty = threading.Event()
+        self.known = None   # (seq, chain): the last point of the team's log this session saw
 
     def wake(self):
         self.dirty.set()
@@ -128,21 +129,28 @@ class Session:
             self.ws.event.clear()
         raise Closed(4408, "no hello within 15 s")
 
-    def send_new(self, cursor, exclude, catchup=False, known=None):
+    def send_new(self, cursor, exclude, catchup=False):
         """Send every stored event after cursor, page by page; return the new cursor.
-        known: the device's last point of the log, checked before anything is sent."""
+        Every look shows the store the last point of the log this session saw (the
+        device's, at first), so a log put back under a live session is noticed."""
         while True:
-            page = self.store.pull(self.key.team, cursor, 1000, exclude, known)
-            known = None
-            if page.diverged:  # said sealed; the close frame says only that
-                self.send({"t": "diverged", "reason": page.diverged})
-                raise Closed(4409, "the server's log is not the one this device saw")
+            page = self.store.pull(self.key.team, cursor, 1000, exclude, self.known)
+            if page.diverged:
+                self.diverged(page.diverged)
+            if page.chain is not None:
+                self.known = (page.next, page.chain)
             if not page.rows and page.next == cursor:
                 return cursor
             self.send({"t": "events", **page_out(page), "catchup": catchup})
             cursor = page.next
             if not page.more:
                 return cursor
+
+    def diverged(self, reason):
+        """Say why, sealed (the close frame says only that), and close: the device
+        heals the server and comes back."""
+        self.send({"t": "diverged", "reason": reason, "team": self.key.team})
+        raise Closed(4409, "the server's log is not the one this device saw")
 
     def check_key(self):
         key = self.store.get_key(self.key.key_id)
@@ -156,11 +164,15 @@ class Session:
         if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
             raise Closed(4400, f"push frame needs an 'events' list of at most {wire.MAX_BATCH}")
         self.check_key()
-        self.send({"t": "result", "id": msg.get("id"), **push_events(self.key, events)})
+        answer = push_events(self.key, events, known=self.known)
+        if "diverged" in answer:
+            self.diverged(answer["diverged"])
+        self.known = (answer["head"], bytes.fromhex(answer["chain"]))
+        self.send({"t": "result", "id": msg.get("id"), **answer})
 
     def run(self, hub):
-        cursor, exclude, known = self.recv_hello()
-        cursor = self.send_new(cursor, exclude, catchup=True, known=known)
+        cursor, exclude, self.known = self.recv_hello()
+        cursor = self.send_new(cursor, exclude, catchup=True)
         self.send({"t": "live", "cursor": cursor})
         hub.join(self.key.team, self)
         try:

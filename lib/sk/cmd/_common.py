@@ -76,7 +76,10 @@ def run(prog, get_parser, body, argv=None):
               file=sys.stderr)
         return 2
     except Exception as e:
-        sqlite3 = sys.modules.get("sqlite3")
+        sqlite3, psycopg = sys.modules.get("sqlite3"), sys.modules.get("psycopg")
+        if psycopg is not None and isinstance(e, psycopg.Error):   # the server's PostgreSQL
+            print(f"{prog}: database error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+            return 3 if isinstance(e, psycopg.OperationalError) else 2
         if sqlite3 is None or not isinstance(e, sqlite3.Error):
             raise
         print(f"{prog}: database error: {e}", file=sys.stderr)
