@@ -303,7 +303,7 @@ def test_pull_pages_by_sequence_cursor(dev, store):
     # at the head: nothing, cursor stays
     at_head = dev.pull(25, 10)
     assert at_head.pop("chain") == store.push("team-a", "dev-a", []).chain.hex()
-    assert at_head == {"events": [], "next": 25, "more": False}
+    assert at_head == {"events": [], "next": 25, "more": False, "team": "team-a"}
     assert dev.ok("hello", {})["head"] == 25
 
 

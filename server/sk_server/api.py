@@ -59,6 +59,7 @@ def _http_error(e):
 def _internal(e):
     if _database_down(e):
         current_app.logger.error("database unavailable: %s", str(e).strip().splitlines()[0])
+        _store().reset()
         resp = error(503, "unavailable", "the server's database is unavailable; try again later")
         resp.headers["Retry-After"] = "5"
         return resp

@@ -88,26 +88,43 @@ class PostgresStore(Store):
     # -- connections -----------------------------------------------------------
     def _conn(self):
         """A pooled connection (autocommit; transactions are explicit)."""
-        if self._pid != os.getpid():
+        pool = self._pool
+        if pool is None or self._pid != os.getpid():
             with self._lock:
-                if self._pid != os.getpid():
+                if self._pool is None or self._pid != os.getpid():
                     from psycopg_pool import ConnectionPool
-                    self._pool = ConnectionPool(
-                        self.url, min_size=1, max_size=POOL_SIZE, open=True, timeout=30,
+                    new = ConnectionPool(
+                        self.url, min_size=1, max_size=POOL_SIZE, open=False, timeout=10,
                         kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
                         name="sk")
+                    try:   # a database that is down fails this request soon (503)
+                        new.open(wait=True, timeout=5)
+                    except Exception:
+                        new.close(timeout=0)
+                        raise
+                    self._pool = new
+                    if self._pid != os.getpid():   # a new process: listen in it too
+                        for callback in self._listeners:
+                            self._start_listener(callback)
                     self._pid = os.getpid()
-                    for callback in self._listeners:
-                        self._start_listener(callback)
-        self._prune()
-        return self._pool.connection()
+                pool = self._pool
+        self._prune(pool)
+        return pool.connection()
 
-    def _prune(self):
+    def reset(self):
+        """The database went away: drop the pool (its connections are dead, and it
+        backs off before reconnecting), so the next request connects afresh."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            threading.Thread(target=pool.close, kwargs={"timeout": 1}, daemon=True).start()
+
+    def _prune(self, pool):
         now = time.monotonic()
         if now - self._pruned < PRUNE_EVERY:
             return
         self._pruned = now
-        with self._pool.connection() as conn:
+        with pool.connection() as conn:
             conn.execute("DELETE FROM nonces WHERE expires < %s", (now_ms(),))
             conn.execute("DELETE FROM ws_tokens WHERE expires < %s", (now_ms() - 3600_000,))
             conn.execute("DELETE FROM auth_failures WHERE window_start < %s",
@@ -377,5 +394,5 @@ class PostgresStore(Store):
     def close(self):
         if self._pool is not None and self._pid == os.getpid():
             self._pool.close()
-        self._pool = self._pid = None
+        self._pool = None
 

@@ -185,6 +185,9 @@ class Store(abc.ABC):
         """Append exported rows as they are (same seq and chain); they must follow
         the team's head, and the chain must check out."""
 
+    def reset(self):
+        """Forget connections after the database went away (a no-op for SQLite)."""
+
     def close(self):
         pass
 
