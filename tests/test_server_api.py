@@ -5,6 +5,7 @@ replayed request (always a 4xx JSON error, never a 500, never a change)."""
 import base64
 import json
 import os
+import sys
 import time
 import uuid
 import zlib
@@ -605,7 +606,8 @@ def test_malformed_sealed_bodies_are_refused(dev, store, plain):
 
 
 @pytest.mark.parametrize("blob", [b"", b"\x01", b"x" * 36, b"\x02" + os.urandom(60),
-                                  os.urandom(200), b"{}", b'{"events": []}'])
+                                  os.urandom(200), b"{}", b'{"events": []}'],
+                         ids=["empty", "one", "x36", "v2-random", "random", "obj", "events"])
 def test_unsealed_garbage_is_refused(dev, store, blob):
     r = dev.send("push", blob)
     assert_refused(r)
@@ -638,7 +640,11 @@ def test_push_answered_with_an_error_commits_nothing(dev, store):
 
 
 @pytest.mark.parametrize("depth", [50, 400, 800, 950])
-def test_deep_payload_never_poisons_pull(dev, store, depth):
+def test_deep_payload_never_poisons_pull(dev, store, depth, request):
+    # this test's own json calls need the stack (a pytest-xdist worker's is deeper)
+    limit = sys.getrecursionlimit()
+    request.addfinalizer(lambda: sys.setrecursionlimit(limit))
+    sys.setrecursionlimit(max(limit, 3000))
     payload = json.loads('{"a":' * depth + "1" + "}" * depth)
     ev = make_event(payload=payload)
     blob, nonce = dev.seal_plain("push", gz(b'{"events": [' + jbytes(ev) + b"]}"))
