@@ -16,7 +16,6 @@ finally; every wait is bounded."""
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,11 +27,12 @@ import requests
 import websocket
 from websocket import ABNF
 
-from conftest import BACKENDS, ROOT, ServerProcess, command, new_server_db, query, run
+from conftest import BACKENDS, ROOT, ServerProcess, new_server_db, query, run
 from sk import PROTOCOL_VERSION, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
 from sk.errors import AuthError, Unreachable
+from test_watch import Watcher
 
 sys.path.insert(0, str(ROOT / "tools"))
 from balancer import Balancer  # noqa: E402
@@ -205,37 +205,6 @@ def ws_session(url, client, token, hello=True):
             pass
 
 
-class Watcher:
-    """`sk sync watch` as a subprocess (stderr in a file); killed by its own handle."""
-
-    def __init__(self, home, logdir):
-        self.errpath = logdir / f"watch-{home.name}.err"
-        self._err = open(self.errpath, "wb")
-        self.proc = subprocess.Popen([command("sk"), "sync", "watch"],
-                                     env=dict(os.environ, SK_HOME=str(home)),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._err)
-
-    def text(self):
-        return self.errpath.read_text(errors="replace")
-
-    def wait_connected(self, timeout=30):
-        def connected():
-            assert self.proc.poll() is None, f"watcher exited {self.proc.returncode}:\n{self.text()}"
-            return "watch: connected" in self.text()
-        wait_until(connected, timeout, f"the watcher to connect\n{self.text()}")
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self._err.close()
-
-
-# -- 1. concurrent pushers and pullers ------------------------------------------------
 def test_concurrent_pushers_and_pullers_through_three_servers(cluster3, tmp_path):
     """4 devices push batches (sk-push-batch --all --max 40, or sk sync) while 2 others
     pull again and again, every command through the balancer: the team's sequence is
