@@ -29,11 +29,13 @@ def chain_at(store, team, seq):
 
 
 def plan(source, target, force=False):
-    """Check that target can take source: [(team, target head, source head)]."""
+    """Check that target can take source. Returns the source's export_meta() and
+    the work: [(team, target head, source head)]."""
     src, tgt = source.export_meta(), target.export_meta()
     src_teams = {t[0]: t for t in src["teams"]}
+    tgt_teams = {t[0]: t for t in tgt["teams"]}
     src_devices = {d[0]: d for d in src["devices"]}
-    other_teams = sorted(t[0] for t in tgt["teams"] if t[0] not in src_teams)
+    other_teams = sorted(t for t in tgt_teams if t not in src_teams)
     other_devices = sorted(d[0] for d in tgt["devices"] if d[0] not in src_devices)
     if (other_teams or other_devices) and not force:
         what = ([f"team(s) {', '.join(other_teams[:5])}"] if other_teams else []) + \
@@ -47,7 +49,7 @@ def plan(source, target, force=False):
                                f" '{mine[1]}' in the source")
     work = []
     for team, head, *_ in src["teams"]:
-        there = {t[0]: t for t in tgt["teams"]}.get(team)
+        there = tgt_teams.get(team)
         done = there[1] if there else 0
         if there and (done > head or chain_at(source, team, done) != bytes(there[3])):
             raise MigrateError(f"team '{team}' in the target has a log that is not the start"

@@ -23,9 +23,10 @@ import time
 from sk import crypto
 
 from .store import SCHEMA as SQLITE_SCHEMA
-from .store import (EVENT_COLUMNS, GENESIS, SCHEMA_VERSION, STORED_COLUMNS, Page, Pushed,
-                    Store, StoreError, check_known, check_secret, follow, key_record, now_ms,
-                    number, plan_push, redact, token_refusal, unwrap, usable_key, utc_now)
+from .store import (EVENT_COLUMNS, GENESIS, SCHEMA_VERSION, SELECT_EVENTS, STORED_COLUMNS,
+                    Page, Pushed, Store, StoreError, check_known, check_secret, follow,
+                    key_record, now_ms, number, page_of, plan_push, redact, token_refusal,
+                    unwrap, usable_key, utc_now)
 
 # the SQLite schema in PostgreSQL's words: one schema, two dialects
 SCHEMA = (SQLITE_SCHEMA.replace("BLOB", "BYTEA").replace("INTEGER", "BIGINT")
@@ -267,16 +268,13 @@ class PostgresStore(Store):
             diverged = check_known(known, head, self._chain_at(conn, team), after)
             if diverged:
                 return Page([], after, False, None, diverged)
-            sql = "SELECT seq, " + _COLS + ", chain FROM events WHERE team = %s AND seq > %s"
+            sql = SELECT_EVENTS + " WHERE team = %s AND seq > %s"
             args = [team, after]
             if skip is not None:
                 sql += " AND NOT (node_id = %s AND lamport_clock <= %s)"
                 args += skip
             rows = conn.execute(sql + " ORDER BY seq LIMIT %s", (*args, limit + 1)).fetchall()
-        if len(rows) > limit:
-            rows = rows[:limit]
-            return Page([r[:-1] for r in rows], rows[-1][0], True, bytes(rows[-1][-1]), None)
-        return Page([r[:-1] for r in rows], head, False, bytes(chain), None)
+        return page_of(rows, limit, head, chain)
 
     def head(self, team):
         with self._conn() as conn:

@@ -26,13 +26,17 @@ def _decode(text, where):
     return raw
 
 
+def beside(db):
+    """The secret file beside SQLite database file `db` (server.db -> server.secret)."""
+    return os.path.splitext(os.path.abspath(os.fspath(db)))[0] + ".secret"
+
+
 def secret_path(db):
     if os.environ.get("SK_SERVER_SECRET_FILE"):
         return os.path.expanduser(os.environ["SK_SERVER_SECRET_FILE"])
-    db = os.fspath(db)
-    if "://" in db:
+    if "://" in os.fspath(db):
         raise SecretError("set SK_SERVER_SECRET or SK_SERVER_SECRET_FILE for a database URL")
-    return os.path.splitext(os.path.abspath(db))[0] + ".secret"
+    return beside(db)
 
 
 def where(db):

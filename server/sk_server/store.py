@@ -73,6 +73,16 @@ def check_known(known, head, chain_at, after=0):
     return None
 
 
+def page_of(rows, limit, head, chain):
+    """A pull Page from up to limit + 1 rows (SELECT_EVENTS, in seq order) read in
+    the snapshot where the team's log had `head` events ending in `chain`: if more
+    follow, the page ends at its last row, else at the head."""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return Page([r[:-1] for r in rows], rows[-1][0], True, bytes(rows[-1][-1]), None)
+    return Page([r[:-1] for r in rows], head, False, bytes(chain), None)
+
+
 def plan_push(rows, existing, lamport):
     """The merge rule of a push, shared by every store: which rows are new,
     duplicates or refused. existing maps event_id -> stored row (EVENT_COLUMNS
@@ -259,7 +269,7 @@ MAX_LAMPORT_JUMP = 2 ** 32
 EVENT_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
                  "lamport_clock", "node_id", "payload", "timestamp")
 STORED_COLUMNS = ("seq", *EVENT_COLUMNS, "chain", "device", "received")
-_SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + ", chain FROM events"
+SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + ", chain FROM events"
 
 
 def dedup_sql(n):
@@ -453,16 +463,13 @@ class SQLiteStore(Store):
             if diverged:
                 return Page([], after, False, None, diverged)
             if skip is None:
-                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq LIMIT ?",
+                rows = db.execute(SELECT_EVENTS + " WHERE team = ? AND seq > ? ORDER BY seq LIMIT ?",
                                   (team, after, limit + 1)).fetchall()
             else:
-                rows = db.execute(_SELECT_EVENTS + " WHERE team = ? AND seq > ? AND NOT"
+                rows = db.execute(SELECT_EVENTS + " WHERE team = ? AND seq > ? AND NOT"
                                   " (node_id = ? AND lamport_clock <= ?) ORDER BY seq LIMIT ?",
                                   (team, after, skip[0], skip[1], limit + 1)).fetchall()
-            if len(rows) > limit:
-                rows = rows[:limit]
-                return Page([r[:-1] for r in rows], rows[-1][0], True, rows[-1][-1], None)
-        return Page([r[:-1] for r in rows], head, False, chain, None)
+        return page_of(rows, limit, head, chain)
 
     def auth_failures(self, addr, window_ms):
         row = self._db().execute("SELECT window_start, count FROM auth_failures WHERE addr = ?",

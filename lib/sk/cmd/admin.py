@@ -51,7 +51,7 @@ def _migrate(args):
     import os
 
     from sk_server import migrate
-    from sk_server.secret import SecretError, read_secret, where
+    from sk_server.secret import SecretError, beside, read_secret, where
     from sk_server.store import SQLiteStore, StoreError, open_store, redact
 
     from ..errors import ConfigError, UsageError
@@ -60,8 +60,7 @@ def _migrate(args):
     if "://" in src_path or not os.path.isfile(src_path):
         raise UsageError(f"--from must be an existing SQLite server database: '{args.source}'")
     try:
-        secret_file = args.from_secret or os.path.splitext(os.path.abspath(src_path))[0] + ".secret"
-        source = SQLiteStore(src_path, secret=read_secret(secret_file))
+        source = SQLiteStore(src_path, secret=read_secret(args.from_secret or beside(src_path)))
         target = open_store(args.target)
         if isinstance(target, SQLiteStore) and os.path.samefile(target.path, source.path):
             raise UsageError("--from and --to are the same database")
