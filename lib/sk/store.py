@@ -197,8 +197,7 @@ class LocalStore:
             self._set("team", team)
             if before is None:
                 return False
-            self._set("cursor", 0)
-            self._set("known", "")
+            self._from_start()
             self._set("team_from", db.execute("SELECT coalesce(max(seq), 0) FROM events")
                       .fetchone()[0])
             return True
@@ -211,9 +210,13 @@ class LocalStore:
             n = db.execute("UPDATE events SET status = 'queued' WHERE status IN"
                            " ('sent', 'remote') AND seq > ?",
                            (int(self.meta("team_from", "0")),)).rowcount
-            self._set("cursor", 0)
-            self._set("known", "")
+            self._from_start()
             return n
+
+    def _from_start(self):
+        """Read the team's log again from its start, knowing no point of it."""
+        self._set("cursor", 0)
+        self._set("known", "")
 
     def own_events(self):
         """(node_id, highest Lamport clock this log has stamped): a pull may leave
