@@ -169,18 +169,6 @@ def test_a_watcher_heals_a_restored_server_by_itself(server, device, snapshot, t
         w.kill()
 
 
-def test_a_device_moved_to_another_team_does_not_carry_its_old_log_over(server, device):
-    a = device("a", "red")
-    make(a, "red", 4)
-    run("sk", "sync", home=a)
-    key = server.register("a-blue", "blue")
-    run("sk", "sync", "setup", "--server", server.url, "--key", key, home=a)
-    p = run("sk", "sync", home=a)
-    assert "healed" not in p.stderr
-    teams = dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team"))
-    assert teams == {"red": 4}
-
-
 def rollback(db, team, seq):
     """What putting the database back to an older copy does to a team's log, done
     under a running server: events after `seq` gone, the head back at `seq`."""
@@ -225,16 +213,24 @@ def test_a_live_watcher_notices_a_log_put_back_under_it(server, device, tmp_path
         w.kill()
 
 
-def test_a_key_of_another_team_in_the_environment_does_not_carry_the_log_over(server, device):
+@pytest.mark.parametrize("how", ["setup", "environment"])
+def test_a_device_moved_to_another_team_does_not_carry_its_old_log_over(server, device, how):
+    """Its key now names another team's log: the device reads that log from the
+    start, and never 'heals' it with the old team's events."""
     a = device("a", "red")
     make(a, "red", 4)
     run("sk", "sync", home=a)
     blue = server.register("a-blue", "blue")
-    p = run("sk", "sync", home=a, env={**os.environ, "SK_API_KEY": blue})
+    env = None
+    if how == "setup":
+        run("sk", "sync", "setup", "--server", server.url, "--key", blue, home=a)
+    else:
+        env = {**os.environ, "SK_API_KEY": blue}
+    p = run("sk", "sync", home=a, env=env)
     assert "healed" not in p.stderr
     assert dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team")) == {"red": 4}
     make(a, "blue", 2)                            # what it stamps now goes to blue
-    run("sk", "sync", home=a, env={**os.environ, "SK_API_KEY": blue})
+    run("sk", "sync", home=a, env=env)
     assert dict(query(server.db, "SELECT team, count(*) FROM events GROUP BY team")) == \
         {"red": 4, "blue": 2}
 

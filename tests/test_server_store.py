@@ -136,16 +136,19 @@ def test_pull_paging_and_skip(store):
     assert seqs(store, "A", 0, 100, ("a1", 0)) == list(range(1, 13))
 
 
-def test_concurrent_pushes_keep_the_sequence_dense(tmp_path, store):
+def push_at_once(db, threads, rounds, size, device, timeout=60):
+    """`threads` pushers of team A at once, each with a store (connections) of its
+    own, `rounds` batches each of size(n) events as device(n); every batch must be
+    accepted whole. Returns the ids pushed, once all are done."""
     errors, ids = [], []
     lock = threading.Lock()
 
     def worker(n):
-        s = open_store(store.db)
+        s = open_store(db)
         try:
-            for _ in range(15):
-                rows = [row() for _ in range(3)]
-                assert [x for x, _ in push(s, "A", f"a{n % 2 + 1}", rows)] == ["accepted"] * 3
+            for _ in range(rounds):
+                rows = [row() for _ in range(size(n))]
+                assert [x for x, _ in push(s, "A", device(n), rows)] == ["accepted"] * len(rows)
                 with lock:
                     ids.extend(r[0] for r in rows)
         except Exception as e:  # noqa: BLE001 - reported below
@@ -153,12 +156,17 @@ def test_concurrent_pushes_keep_the_sequence_dense(tmp_path, store):
         finally:
             s.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
-        t.join(60)
+    for t in workers:
+        t.join(timeout)
     assert not errors
+    return ids
+
+
+def test_concurrent_pushes_keep_the_sequence_dense(tmp_path, store):
+    ids = push_at_once(store.db, 4, 15, lambda n: 3, lambda n: f"a{n % 2 + 1}")
     rows, nxt, _, *_ = store.pull("A", 0, 10_000)
     assert [r[0] for r in rows] == list(range(1, 181)) and nxt == 180 == store.head("A")
     assert sorted(r[1] for r in rows) == sorted(ids)
@@ -353,22 +361,6 @@ def test_a_pull_never_skips_an_event_that_commits_late(store):
     auto-increment or a PostgreSQL sequence gives, lets a late commit fall behind
     a cursor that has moved past it; the team row lock prevents that.)"""
     stop = threading.Event()
-    pushed, errors = [], []
-    lock = threading.Lock()
-
-    def pusher(n):
-        s = open_store(store.db)
-        try:
-            for _ in range(40):
-                rows = [row() for _ in range(1 + n % 3)]
-                assert {x for x, _ in push(s, "A", "a1", rows)} == {"accepted"}
-                with lock:
-                    pushed.extend(r[0] for r in rows)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-        finally:
-            s.close()
-
     got = []
 
     def puller():
@@ -385,16 +377,13 @@ def test_a_pull_never_skips_an_event_that_commits_late(store):
         finally:
             s.close()
 
-    threads = [threading.Thread(target=pusher, args=(i,)) for i in range(6)]
     reader = threading.Thread(target=puller)
     reader.start()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    stop.set()
-    reader.join(60)
-    assert not errors
+    try:
+        pushed = push_at_once(store.db, 6, 40, lambda n: 1 + n % 3, lambda n: "a1", timeout=120)
+    finally:
+        stop.set()
+        reader.join(60)
     assert len(got) == len(set(got)) == len(pushed) == store.head("A")
     assert set(got) == set(pushed)
 
