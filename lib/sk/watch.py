@@ -24,7 +24,7 @@ from .crypto import C2S, S2C, CryptoError
 from .errors import AuthError, IntegrityError, SkError, Unreachable
 from .event import EventError, check_stamped
 from .store import open_store, utc_now
-from .sync import _to_wire, known_out, open_client, point_in
+from .sync import Diverged, _to_wire, check_answer, known_out, open_client, point_in
 
 PING_INTERVAL = 20.0
 DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
@@ -131,11 +131,13 @@ class Watch:
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
                     elif t == "diverged":  # restored server: give it back what it lost
-                        if isinstance(msg.get("team"), str) and store.switch_team(msg["team"]):
-                            return
-                        n = store.heal()
-                        self.log(f"{msg.get('reason')}; queued the {n} events this device"
-                                 " holds to push again")
+                        try:
+                            check_answer(store, msg)
+                        except Diverged as d:
+                            if d.reason is not None:   # (None: another team's log now)
+                                n = store.heal()
+                                self.log(f"{d.reason}; queued the {n} events this device"
+                                         " holds to push again")
                         return
                     elif t == "result":
                         if in_flight is None or msg.get("id") != in_flight[0]:

@@ -149,7 +149,7 @@ class Session:
     def diverged(self, reason):
         """Say why, sealed (the close frame says only that), and close: the device
         heals the server and comes back."""
-        self.send({"t": "diverged", "reason": reason, "team": self.key.team})
+        self.send({"t": "diverged", "diverged": reason, "team": self.key.team})
         raise Closed(4409, "the server's log is not the one this device saw")
 
     def check_key(self):
