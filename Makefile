@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all venv bytecode demo test bench man clean
+.PHONY: all venv bytecode demo test test-fast bench man clean
 
 all: venv
 
@@ -26,6 +26,10 @@ demo: venv
 # two workers, a test file each at a time: the suite mostly waits on real servers
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -n 2 --dist loadfile
+
+# the unit tier: no real server, no PostgreSQL
+test-fast: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -n 2 -m "not slow"
 
 bench: venv bytecode
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench.py $(BENCH_ARGS)

@@ -6,7 +6,9 @@ process on a free loopback port.
 SK_TEST_BACKENDS=sqlite (or postgresql) runs the server tests on one backend only."""
 
 import itertools
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,18 @@ BIN = Path(sys.executable).parent          # the venv's installed commands
 SCRUB = ("SK_HOME", "SK_SERVER", "SK_API_KEY", "SK_NEVER_SYNC", "SK_PATH_MAP",
          "SK_SERVER_DB", "SK_TIMEOUT", "SK_SERVER_SECRET", "SK_SERVER_SECRET_FILE")
 BACKENDS = os.environ.get("SK_TEST_BACKENDS", "sqlite,postgresql").split(",")
+
+
+SLOW_FIXTURES = {"server", "module_server", "device", "pg_cluster", "watch"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a real server or PostgreSQL are `slow`: `make test-fast`
+    leaves them out (`-m "not slow"`); `make test` runs everything."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SLOW_FIXTURES & set(item.fixturenames) or "postgresql" in params.values():
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config):
@@ -233,3 +248,130 @@ def device(tmp_path, server):
 
 def have(tool):
     return shutil.which(tool) is not None
+
+
+def wait_until(pred, timeout, what="the condition", interval=0.05):
+    """pred()'s first true value, asked every `interval` s; AssertionError naming
+    `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+# -- the installed commands, as tests drive them -------------------------------------
+def ndjson(events):
+    return "".join(json.dumps(e) + "\n" for e in events)
+
+
+def ev(etype, agg, payload=None, **extra):
+    atype, _, aid = agg.partition(":")
+    out = {"event_type": etype, "aggregate_type": atype, "aggregate_id": aid,
+           "payload": payload or {}}
+    out.update(extra)
+    return out
+
+
+def append(home, events):
+    return run("sk-append", home=home, input=ndjson(events))
+
+
+def sync(home, *extra, code=0, env=None):
+    return run("sk", "sync", *extra, home=home, code=code, env=env)
+
+
+def log(home, *flags):
+    return [json.loads(line) for line in run("sk-log", *flags, home=home).stdout.splitlines()]
+
+
+def state(home, *args):
+    return json.loads(run("sk-state", *args, home=home).stdout)
+
+
+def status(home, *flags, code=0):
+    return json.loads(run("sk", "sync", "status", "--json", *flags, home=home, code=code).stdout)
+
+
+def unstamped_count(home):
+    db = os.path.join(home, "sk.db")
+    if not os.path.exists(db):
+        return 0
+    with sqlite3.connect(db, timeout=30) as c:
+        return c.execute("SELECT count(*) FROM unstamped").fetchone()[0]
+
+
+def server_rows(server, sql="SELECT aggregate_type, aggregate_id, event_id FROM events"):
+    return query(server.db, sql)
+
+
+def server_count(server):
+    return server_rows(server, "SELECT count(*) FROM events")[0][0]
+
+
+def check_server_log(server):
+    text = server.log.read_text(errors="replace") if server.log.exists() else ""
+    assert "Traceback" not in text, f"server logged a traceback:\n{text}"
+
+
+def counts_line(out):
+    """'stamped 1, pushed 2, pulled 3, resolved 4' -> dict."""
+    return {k: int(v) for v, k in
+            ((m.group(2), m.group(1)) for m in re.finditer(r"(stamped|pushed|pulled|resolved) (\d+)", out))}
+
+
+class Watcher:
+    """`sk sync watch` as a real subprocess, its stderr in a file."""
+
+    def __init__(self, home, logdir):
+        self.home = home
+        self.errpath = logdir / f"watch-{os.path.basename(home)}-{uuid.uuid4().hex[:6]}.err"
+        self._err = open(self.errpath, "wb")
+        env = dict(os.environ, SK_HOME=str(home))
+        self.proc = subprocess.Popen([command("sk"), "sync", "watch"], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=self._err)
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def text(self):
+        return self.errpath.read_text(errors="replace")
+
+    def connects(self):
+        return len(re.findall(r"watch: connected\b", self.text()))
+
+    def wait_connected(self, count=1, timeout=30):
+        def ok():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"watcher exited {self.proc.returncode}:\n{self.text()}")
+            return self.connects() >= count
+        wait_until(ok, timeout, f"watcher {self.home} to connect ({count})\n{self.text()}")
+
+    def signal_stop(self, sig, timeout):
+        """Send `sig`; return (exit code, seconds to exit)."""
+        t = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"watcher did not stop within {timeout} s of {sig!r}:\n"
+                                 f"{self.text()}") from None
+        return rc, time.monotonic() - t
+
+    def wait_exit(self, timeout):
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"watcher still running after {timeout} s:\n{self.text()}") from None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self._err.close()

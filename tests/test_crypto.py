@@ -408,3 +408,37 @@ def test_tampered_request_is_detected_at_every_byte():
         bad[i] ^= 0x40
         with pytest.raises(crypto.CryptoError):
             wire.open_request(MASTER, KAT_KEY_ID, "push", bytes(bad))
+
+
+# -- wrapped key material ------------------------------------------------------------
+KAT_WRAP_HEX = ("01c8c9cacbcccdcecfd0d1d2d3315943f8a2e9dd075c153595322bc53bd0b6de9b305e9e13d59001"
+                "dae6ac95d6e68f72620c3c122de0291b09345f8c25")
+
+
+def test_wrapped_key_known_answer_and_independent_check():
+    """version 0x01 | nonce(12) | AES-256-GCM(secret, master, ad="sk/1 wrap|<key_id>")."""
+    secret, master, nonce = bytes(range(32)), bytes(range(32, 64)), bytes(range(200, 212))
+    wrapped = crypto.wrap_key(secret, "0123456789abcdef", master, nonce=nonce)
+    assert wrapped.hex() == KAT_WRAP_HEX
+    assert crypto.unwrap_key(secret, "0123456789abcdef", wrapped) == master
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM   # another library
+    assert AESGCM(secret).decrypt(wrapped[1:13], wrapped[13:],
+                                  b"sk/1 wrap|0123456789abcdef") == master
+
+
+def test_wrapped_key_tampering_truncation_and_wrong_context():
+    secret = bytes(range(32))
+    wrapped = bytes.fromhex(KAT_WRAP_HEX)
+    for i in range(len(wrapped)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(wrapped)
+            bad[i] ^= bit
+            with pytest.raises(crypto.CryptoError):
+                crypto.unwrap_key(secret, "0123456789abcdef", bytes(bad))
+    for n in range(len(wrapped)):
+        with pytest.raises(crypto.FormatError):
+            crypto.unwrap_key(secret, "0123456789abcdef", wrapped[:n])
+    with pytest.raises(crypto.CryptoError, match="does not unwrap"):
+        crypto.unwrap_key(secret, "fedcba9876543210", wrapped)
+    with pytest.raises(crypto.CryptoError, match="does not unwrap"):
+        crypto.unwrap_key(bytes(32), "0123456789abcdef", wrapped)

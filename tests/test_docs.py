@@ -22,7 +22,7 @@ def test_man_pages_are_fresh():
 
 def test_every_command_has_man_page_with_exit_status():
     names = [exe for exe, _ in executables()]
-    names += [f"sk-{n}" for n, c, _, _ in COMMANDS if c == "porcelain"]
+    names += [f"sk-{c.name}" for c in COMMANDS if c.kind == "porcelain"]
     for name in names:
         page = ROOT / "man" / f"{name}.1"
         assert page.exists(), f"no man page for {name}"
@@ -33,7 +33,8 @@ def test_readme_table_matches_command_table():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- commands:")[1].split("<!-- /commands -->")[0]
     rows = re.findall(r"^\| `([^`]+)` \| (\w+) \| (.+) \|$", block, re.M)
-    want = [(f"sk {n}" if c == "porcelain" else f"sk-{n}", c, s) for n, c, _, s in COMMANDS]
+    want = [(f"sk {c.name}" if c.kind == "porcelain" else f"sk-{c.name}", c.kind, c.summary)
+            for c in COMMANDS]
     assert rows == want
 
 
@@ -42,7 +43,7 @@ def test_console_scripts_match_command_table():
     cfg.read(ROOT / "setup.cfg")
     scripts = dict(line.split(" = ") for line in
                    cfg["options.entry_points"]["console_scripts"].strip().splitlines())
-    assert scripts == {exe: f"sk.cmd.{mod}:main" for exe, mod in executables()}
+    assert scripts == {exe: f"{mod}:main" for exe, mod in executables()}
     for exe in scripts:
         assert (BIN / exe).exists(), f"{exe} not installed"
         assert (ROOT / "bin" / exe).exists(), f"bin/{exe} missing from the checkout"
@@ -50,7 +51,7 @@ def test_console_scripts_match_command_table():
 
 def test_every_command_answers_help():
     argvs = [[str(BIN / exe), "--help"] for exe, _ in executables()]
-    argvs += [[str(BIN / "sk"), n, "--help"] for n, c, _, _ in COMMANDS if c == "porcelain"]
+    argvs += [[str(BIN / "sk"), c.name, "--help"] for c in COMMANDS if c.kind == "porcelain"]
     argvs += [[sys.executable, "-m", "sk_server", "--help"]]
     for argv in argvs:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=60)

@@ -12,71 +12,12 @@ import uuid
 
 import pytest
 
-from conftest import is_pg, query, run, sk  # noqa: F401 - run is shared with other test files
+from conftest import (append, check_server_log, counts_line, ev, is_pg, log, query, run,
+                      server_count, server_rows, state, status, sync, unstamped_count)
 
 KEY_RE = re.compile(r"^sk1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}$")
 FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
           "lamport_clock", "node_id", "payload", "timestamp")
-
-
-# -- helpers (also used by test_e2e_faults.py) -----------------------------------
-def ndjson(events):
-    return "".join(json.dumps(e) + "\n" for e in events)
-
-
-def ev(etype, agg, payload=None, **extra):
-    atype, _, aid = agg.partition(":")
-    out = {"event_type": etype, "aggregate_type": atype, "aggregate_id": aid,
-           "payload": payload or {}}
-    out.update(extra)
-    return out
-
-
-def append(home, events):
-    return run("sk-append", home=home, input=ndjson(events))
-
-
-def sync(home, *extra, code=0, env=None):
-    return run("sk", "sync", *extra, home=home, code=code, env=env)
-
-
-def log(home, *flags):
-    return [json.loads(line) for line in run("sk-log", *flags, home=home).stdout.splitlines()]
-
-
-def state(home, *args):
-    return json.loads(run("sk-state", *args, home=home).stdout)
-
-
-def status(home, *flags, code=0):
-    return json.loads(run("sk", "sync", "status", "--json", *flags, home=home, code=code).stdout)
-
-
-def unstamped_count(home):
-    db = os.path.join(home, "sk.db")
-    if not os.path.exists(db):
-        return 0
-    with sqlite3.connect(db, timeout=30) as c:
-        return c.execute("SELECT count(*) FROM unstamped").fetchone()[0]
-
-
-def server_rows(server, sql="SELECT aggregate_type, aggregate_id, event_id FROM events"):
-    return query(server.db, sql)
-
-
-def server_count(server):
-    return server_rows(server, "SELECT count(*) FROM events")[0][0]
-
-
-def check_server_log(server):
-    text = server.log.read_text(errors="replace") if server.log.exists() else ""
-    assert "Traceback" not in text, f"server logged a traceback:\n{text}"
-
-
-def counts_line(out):
-    """'stamped 1, pushed 2, pulled 3, resolved 4' -> dict."""
-    return {k: int(v) for v, k in
-            ((m.group(2), m.group(1)) for m in re.finditer(r"(stamped|pushed|pulled|resolved) (\d+)", out))}
 
 
 # -- two devices ----------------------------------------------------------------

@@ -4,7 +4,6 @@ or refuse large requests."""
 
 import base64
 import http.client
-import json
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import free_port
-from test_e2e import (append, check_server_log, counts_line, ev, log, run, server_count,
+from conftest import (append, check_server_log, counts_line, ev, log, run, server_count,
                       server_rows, state, status, sync)
 
 SEALED = "application/vnd.sk.sealed"

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from conftest import ServerProcess, free_port
-from test_e2e import (append, check_server_log, ev, log, run, server_rows, state, status,
+from conftest import (append, check_server_log, ev, log, run, server_rows, state, status,
                       sync)
 
 FAKE_KEY = "sk1.0123456789abcdef." + "A" * 43
@@ -65,7 +65,7 @@ def _hang_up(port, i):
         s.sendall(req * (1 + i % 8))   # pipelined: the server keeps writing after we left
 
 
-def test_1_server_survives_clients_that_hang_up(server, device):
+def test_server_survives_clients_that_hang_up(server, device):
     a, b = device("a"), device("b")
     workers = _children(server.proc.pid)
     t0 = time.monotonic()
@@ -88,7 +88,7 @@ def test_1_server_survives_clients_that_hang_up(server, device):
 
 
 # -- 2. bad local configuration: exit 2, one line ---------------------------------------
-def test_2_sk_home_is_a_file(tmp_path):
+def test_sk_home_that_is_a_file_is_a_clear_error(tmp_path):
     f = tmp_path / "not-a-dir"
     f.write_text("x")
     for args, inp in ((("sk-log",), None), (("sk-append",), json.dumps(ev("x", "a:b")) + "\n"),
@@ -99,7 +99,7 @@ def test_2_sk_home_is_a_file(tmp_path):
     assert f.read_text() == "x"
 
 
-def test_2_setup_into_a_file_home(server, tmp_path):
+def test_setup_into_a_home_that_is_a_file_is_refused(server, tmp_path):
     f = tmp_path / "home-file"
     f.write_text("x")
     key = server.register("filehome")
@@ -108,7 +108,7 @@ def test_2_setup_into_a_file_home(server, tmp_path):
     assert f.read_text() == "x"
 
 
-def test_2_env_with_invalid_utf8(tmp_path):
+def test_env_file_with_invalid_utf8_is_a_clear_error(tmp_path):
     home = tmp_path / "h"
     home.mkdir(mode=0o700)
     (home / ".env").write_bytes(b"SK_SERVER=http://127.0.0.1:1\nSK_API_KEY=\xff\xfe\x80bad\n")
@@ -117,12 +117,12 @@ def test_2_env_with_invalid_utf8(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
-def test_2_bad_timeout(value):
+def test_bad_sk_timeout_is_a_usage_error(value):
     p = run("sk", "sync", env=dead_env(SK_TIMEOUT=value), code=2)
     assert "SK_TIMEOUT" in one_line(p)
 
 
-def test_2_bad_never_sync_rule():
+def test_bad_never_sync_rule_is_a_usage_error():
     home = os.environ["SK_HOME"]
     append(home, [ev("feature_created", "feature:F-1")])
     env = dead_env(SK_NEVER_SYNC="garbage")
@@ -133,7 +133,7 @@ def test_2_bad_never_sync_rule():
     assert log(home) == []          # nothing was stamped under a bad rule
 
 
-def test_2_admin_backup_bad_target(tmp_path):
+def test_admin_backup_to_a_bad_target_is_refused(tmp_path):
     db = tmp_path / "srv.db"
     run("sk-register", "--name", "x", "--db", db)
     p = run("sk-admin", "--db", db, "backup", "--to", "/nonexistent/dir/b.db", code=2)
@@ -146,7 +146,7 @@ def test_2_admin_backup_bad_target(tmp_path):
 
 
 # -- 3. own events skipped by node, not by device ----------------------------------------
-def test_3_same_key_two_homes_see_each_other(server, tmp_path):
+def test_same_key_in_two_homes_each_sees_the_other(server, tmp_path):
     key = server.register("shared")
     h1, h2 = tmp_path / "one", tmp_path / "two"
     for h in (h1, h2):
@@ -176,7 +176,7 @@ def _restore(home, snap):
         shutil.copy2(f, home / f.name)
 
 
-def test_3_restored_older_copy_gets_lost_events_back(server, device, tmp_path):
+def test_home_restored_from_an_older_copy_gets_its_lost_events_back(server, device, tmp_path):
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", "feature:F-1", {"v": 1})])
     sync(a)
@@ -218,7 +218,7 @@ def test_3_restored_older_copy_gets_lost_events_back(server, device, tmp_path):
 
 
 # -- 4. a rejected event is set aside ------------------------------------------------------
-def test_4_rejected_event_set_aside(server, device):
+def test_rejected_event_is_set_aside_and_the_rest_flows(server, device):
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", "feature:F-1", {"title": "real"}),
                ev("feature_created", "feature:F-2", {"title": "other"})])
@@ -256,7 +256,7 @@ def test_4_rejected_event_set_aside(server, device):
 
 
 # -- 5. offline ---------------------------------------------------------------------------
-def test_5_offline_sync_exit_3_still_resolves():
+def test_offline_sync_exits_3_and_still_resolves():
     home = os.environ["SK_HOME"]
     env = dead_env()
     run("sk-append", "--type", "feature_created", "--aggregate", "feature:OFF-1",
@@ -269,7 +269,7 @@ def test_5_offline_sync_exit_3_still_resolves():
 
 
 # -- 6. sk-register / sk-admin argument and file checks -----------------------------------
-def test_6_register_empty_names_and_missing_db(tmp_path):
+def test_register_refuses_empty_names_and_a_missing_database(tmp_path):
     db = tmp_path / "srv.db"
     run("sk-register", "--name", "x", "--db", db)
     for flag in ("--name", "--revoke", "--rotate"):
@@ -293,7 +293,7 @@ def test_6_register_empty_names_and_missing_db(tmp_path):
 
 
 # -- 7. file modes ------------------------------------------------------------------------
-def test_7_file_modes(tmp_path, umask022):
+def test_device_files_are_private_under_umask_022(tmp_path, umask022):
     home = tmp_path / "fresh-home"
     run("sk-append", "--type", "feature_created", "--aggregate", "feature:F-1", home=home)
     assert mode(home) == 0o700
@@ -322,7 +322,7 @@ def test_7_file_modes(tmp_path, umask022):
 
 # -- 8. timestamps and NaN ------------------------------------------------------------------
 @pytest.mark.parametrize("ts", ["2026-13-45T99:00:00Z", "2026-01-31T12:00:00+02:00"])
-def test_8_append_refuses_bad_timestamps(ts):
+def test_append_refuses_bad_timestamps(ts):
     home = os.environ["SK_HOME"]
     lines = [json.dumps(ev("feature_created", "feature:F-1")),
              json.dumps(ev("feature_created", "feature:F-2", timestamp=ts))]
@@ -332,7 +332,7 @@ def test_8_append_refuses_bad_timestamps(ts):
     assert log(home) == []
 
 
-def test_8_set_nan_is_a_string():
+def test_append_set_nan_is_a_string():
     home = os.environ["SK_HOME"]
     run("sk-append", "--type", "feature_created", "--aggregate", "feature:F-1",
         "--set", "a=NaN", "--set", "b=Infinity", "--set", "c=2", home=home)
@@ -347,14 +347,14 @@ def test_8_set_nan_is_a_string():
 
 # -- 9. bad URLs and --since ----------------------------------------------------------------
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://[::1"])
-def test_9_setup_refuses_bad_urls(url, tmp_path):
+def test_setup_refuses_bad_urls(url, tmp_path):
     home = tmp_path / "h"
     p = run("sk", "sync", "setup", "--server", url, "--key", FAKE_KEY, home=home, code=2)
     assert one_line(p)
     assert not (home / ".env").exists()
 
 
-def test_9_pull_huge_since_is_refused_before_any_connection():
+def test_pull_huge_since_is_refused_before_any_connection():
     home = os.environ["SK_HOME"]
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
@@ -370,7 +370,7 @@ def test_9_pull_huge_since_is_refused_before_any_connection():
 
 
 # -- 10. port in use -------------------------------------------------------------------------
-def test_10_server_port_in_use(tmp_path):
+def test_server_on_a_port_in_use_says_so(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -384,7 +384,7 @@ def test_10_server_port_in_use(tmp_path):
 
 
 # -- 11. revoked key, wrong seal ---------------------------------------------------------------
-def test_11_revoked_told_only_to_key_holders(tmp_path):
+def test_revoked_is_told_only_to_key_holders(tmp_path):
     from test_server_api import Device, assert_refused, make_event
 
     from sk import crypto
@@ -419,7 +419,7 @@ def test_11_revoked_told_only_to_key_holders(tmp_path):
 
 
 # -- 12. a Lamport clock at the limit ----------------------------------------------------------
-def test_12_lamport_at_limit_is_rejected(server, device):
+def test_lamport_clock_at_the_limit_is_rejected(server, device):
     from sk.client import Client
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", "feature:F-1", {"n": 1})])

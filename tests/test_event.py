@@ -183,7 +183,8 @@ def test_check_stamped_returns_fields_in_order():
     row = check_stamped(stamped())
     assert row == (EID, "feature_created", "feature", "F-1", 5, "node-a", '{"title":"x"}', TS)
     assert len(row) == len(event.FIELDS)
-    assert event.row_to_event(row) == stamped()
+    assert row.to_dict() == stamped()
+    assert event.loads(row.to_json()) == stamped()   # the text built around the payload
 
 
 @pytest.mark.parametrize("clock", [1, 2 ** 63 - 1])

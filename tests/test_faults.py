@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import ServerProcess, command, query, sk
+from conftest import command, query, sk, wait_until
 from conftest import run as _run
 
 SEED = 20240917
@@ -164,15 +164,6 @@ def procs(tmp_path):
         ps.cleanup()
 
 
-def wait_until(pred, timeout, step=0.005):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
-
-
 # -- 1. kill -9 of the client mid-push -------------------------------------------------
 CLIENT_KILLS = {
     "sync": ("sk", "sync"),
@@ -199,7 +190,7 @@ def test_kill9_client_mid_push_then_sync_is_exactly_once(server, device, procs, 
         if trial % 2 == 0:    # anywhere from process start-up to the end of the push
             time.sleep(rng.uniform(0.05, 0.45))
         else:                 # after the first batch has been committed
-            assert wait_until(lambda: server_count(server) > base or p.poll() is not None, 30)
+            assert wait_until(lambda: server_count(server) > base or p.poll() is not None, 30, interval=0.005)
             time.sleep(rng.uniform(0.0, 0.05))
         Procs.kill9(p)
         on_server = server_count(server) - base
@@ -261,7 +252,8 @@ def test_kill9_server_mid_push_and_pull_is_durable_and_exactly_once(tmp_path, de
                                ("sk-push-batch", "--all", "--max", "50")), home=a)
         puller = procs.start(*(("sk", "sync") if trial == 2 else ("sk-pull", "--since", "0")),
                              home=b)
-        assert wait_until(lambda: server_count(server) > base or pusher.poll() is not None, 30)
+        assert wait_until(lambda: server_count(server) > base or pusher.poll() is not None, 30,
+                          interval=0.005)
         time.sleep(rng.uniform(0.0, 0.15))
         server.stop(signal.SIGKILL)            # kill -9 of the server's process group
         at_kill = server_count(server) - base
@@ -458,11 +450,12 @@ def test_proxy_fault_on_push_keeps_queue_then_sync_is_exactly_once(server, devic
 @pytest.mark.parametrize("fault", ["cut-request-body", "cut-response-mid-body",
                                    "flip-response-byte"])
 def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device, fault):
-    """The 2nd pull page of 2500 events is cut or tampered with: exit 3 (5), the
-    first page is kept with the cursor at its end, and a later sync completes."""
+    """The 2nd pull page (of 5000 events: the protocol's page) of 7500 events is cut
+    or tampered with: exit 3 (5), the first page is kept with the cursor at its
+    end, and a later sync completes."""
     action, want = CUTS[fault]
     a, b = device("a"), device("b")
-    expected = append(a, "Q", 2500)
+    expected = append(a, "Q", 7500)
     run("sk", "sync", home=a)
     px = FaultProxy(server.port, lambda i, path: action if path == "/api/pull" and i == 2
                     else None)
@@ -471,7 +464,7 @@ def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device,
         # the first page is stored, the cursor at its end; nothing of the second
         first = local_events(b)
         cursor = int(query(b / "sk.db", "SELECT value FROM meta WHERE key = 'cursor'")[0][0])
-        assert 0 < len(first) < 2500 and cursor == len(first), (len(first), cursor)
+        assert 0 < len(first) < 7500 and cursor == len(first), (len(first), cursor)
         assert_once(first, {r[0] for r in first}, "device b after the fault")
         run("sk-pull", "--server", px.url, home=b, code=0)     # 3rd call passes again
     finally:

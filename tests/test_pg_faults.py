@@ -12,6 +12,8 @@ import pytest
 
 from conftest import BACKENDS, ROOT, ServerProcess, query, run
 
+pytestmark = pytest.mark.slow   # real servers, real PostgreSQL
+
 
 @pytest.fixture
 def own_cluster():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from sk import resolve as resolve_mod
 from sk.config import parse_path_map
-from sk.event import NeverSync, check_new
+from sk.event import Event, NeverSync, check_new
 from sk.resolve import fold, load_state, remap, resolve, view
 from sk.store import LocalStore
 
@@ -27,9 +27,9 @@ def state(events, include_deleted=False):
 
 
 def row(n, etype, atype, aid, lamport, node, payload):
-    """A stored-event tuple in LOG_COLUMNS order for LocalStore.receive."""
-    return (str(uuid.UUID(int=n + 1)), etype, atype, aid, lamport, node, json.dumps(payload),
-            "2026-01-01T00:00:00Z")
+    """A stored Event for LocalStore.receive."""
+    return Event(str(uuid.UUID(int=n + 1)), etype, atype, aid, lamport, node,
+                 json.dumps(payload), "2026-01-01T00:00:00Z")
 
 
 @pytest.fixture

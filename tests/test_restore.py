@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import ServerProcess, is_pg, query, run
+from conftest import is_pg, query, run
 
 
 def make(device_home, tag, n):
@@ -241,11 +241,11 @@ def test_diverging_again_after_healing_is_one_clear_error(tmp_path):
     from sk.config import Config
     from sk.errors import IntegrityError
     from sk.store import open_store
-    from sk.sync import Diverged, healing
+    from sk.protocol import ServerRestored, healing
     store = open_store(Config(tmp_path / "home"))
 
     def attempt(first):
-        raise Diverged("event 3 of the server's log is not the one this device saw", "t")
+        raise ServerRestored("event 3 of the server's log is not the one this device saw", "t")
     with pytest.raises(IntegrityError, match="again after starting over") as e:
         healing(store, attempt)
     assert e.value.exit_code == 5

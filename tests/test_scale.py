@@ -27,19 +27,20 @@ import requests
 import websocket
 from websocket import ABNF
 
-from conftest import BACKENDS, ROOT, ServerProcess, new_server_db, query, run
+from conftest import BACKENDS, ROOT, ServerProcess, new_server_db, query, run, wait_until
 from sk import PROTOCOL_VERSION, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
 from sk.errors import AuthError, Unreachable
-from test_watch import Watcher
+from conftest import Watcher
 
 sys.path.insert(0, str(ROOT / "tools"))
 from balancer import Balancer  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    "postgresql" not in BACKENDS,
-    reason="several servers share one PostgreSQL database; SK_TEST_BACKENDS leaves postgresql out")
+pytestmark = [
+    pytest.mark.slow,   # real servers, real PostgreSQL
+    pytest.mark.skipif("postgresql" not in BACKENDS, reason="several servers share one PostgreSQL"
+                       " database; SK_TEST_BACKENDS leaves postgresql out")]
 
 TIMEOUT = 10  # seconds: every socket operation is bounded by this
 
@@ -143,15 +144,6 @@ def log_ids(home):
 def local_log(home):
     """How many events a device's local log holds."""
     return query(home / "sk.db", "SELECT count(*) FROM events")[0][0]
-
-
-def wait_until(pred, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return value
 
 
 def raw_post(url, endpoint, key_id, blob):

@@ -13,13 +13,13 @@ from sk.client import Client
 from sk.errors import AuthError, Unreachable
 from sk_server import create_app, devices
 from sk_server.secret import SecretError, load_secret
-from sk_server.store import SQLiteStore, StoreError, open_store
+from sk_server.store import StoreError, open_store, sqlite_store
 
 from conftest import BACKENDS, ServerProcess, new_server_db, query, sk
 
 
 def test_secret_is_created_beside_a_new_database_with_mode_600(tmp_path):
-    store = SQLiteStore(tmp_path / "s.db")
+    store = sqlite_store(tmp_path / "s.db")
     path = tmp_path / "s.secret"
     assert path.exists() and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_secret(tmp_path / "s.db", create=False) == store._secret
@@ -38,25 +38,25 @@ def test_key_material_is_wrapped_not_the_plain_master(server_db):
 
 def test_a_copied_database_alone_cannot_impersonate(tmp_path):
     """The thief has server.db but not server.secret: no device's key unwraps."""
-    store = SQLiteStore(tmp_path / "s.db")
+    store = sqlite_store(tmp_path / "s.db")
     key = devices.register(store, "a")
     key_id, _ = crypto.parse_api_key(key)
     (tmp_path / "stolen").mkdir()
     store.backup(tmp_path / "stolen" / "s.db")   # a complete copy of the database file
     with pytest.raises(StoreError, match="no server secret"):
-        SQLiteStore(tmp_path / "stolen" / "s.db")
+        sqlite_store(tmp_path / "stolen" / "s.db")
     # with a secret of their own making, nothing unwraps either
     fake = tmp_path / "stolen" / "s.secret"
     fd = os.open(fake, os.O_WRONLY | os.O_CREAT, 0o600)
     os.write(fd, b"A" * 43)
     os.close(fd)
     with pytest.raises(StoreError, match="not the one this database's key material"):
-        SQLiteStore(tmp_path / "stolen" / "s.db").get_key(key_id)
+        sqlite_store(tmp_path / "stolen" / "s.db").get_key(key_id)
     # nor on a database of sk 0.2.0, which has no fingerprint of its secret
     with closing(sqlite3.connect(tmp_path / "stolen" / "s.db")) as db, db:
         db.execute("DELETE FROM meta WHERE key = 'secret_check'")
     with pytest.raises(StoreError, match="does not unwrap"):
-        SQLiteStore(tmp_path / "stolen" / "s.db")
+        sqlite_store(tmp_path / "stolen" / "s.db")
 
 
 def test_unwrap_is_bound_to_key_id_and_detects_tampering():
@@ -77,7 +77,7 @@ def test_unwrap_is_bound_to_key_id_and_detects_tampering():
 def test_secret_from_environment_and_file_override(tmp_path, monkeypatch):
     value = "B" * 43
     monkeypatch.setenv("SK_SERVER_SECRET", value)
-    store = SQLiteStore(tmp_path / "env.db")
+    store = sqlite_store(tmp_path / "env.db")
     assert store._secret == crypto.base64.urlsafe_b64decode(value + "=")
     assert not (tmp_path / "env.secret").exists()
     monkeypatch.setenv("SK_SERVER_SECRET", "short")
@@ -86,7 +86,7 @@ def test_secret_from_environment_and_file_override(tmp_path, monkeypatch):
     monkeypatch.delenv("SK_SERVER_SECRET")
     shared = tmp_path / "shared.secret"
     monkeypatch.setenv("SK_SERVER_SECRET_FILE", str(shared))
-    one = SQLiteStore(tmp_path / "one.db")
+    one = sqlite_store(tmp_path / "one.db")
     assert shared.exists() and load_secret(tmp_path / "other.db") == one._secret
 
 
@@ -127,7 +127,7 @@ def test_servers_with_different_secrets_on_one_database_are_refused(server_db, t
 
 
 def test_group_readable_secret_is_refused(tmp_path):
-    SQLiteStore(tmp_path / "s.db")
+    sqlite_store(tmp_path / "s.db")
     os.chmod(tmp_path / "s.secret", 0o644)
     with pytest.raises(StoreError, match="readable by others"):
         open_store(tmp_path / "s.db")
@@ -160,6 +160,7 @@ def test_failed_authentication_is_slowed_down_per_address(server_db):
     assert r.status_code == 429
 
 
+@pytest.mark.slow
 def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path, server_db):
     srv = ServerProcess(server_db).start()
     try:

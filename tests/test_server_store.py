@@ -14,7 +14,7 @@ import pytest
 from sk import crypto
 from sk.event import check_stamped
 from sk_server.devices import register, revoke, rotate
-from sk_server.store import GENESIS, SQLiteStore, StoreError, chain_next, open_store
+from sk_server.store import GENESIS, StoreError, chain_next, open_store, sqlite_store
 
 from conftest import free_port, is_pg, query
 
@@ -230,7 +230,7 @@ def test_backup_is_a_consistent_copy(tmp_path, store):
     push(store, "B", "b1", [row() for _ in range(3)])
     target = tmp_path / "backup.db"
     store.backup(target)
-    copy = SQLiteStore(target, secret=store._secret)  # a backup needs the server secret
+    copy = sqlite_store(target, secret=store._secret)  # a backup needs the server secret
     assert copy.stats() == store.stats() == {"teams": 2, "devices": 3, "events": 10}
     for team in ("A", "B"):
         assert copy.pull(team, 0, 100) == store.pull(team, 0, 100)
@@ -279,11 +279,15 @@ def test_lamport_jump_past_the_limit_is_rejected(store):
 def test_dedup_lookup_uses_the_event_id_index(tmp_path):
     """Walking the team by primary key instead made every push slower as the log
     grew (O(N^2) in all: 2k events/s at a million). SQLite's plan must use events_id."""
-    from sk_server.store import dedup_sql
-    db = SQLiteStore(tmp_path / "plan.db")._db()
+    store = sqlite_store(tmp_path / "plan.db")
+    db = store.d._db()
+    plans = []
+    db.set_trace_callback(lambda sql: plans.append(sql) if "event_id IN" in sql else None)
     for n in (1, 500):
-        plan = " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + dedup_sql(n),
-                                                  ["A", *(["x"] * n)]))
+        store.d.events_by_id(db, "A", ["x"] * n)
+    assert len(plans) == 2
+    for sql in plans:
+        plan = " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + sql))
         assert "INDEX events_id" in plan and "PRIMARY KEY" not in plan, plan
 
 
@@ -333,7 +337,7 @@ def test_export_and_import_keep_sequence_chain_and_keys(tmp_path, store):
         push(store, "B", "b1", [row()])
     rotate(store, "a2")
     revoke(store, "b1")
-    target = SQLiteStore(tmp_path / "copy.db")
+    target = sqlite_store(tmp_path / "copy.db")
     target.import_meta(store.export_meta())
     for team in ("A", "B"):
         after = 0
@@ -391,7 +395,7 @@ def test_a_pull_never_skips_an_event_that_commits_late(store):
 def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
     """A server database of sk 0.2.0 (no chain) is upgraded in place when opened."""
     path = tmp_path / "old.db"
-    s = SQLiteStore(path)
+    s = sqlite_store(path)
     register(s, "a1", "A")
     push(s, "A", "a1", [row() for _ in range(5)])
     s.close()
@@ -401,7 +405,7 @@ def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
         for table in ("events", "teams"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN chain")
     db.close()
-    s = SQLiteStore(path)
+    s = sqlite_store(path)
     ids = [r[1] for r in s.pull("A", 0, 10).rows]
     chain = GENESIS
     for i, eid in enumerate(ids, 1):
@@ -419,7 +423,7 @@ def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
                    " aggregate_id, lamport_clock, node_id, payload, timestamp, device, received)"
                    " VALUES ('A', 7, ?, ?, ?, ?, ?, ?, ?, ?, 'a1', 'now')", extra)
         db.execute("UPDATE teams SET head = 7 WHERE team = 'A'")
-    s = SQLiteStore(path)
+    s = sqlite_store(path)
     ids = [r[1] for r in s.pull("A", 0, 10).rows]
     chain = GENESIS
     for eid in ids:

@@ -10,7 +10,8 @@ import pytest
 
 from sk import store as store_mod
 from sk.errors import ConfigError
-from sk.event import EventError, NeverSync, check_new, check_timestamp, parse_ndjson
+from sk.event import (FIELDS, Event, EventError, NeverSync, check_new, check_timestamp,
+                      parse_ndjson)
 from sk.store import LocalStore
 
 
@@ -26,8 +27,8 @@ def ev(aid="F-1", etype="feature_updated", atype="feature", **kw):
 
 
 def remote(n, lamport, node="remote-node", aid="F-1", etype="feature_updated", payload=None):
-    return (str(uuid.UUID(int=n)), etype, "feature", aid, lamport, node,
-            json.dumps(payload or {"n": n}), "2026-01-01T00:00:00Z")
+    return Event(str(uuid.UUID(int=n)), etype, "feature", aid, lamport, node,
+                 json.dumps(payload or {"n": n}), "2026-01-01T00:00:00Z")
 
 
 def events(store_, **filters):
@@ -311,7 +312,7 @@ def test_receive_of_own_pushed_event_keeps_its_status(store):
     store.stamp(NeverSync())
     mine = events(store)[0]
     store.mark_pushed([(mine["event_id"], "accepted", None)])
-    row = tuple(mine[c] if c != "payload" else json.dumps(mine[c]) for c in store_mod.LOG_COLUMNS)
+    row = Event(*(mine[c] if c != "payload" else json.dumps(mine[c]) for c in FIELDS))
     assert store.receive([row], cursor=1) == 0
     assert events(store)[0]["status"] == "sent"
 
@@ -347,7 +348,7 @@ def test_queued_pages_in_local_order(store):
     assert [row[0] for _, row in nxt] == ids[3:6]
     assert len(store.queued(100)) == 7
     seq, row = first[0]
-    assert len(row) == len(store_mod.LOG_COLUMNS)
+    assert len(row) == len(FIELDS)
     assert json.loads(row[6]) == {}
 
 
@@ -426,7 +427,7 @@ def test_log_filters(store):
     store.receive([remote(1, 20, aid="A")], cursor=1)
     everything = events(store)
     assert [e["seq"] for e in everything] == sorted(e["seq"] for e in everything)
-    assert set(everything[0]) >= set(store_mod.LOG_COLUMNS) | {"status", "seq"}
+    assert set(everything[0]) >= set(FIELDS) | {"status", "seq"}
     assert len(events(store, aggregate_type="feature")) == 4
     assert len(events(store, aggregate_type="feature", aggregate_id="A")) == 3
     assert [e["event_type"] for e in events(store, event_type="wp_created")] == ["wp_created"]

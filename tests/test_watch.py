@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import threading
 import time
 import uuid
@@ -16,21 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ServerProcess, command, query, run, sk
+from conftest import ServerProcess, Watcher, query, run, state, status, wait_until
 
 
 # -- helpers -------------------------------------------------------------------------
-def wait_until(pred, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def ev(agg_id, payload, etype="feature_created", event_id=None):
     out = {"event_type": etype, "aggregate_type": "feature", "aggregate_id": agg_id,
            "payload": payload}
@@ -85,70 +73,6 @@ def server_ids(server, team):
     assert len(ids) == len(set(ids)), f"team {team}: an event is stored twice on the server"
     assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "team sequence has gaps"
     return set(ids)
-
-
-def status(home):
-    return json.loads(run("sk", "sync", "status", "--json", home=home).stdout)
-
-
-def state(home, *args):
-    return json.loads(run("sk-state", *args, home=home).stdout)
-
-
-class Watcher:
-    """`sk sync watch` as a real subprocess, its stderr in a file."""
-
-    def __init__(self, home, logdir):
-        self.home = home
-        self.errpath = logdir / f"watch-{os.path.basename(home)}-{uuid.uuid4().hex[:6]}.err"
-        self._err = open(self.errpath, "wb")
-        env = dict(os.environ, SK_HOME=str(home))
-        self.proc = subprocess.Popen([command("sk"), "sync", "watch"], env=env,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self._err)
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def text(self):
-        return self.errpath.read_text(errors="replace")
-
-    def connects(self):
-        return len(re.findall(r"watch: connected\b", self.text()))
-
-    def wait_connected(self, count=1, timeout=30):
-        def ok():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"watcher exited {self.proc.returncode}:\n{self.text()}")
-            return self.connects() >= count
-        wait_until(ok, timeout, f"watcher {self.home} to connect ({count})\n{self.text()}")
-
-    def signal_stop(self, sig, timeout):
-        """Send `sig`; return (exit code, seconds to exit)."""
-        t = time.monotonic()
-        self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"watcher did not stop within {timeout} s of {sig!r}:\n"
-                                 f"{self.text()}") from None
-        return rc, time.monotonic() - t
-
-    def wait_exit(self, timeout):
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"watcher still running after {timeout} s:\n{self.text()}") from None
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self._err.close()
 
 
 @pytest.fixture

@@ -25,13 +25,14 @@ def pages():
     from sk.commands import COMMANDS, executables
 
     targets = [(exe, mod, exe) for exe, mod in executables()]
-    targets += [(f"sk-{n}", m, f"sk {n}") for n, c, m, _ in COMMANDS if c == "porcelain"]
+    targets += [(f"sk-{c.name}", c.module, f"sk {c.name}") for c in COMMANDS
+                if c.kind == "porcelain"]
     out = {}
     for name, mod, prog in targets:
-        module = importlib.import_module("sk.cmd." + mod)
+        module = importlib.import_module(mod)
         parser = module.get_parser(prog)
         parser.epilog = None  # the exit codes have their own EXIT STATUS section
-        summary = next((s for n, c, m, s in COMMANDS if m == mod), None)
+        summary = next((c.summary for c in COMMANDS if c.module == mod), None)
         page = Manpage(parser, _data={
             "date": DATE, "project_name": "sk", "version": __version__,
             "manual_title": "sk manual", "manual_section": 1,

@@ -65,20 +65,39 @@ def direction_key(master, direction):
     return _hkdf(master, b"", b"sk/1 " + direction.encode())
 
 
+def _gcm_seal(key, nonce, aad, plaintext):
+    """AES-256-GCM: ciphertext + 16-byte tag of plaintext, authenticating aad. The
+    one place every sealed format of sk is encrypted."""
+    from Cryptodome.Cipher import AES
+    if len(nonce) != 12:
+        raise ValueError("nonce must be 12 bytes")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(aad)
+    ct, tag = cipher.encrypt_and_digest(plaintext)
+    return ct + tag
+
+
+def _gcm_open(key, nonce, aad, sealed, what="message"):
+    """The plaintext of _gcm_seal's output; CryptoError if it does not authenticate."""
+    from Cryptodome.Cipher import AES
+    if len(sealed) < TAG_LEN:
+        raise FormatError(f"sealed {what} too short ({len(sealed)} bytes)")
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
+    cipher.update(aad)
+    try:
+        return cipher.decrypt_and_verify(sealed[:-TAG_LEN], sealed[-TAG_LEN:])
+    except ValueError:
+        raise CryptoError(f"{what} failed authentication (wrong key or altered)") from None
+
+
 def seal(key, plaintext, context, timestamp_ms=None, nonce=None):
     """Encrypt and authenticate `plaintext`, binding `context` (bytes)."""
-    from Cryptodome.Cipher import AES
     if timestamp_ms is None:
         timestamp_ms = int(time.time() * 1000)
     if nonce is None:
         nonce = os.urandom(12)
-    elif len(nonce) != 12:
-        raise ValueError("nonce must be 12 bytes")
     header = HEADER.pack(VERSION, timestamp_ms, nonce)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
-    cipher.update(header + context)
-    ct, tag = cipher.encrypt_and_digest(plaintext)
-    return header + ct + tag
+    return header + _gcm_seal(key, nonce, header + context, plaintext)
 
 
 def peek(blob):
@@ -93,16 +112,9 @@ def peek(blob):
 
 def open_sealed(key, blob, context):
     """Return (timestamp_ms, nonce, plaintext); CryptoError if it fails to authenticate."""
-    from Cryptodome.Cipher import AES
     ts, nonce = peek(blob)
-    header, ct, tag = blob[:HEADER.size], blob[HEADER.size:-TAG_LEN], blob[-TAG_LEN:]
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
-    cipher.update(header + context)
-    try:
-        plaintext = cipher.decrypt_and_verify(ct, tag)
-    except ValueError:
-        raise CryptoError("message failed authentication (wrong key or altered)") from None
-    return ts, nonce, plaintext
+    header = blob[:HEADER.size]
+    return ts, nonce, _gcm_open(key, nonce, header + context, blob[HEADER.size:])
 
 
 def same(a, b):
@@ -117,24 +129,20 @@ def same(a, b):
 WRAP_VERSION = 1
 
 
-def wrap_key(secret, key_id, master):
-    from Cryptodome.Cipher import AES
-    nonce = os.urandom(12)
-    cipher = AES.new(secret, AES.MODE_GCM, nonce=nonce, mac_len=TAG_LEN)
-    cipher.update(b"sk/1 wrap|" + key_id.encode())
-    ct, tag = cipher.encrypt_and_digest(master)
-    return bytes([WRAP_VERSION]) + nonce + ct + tag
+def wrap_key(secret, key_id, master, nonce=None):
+    nonce = os.urandom(12) if nonce is None else nonce
+    return bytes([WRAP_VERSION]) + nonce + _gcm_seal(secret, nonce, b"sk/1 wrap|" + key_id.encode(),
+                                                     master)
 
 
 def unwrap_key(secret, key_id, wrapped):
     """The master inside `wrapped`; CryptoError if the secret (or key_id) is wrong."""
-    from Cryptodome.Cipher import AES
     wrapped = bytes(wrapped)
     if len(wrapped) != 1 + 12 + 32 + TAG_LEN or wrapped[0] != WRAP_VERSION:
         raise FormatError("stored key material is not wrapped key material of version 1")
-    cipher = AES.new(secret, AES.MODE_GCM, nonce=wrapped[1:13], mac_len=TAG_LEN)
-    cipher.update(b"sk/1 wrap|" + key_id.encode())
     try:
-        return cipher.decrypt_and_verify(wrapped[13:-TAG_LEN], wrapped[-TAG_LEN:])
-    except ValueError:
+        return _gcm_open(secret, wrapped[1:13], b"sk/1 wrap|" + key_id.encode(), wrapped[13:])
+    except FormatError:
+        raise
+    except CryptoError:
         raise CryptoError("key material does not unwrap with this server secret") from None

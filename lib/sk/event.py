@@ -8,6 +8,7 @@ import fnmatch
 import functools
 import json
 import re
+from collections import namedtuple
 
 FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
           "lamport_clock", "node_id", "payload", "timestamp")
@@ -25,6 +26,28 @@ DEFAULT_NEVER_SYNC = ("setting:*_pat", "setting:*token*", "setting:*password*",
 
 class EventError(ValueError):
     """An event breaks a rule; the message names the field."""
+
+
+class Event(namedtuple("Event", FIELDS)):
+    """One stamped event, as every store keeps it and the wire carries it: the
+    fields in FIELDS order, the payload as its compact JSON text. A row read from
+    a store's columns in FIELDS order is Event(*row)."""
+
+    __slots__ = ()
+
+    def to_dict(self):
+        """The event as a JSON object (the wire's and sk-log's form)."""
+        ev = self._asdict()
+        ev["payload"] = loads(self.payload)
+        return ev
+
+    def to_json(self):
+        """to_dict() as compact JSON text, built around the payload text as stored."""
+        return (f'{{"event_id":{dumps(self.event_id)},"event_type":{dumps(self.event_type)},'
+                f'"aggregate_type":{dumps(self.aggregate_type)},'
+                f'"aggregate_id":{dumps(self.aggregate_id)},'
+                f'"lamport_clock":{int(self.lamport_clock)},"node_id":{dumps(self.node_id)},'
+                f'"payload":{self.payload},"timestamp":{dumps(self.timestamp)}}}')
 
 
 def _no_constants(name):
@@ -155,9 +178,9 @@ def _real_time(text):
 
 
 def check_stamped(ev, new=True):
-    """Validate a complete, stamped event (push, pull). Returns a tuple in FIELDS
-    order with the payload as compact JSON text. new=False (pulled events) lets
-    through a NUL in text fields, which sk 0.2.0 servers stored."""
+    """Validate a complete, stamped event (push, pull). Returns an Event (payload
+    as compact JSON text). new=False (pulled events) lets through a NUL in text
+    fields, which sk 0.2.0 servers stored."""
     if not isinstance(ev, dict):
         raise EventError("an event must be a JSON object")
     missing = [f for f in FIELDS if f not in ev]
@@ -166,7 +189,7 @@ def check_stamped(ev, new=True):
     clock = ev["lamport_clock"]
     if type(clock) is not int or not 1 <= clock <= MAX_LAMPORT:
         raise EventError("lamport_clock must be an integer >= 1 and < 2^63")
-    return (
+    return Event(
         check_event_id(ev["event_id"]),
         _check_str(ev, "event_type", _TYPE_RE, 64),
         _check_str(ev, "aggregate_type", _TYPE_RE, 64),
@@ -178,11 +201,6 @@ def check_stamped(ev, new=True):
     )
 
 
-def row_to_event(row):
-    """A row in FIELDS order (payload as JSON text) to an event dict."""
-    ev = dict(zip(FIELDS, row))
-    ev["payload"] = loads(ev["payload"])
-    return ev
 
 
 def is_deletion(event_type):

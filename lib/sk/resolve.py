@@ -17,6 +17,39 @@ import json
 from .event import dumps, is_deletion
 
 CHUNK = 5000
+STATE_VERSION = "1"
+# The state, in the device's file beside the log (sk.store), owned here.
+STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aggregates (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    live_lamport   INTEGER NOT NULL DEFAULT 0,
+    live_node      TEXT NOT NULL DEFAULT '',
+    del_lamport    INTEGER NOT NULL DEFAULT 0,
+    del_node       TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (aggregate_type, aggregate_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fields (
+    aggregate_type TEXT NOT NULL,
+    aggregate_id   TEXT NOT NULL,
+    field          TEXT NOT NULL,
+    value          TEXT NOT NULL,    -- JSON, as written in the winning event
+    mapped         TEXT,             -- JSON after path remapping, NULL when unchanged
+    lamport        INTEGER NOT NULL,
+    node_id        TEXT NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, field)
+) WITHOUT ROWID
+"""
+
+
+def state_tables(store):
+    """Create the state tables in the device's file if they are not there yet."""
+    if store.meta("state_schema") == STATE_VERSION:
+        return
+    with store.write() as db:
+        for stmt in STATE_SCHEMA.split(";"):
+            db.execute(stmt)
+        store.put("state_schema", STATE_VERSION)
 
 
 def fold(events, aggs=None, fields=None):
@@ -118,12 +151,13 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     """Fold every unapplied event of `store` into its state tables, chunk by chunk,
     each chunk one transaction. `path_map` [(FROM, TO)] replaces the stored map
     when given (re-mapping the whole state if it changed). Returns events applied."""
+    state_tables(store)
     db = store.db
     pairs = [tuple(p) for p in (path_map if path_map is not None
                                 else json.loads(store.meta("path_map", "[]")))]
     if rebuild or store.meta("needs_rebuild") == "1":
         with store.write():
-            store._set("needs_rebuild", 0)
+            store.put("needs_rebuild", 0)
             db.execute("DELETE FROM aggregates")
             db.execute("DELETE FROM fields")
             db.execute("UPDATE events SET applied = 0 WHERE applied = 1")
@@ -159,11 +193,13 @@ def _remap_all(store, pairs):
                        " aggregate_id = ? AND field = ?",
                        [(m, t, i, f) for t, i, f, v in rows
                         if (m := _mapped(v, pairs)) is not None])
-        store._set("path_map", dumps(pairs))
+        store.put("path_map", dumps(pairs))
 
 
 def load_state(store, aggregate_type=None, aggregate_id=None, include_deleted=False):
     """The resolved state as {type: {id: {key: value}}} (path map applied)."""
+    if not store.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fields'").fetchone():
+        return {}   # nothing resolved yet (and a read creates nothing)
     where, args = "", []
     if aggregate_type is not None:
         where, args = " WHERE aggregate_type = ?", [aggregate_type]

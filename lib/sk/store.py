@@ -1,19 +1,20 @@
 """The device's local SQLite file: the event log, the unstamped table, the Lamport
-clock, the pull cursor, the resolved state and sync bookkeeping, all in one file
-so that each change to them is one transaction.
+clock, the pull cursor and sync bookkeeping, all in one file so that each change
+to them is one transaction. (The resolved state lives in the same file, in tables
+that resolve.py owns.)
 
 The ``unstamped`` table is a documented interface (see sk-stamp(1)): any program
 may INSERT rows into it and run ``sk-stamp``.
 """
 
 import contextlib
-import json
 import os
 import sqlite3
 import uuid
 from datetime import datetime, timezone
 
 from .errors import ConfigError
+from .event import FIELDS, Event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,29 +30,16 @@ CREATE TABLE IF NOT EXISTS unstamped (
 );
 CREATE TABLE IF NOT EXISTS events (
     seq            INTEGER PRIMARY KEY,
-    event_id       TEXT NOT NULL UNIQUE,
-    event_type     TEXT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id   TEXT NOT NULL,
-    lamport_clock  INTEGER NOT NULL,
-    node_id        TEXT NOT NULL,
-    payload        TEXT NOT NULL,
-    timestamp      TEXT NOT NULL,
+{envelope},
     status         TEXT NOT NULL,   -- queued | sent | local_only | remote
     applied        INTEGER NOT NULL DEFAULT 0,
-    stamped_at     TEXT             -- local time it was stamped (queue age)
+    stamped_at     TEXT,            -- local time it was stamped (queue age)
+    UNIQUE (event_id)
 );
 -- events the server refused for good, set aside out of the log with the reason
 CREATE TABLE IF NOT EXISTS rejected (
     seq            INTEGER PRIMARY KEY,
-    event_id       TEXT NOT NULL,
-    event_type     TEXT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id   TEXT NOT NULL,
-    lamport_clock  INTEGER NOT NULL,
-    node_id        TEXT NOT NULL,
-    payload        TEXT NOT NULL,
-    timestamp      TEXT NOT NULL,
+{envelope},
     reason         TEXT NOT NULL,
     rejected_at    TEXT NOT NULL
 );
@@ -59,30 +47,13 @@ CREATE INDEX IF NOT EXISTS events_queued ON events(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS events_unapplied ON events(seq) WHERE applied = 0;
 CREATE INDEX IF NOT EXISTS events_local ON events(seq) WHERE status = 'local_only';
 CREATE INDEX IF NOT EXISTS events_aggregate ON events(aggregate_type, aggregate_id);
-CREATE TABLE IF NOT EXISTS aggregates (
-    aggregate_type TEXT NOT NULL,
-    aggregate_id   TEXT NOT NULL,
-    live_lamport   INTEGER NOT NULL DEFAULT 0,
-    live_node      TEXT NOT NULL DEFAULT '',
-    del_lamport    INTEGER NOT NULL DEFAULT 0,
-    del_node       TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (aggregate_type, aggregate_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS fields (
-    aggregate_type TEXT NOT NULL,
-    aggregate_id   TEXT NOT NULL,
-    field          TEXT NOT NULL,
-    value          TEXT NOT NULL,    -- JSON, as written in the winning event
-    mapped         TEXT,             -- JSON after path remapping, NULL when unchanged
-    lamport        INTEGER NOT NULL,
-    node_id        TEXT NOT NULL,
-    PRIMARY KEY (aggregate_type, aggregate_id, field)
-) WITHOUT ROWID;
 """
+# the event's fields, as both tables that hold events declare them
+SCHEMA = SCHEMA.replace("{envelope}", ",\n".join(
+    f"    {f:<14} {'INTEGER' if f == 'lamport_clock' else 'TEXT'} NOT NULL" for f in FIELDS))
 SCHEMA_VERSION = "1"
 CHUNK = 5000
-LOG_COLUMNS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
-               "lamport_clock", "node_id", "payload", "timestamp")
+COLUMNS = ", ".join(FIELDS)
 
 
 def utc_now():
@@ -93,11 +64,17 @@ class LocalStore:
     """One device's SQLite file. Writers take BEGIN IMMEDIATE; readers never block."""
 
     def __init__(self, path, create=True):
-        from .config import make_home
+        """Open the device's file; create=False (read-only commands) creates nothing:
+        no home, no file, no node id."""
         path = os.fspath(path)
+        home = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(home) and not os.path.isdir(home):
+            raise ConfigError(f"SK_HOME '{home}' is not a directory")
         if not create and not os.path.exists(path):
             raise ConfigError(f"no local log at '{path}' yet: run 'sk-append' or 'sk sync' first")
-        make_home(os.path.dirname(os.path.abspath(path)))
+        if create:
+            from .config import make_home
+            make_home(home)
         try:
             if not os.path.exists(path):  # private from the start: it may hold secrets
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -111,7 +88,7 @@ class LocalStore:
                     for stmt in SCHEMA.split(";"):
                         if stmt.strip():
                             self.db.execute(stmt)
-                    self._set("schema", SCHEMA_VERSION)
+                    self.put("schema", SCHEMA_VERSION)
         except (sqlite3.Error, OSError) as e:
             raise ConfigError(f"cannot open local log '{path}': {e}") from None
         self.path = path
@@ -144,14 +121,15 @@ class LocalStore:
             return default
         return row[0] if row else default
 
-    def _set(self, key, value):
+    def put(self, key, value):
+        """Set a meta value inside a write()."""
         self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
 
     def set_meta(self, **values):
         with self.write():
             for k, v in values.items():
-                self._set(k, v)
+                self.put(k, v)
 
     def node_id(self):
         """This device's stable node id, created once."""
@@ -161,7 +139,7 @@ class LocalStore:
                 node = self.meta("node_id")
                 if node is None:
                     node = str(uuid.uuid4())
-                    self._set("node_id", node)
+                    self.put("node_id", node)
         return node
 
     def clock(self):
@@ -183,7 +161,7 @@ class LocalStore:
     def _see(self, seq, chain):
         """Keep (seq, chain) as the known point if it is not behind the one kept."""
         if chain and (self.known() or (0,))[0] <= seq:
-            self._set("known", f"{int(seq)}:{chain}")
+            self.put("known", f"{int(seq)}:{chain}")
 
     def switch_team(self, team):
         """Note the team the server says this device's key belongs to. If it is
@@ -196,11 +174,11 @@ class LocalStore:
             before = self.meta("team")
             if before == team:
                 return False
-            self._set("team", team)
+            self.put("team", team)
             if before is None:
                 return False
             self._from_start()
-            self._set("team_from", db.execute("SELECT coalesce(max(seq), 0) FROM events")
+            self.put("team_from", db.execute("SELECT coalesce(max(seq), 0) FROM events")
                       .fetchone()[0])
             return True
 
@@ -217,8 +195,8 @@ class LocalStore:
 
     def _from_start(self):
         """Read the team's log again from its start, knowing no point of it."""
-        self._set("cursor", 0)
-        self._set("known", "")
+        self.put("cursor", 0)
+        self.put("known", "")
 
     def own_events(self):
         """(node_id, highest Lamport clock this log has stamped): a pull may leave
@@ -252,7 +230,6 @@ class LocalStore:
         event_id is already in the log (the same event; dropped), problems a list of
         (unstamped seq, reason) for rows left in place because they break a rule.
         """
-        from .event import MAX_LAMPORT, EventError, check_new, loads, new_event_id
         node = self.node_id()
         stamped = local_only = duplicates = 0
         problems = []
@@ -267,53 +244,53 @@ class LocalStore:
                 if not rows:
                     break
                 last = rows[-1][0]
-                now = utc_now()
-                out, done = [], []
-                # ids stamped in earlier chunks are in `events` already (same transaction)
-                known = self._known_ids([r[1] for r in rows if isinstance(r[1], str)])
-                given = set()
-                for seq, eid, etype, atype, aid, payload, ts, checked in rows:
-                    if checked != 1:  # written by another program: every rule applies
-                        try:
-                            try:
-                                payload_obj = loads(payload)
-                            except (TypeError, ValueError, RecursionError):
-                                raise EventError("payload is not JSON") from None
-                            ev = check_new({"event_id": eid, "event_type": etype,
-                                            "aggregate_type": atype, "aggregate_id": aid,
-                                            "payload": payload_obj, "timestamp": ts})
-                        except EventError as e:
-                            problems.append((seq, str(e)))
-                            continue
-                        eid, payload, ts = ev["event_id"], ev["payload"], ev["timestamp"]
-                    if eid is not None:
-                        if eid in given or eid in known:
-                            duplicates += 1
-                            done.append((seq,))
-                            continue
-                        given.add(eid)
-                    clock += 1
-                    if clock > MAX_LAMPORT:
-                        raise ConfigError("the Lamport clock reached 2^63-1 (a peer sent an"
-                                          " event stamped at the limit); nothing was stamped")
-                    private = never_sync.matches(atype, aid)
-                    local_only += private
-                    out.append((eid or new_event_id(), etype, atype, aid, clock, node,
-                                payload, ts or now, "local_only" if private else "queued", now))
-                    done.append((seq,))
+                out, done, dups, clock = self._stamp_chunk(rows, node, clock, never_sync,
+                                                           problems)
                 db.executemany(
-                    "INSERT INTO events(event_id, event_type, aggregate_type,"
-                    " aggregate_id, lamport_clock, node_id, payload, timestamp, status,"
-                    " stamped_at) VALUES (?,?,?,?,?,?,?,?,?,?)", out)
+                    "INSERT INTO events(" + COLUMNS + ", status, stamped_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)", out)
                 if len(done) == len(rows):
                     db.execute("DELETE FROM unstamped WHERE seq <= ?", (last,))
                 else:
                     db.executemany("DELETE FROM unstamped WHERE seq = ?", done)
                 stamped += len(out)
-            self._set("clock", clock)
+                duplicates += dups
+                local_only += sum(1 for r in out if r[8] == "local_only")
+            self.put("clock", clock)
             if stamped:
-                self._set("stamped_max", clock)
+                self.put("stamped_max", clock)
         return stamped, local_only, duplicates, problems
+
+    def _stamp_chunk(self, rows, node, clock, never_sync, problems):
+        """Stamp one chunk of unstamped rows: (rows to insert, [(unstamped seq,)]
+        done, duplicates, clock). A row that breaks a rule goes to `problems`."""
+        from .event import MAX_LAMPORT, EventError, new_event_id
+        now = utc_now()
+        out, done, dups = [], [], 0
+        # ids stamped in earlier chunks are in `events` already (same transaction)
+        known = self._known_ids([r[1] for r in rows if isinstance(r[1], str)])
+        for seq, eid, etype, atype, aid, payload, ts, checked in rows:
+            if checked != 1:  # written by another program: every rule applies
+                try:
+                    eid, payload, ts = _check_unstamped(eid, etype, atype, aid, payload, ts)
+                except EventError as e:
+                    problems.append((seq, str(e)))
+                    continue
+            if eid is not None:
+                if eid in known:
+                    dups += 1
+                    done.append((seq,))
+                    continue
+                known.add(eid)
+            clock += 1
+            if clock > MAX_LAMPORT:
+                raise ConfigError("the Lamport clock reached 2^63-1 (a peer sent an"
+                                  " event stamped at the limit); nothing was stamped")
+            status = "local_only" if never_sync.matches(atype, aid) else "queued"
+            out.append((eid or new_event_id(), etype, atype, aid, clock, node, payload,
+                        ts or now, status, now))
+            done.append((seq,))
+        return out, done, dups, clock
 
     def _known_ids(self, ids):
         """Which of `ids` the log holds already."""
@@ -327,11 +304,11 @@ class LocalStore:
 
     # -- push side -------------------------------------------------------------
     def queued(self, limit, after=0):
-        """Up to `limit` queued events after local seq `after`: [(seq, event dict)]."""
+        """Up to `limit` queued events after local seq `after`: [(seq, Event)]."""
         rows = self.db.execute(
-            "SELECT seq, " + ", ".join(LOG_COLUMNS) + " FROM events"
+            "SELECT seq, " + COLUMNS + " FROM events"
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        return [(r[0], r[1:]) for r in rows]
+        return [(r[0], Event(*r[1:])) for r in rows]
 
     def mark_pushed(self, results, point=None):
         """Apply the server's per-event results atomically.
@@ -364,19 +341,19 @@ class LocalStore:
                          (event_id,)).fetchone()
         if row is None:
             return
-        db.execute("INSERT INTO rejected(seq, " + ", ".join(LOG_COLUMNS) + ", reason, rejected_at)"
-                   " SELECT seq, " + ", ".join(LOG_COLUMNS) + ", ?, ? FROM events"
+        db.execute("INSERT INTO rejected(seq, " + COLUMNS + ", reason, rejected_at)"
+                   " SELECT seq, " + COLUMNS + ", ?, ? FROM events"
                    " WHERE event_id = ?", (reason, utc_now(), event_id))
         db.execute("DELETE FROM events WHERE event_id = ?", (event_id,))
         if row[0]:
-            self._set("needs_rebuild", 1)  # it was folded into the state already
+            self.put("needs_rebuild", 1)  # it was folded into the state already
 
     def requeue_rejected(self):
         """Queue set-aside events again (those whose id the log has not taken since)."""
         with self.write() as db:
             before = db.total_changes
-            db.execute("INSERT OR IGNORE INTO events(seq, " + ", ".join(LOG_COLUMNS) +
-                       ", status, stamped_at) SELECT seq, " + ", ".join(LOG_COLUMNS) +
+            db.execute("INSERT OR IGNORE INTO events(seq, " + COLUMNS +
+                       ", status, stamped_at) SELECT seq, " + COLUMNS +
                        ", 'queued', rejected_at FROM rejected"
                        " WHERE event_id NOT IN (SELECT event_id FROM events)")
             moved = db.total_changes - before
@@ -386,7 +363,7 @@ class LocalStore:
 
     # -- pull side -------------------------------------------------------------
     def receive(self, rows, cursor, point=None):
-        """Store pulled events (tuples in LOG_COLUMNS order, validated), advance the
+        """Store pulled events (Events, validated), advance the
         Lamport clock past them and move the cursor forward to `cursor` (never back,
         so a watcher and a sync on one device can't undo each other), and keep
         `point` (seq, chain) of the server's log, in one transaction.
@@ -399,9 +376,9 @@ class LocalStore:
                 " VALUES (?,?,?,?,?,?,?,?,'remote')", rows)
             new = db.total_changes - before
             if rows:
-                top = max(r[4] for r in rows)
-                self._set("clock", max(self.clock(), top) + 1)
-            self._set("cursor", max(int(cursor), self.cursor()))
+                top = max(r.lamport_clock for r in rows)
+                self.put("clock", max(self.clock(), top) + 1)
+            self.put("cursor", max(int(cursor), self.cursor()))
             if point:
                 self._see(*point)
         return new
@@ -439,15 +416,14 @@ class LocalStore:
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        sql = ("SELECT seq, " + ", ".join(LOG_COLUMNS)
+        sql = ("SELECT seq, " + COLUMNS
                + (", 'rejected', reason FROM rejected WHERE " if aside
                   else ", status, NULL FROM events WHERE ")
                + " AND ".join(where) + " ORDER BY seq")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         for row in self.db.execute(sql, args):
-            ev = dict(zip(LOG_COLUMNS, row[1:9]))
-            ev["payload"] = json.loads(ev["payload"])
+            ev = Event(*row[1:9]).to_dict()
             ev["status"] = row[9]
             if row[10] is not None:
                 ev["reason"] = row[10]
@@ -460,12 +436,12 @@ class LocalStore:
         now = utc_now()
         with self.write():
             if ok:
-                self._set("last_success", now)
-                self._set("failures_since", 0)
+                self.put("last_success", now)
+                self.put("failures_since", 0)
             else:
-                self._set("failures_since", int(self.meta("failures_since", "0")) + 1)
-                self._set("last_failure", now)
-                self._set("last_error", error or "unknown error")
+                self.put("failures_since", int(self.meta("failures_since", "0")) + 1)
+                self.put("last_failure", now)
+                self.put("last_error", error or "unknown error")
 
     def close(self):
         self.db.close()
@@ -473,4 +449,17 @@ class LocalStore:
 
 def open_store(config, create=True):
     return LocalStore(config.db_path, create=create)
+
+
+def _check_unstamped(eid, etype, atype, aid, payload, ts):
+    """A row another program wrote into `unstamped`: every rule applies. Returns
+    (event_id, payload text, timestamp) normalised, or raises EventError."""
+    from .event import EventError, check_new, loads
+    try:
+        payload_obj = loads(payload)
+    except (TypeError, ValueError, RecursionError):
+        raise EventError("payload is not JSON") from None
+    ev = check_new({"event_id": eid, "event_type": etype, "aggregate_type": atype,
+                    "aggregate_id": aid, "payload": payload_obj, "timestamp": ts})
+    return ev["event_id"], ev["payload"], ev["timestamp"]
 

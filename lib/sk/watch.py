@@ -22,9 +22,10 @@ import time
 from . import wire
 from .crypto import C2S, S2C, CryptoError
 from .errors import AuthError, IntegrityError, SkError, Unreachable
-from .event import EventError, check_stamped
+from .protocol import (ServerRestored, TeamChanged, accept_page, batches, check_answer,
+                       known_out, settle_push)
 from .store import open_store, utc_now
-from .sync import Diverged, _to_wire, check_answer, known_out, open_client, point_in
+from .sync import open_client
 
 PING_INTERVAL = 20.0
 DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
@@ -37,13 +38,14 @@ class Dropped(Exception):
 
 
 class Watch:
-    def __init__(self, cfg, log=None, resolve_each=True):
+    def __init__(self, cfg, log=None, resolve_each=True, store=None):
         self.cfg = cfg
         self.log = log or (lambda line: None)
         self.stop = threading.Event()
         self.resolve_each = resolve_each
-        self.store = None
+        self.store = store
         self.state = None
+        self.cursor = 0
 
     # -- bookkeeping ---------------------------------------------------------
     def set_state(self, state, detail=""):
@@ -56,7 +58,8 @@ class Watch:
     # -- the loop ------------------------------------------------------------
     def run(self):
         """Watch until stopped; returns an exit code (4 when the key is refused)."""
-        self.store = open_store(self.cfg)
+        if self.store is None:
+            self.store = open_store(self.cfg)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
         backoff = BACKOFF_MIN
@@ -93,8 +96,10 @@ class Watch:
         token = answer.get("token")
         if not isinstance(token, str):
             raise IntegrityError("server's ws-token answer has no token")
-        if isinstance(answer.get("team"), str) and self.store.switch_team(answer["team"]):
-            self.log(f"this device's key now belongs to team '{answer['team']}': reading"
+        try:
+            check_answer(self.store, {"team": answer.get("team")})
+        except TeamChanged as e:
+            self.log(f"this device's key now belongs to team '{e.team}': reading"
                      " its log from the start")
         client.close()
         url = self.cfg.server.replace("http", "ws", 1) + wire.WS_PATH + "?token=" + token
@@ -112,7 +117,8 @@ class Watch:
     def _serve(self, conn):
         store = self.store
         node, upto = store.own_events()
-        conn.send({"t": "hello", "cursor": store.cursor(), "skip": {"node_id": node, "upto": upto},
+        self.cursor = store.cursor()
+        conn.send({"t": "hello", "cursor": self.cursor, "skip": {"node_id": node, "upto": upto},
                    "known": known_out(store)})
         watcher = sqlite3.connect(store.path, timeout=60)
         last_version = None
@@ -131,13 +137,7 @@ class Watch:
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
                     elif t == "diverged":  # restored server: give it back what it lost
-                        try:
-                            check_answer(store, msg)
-                        except Diverged as d:
-                            if d.reason is not None:   # (None: another team's log now)
-                                n = store.heal()
-                                self.log(f"{d.reason}; queued the {n} events this device"
-                                         " holds to push again")
+                        self._diverged(msg)
                         return
                     elif t == "result":
                         if in_flight is None or msg.get("id") != in_flight[0]:
@@ -152,47 +152,53 @@ class Watch:
                     version = watcher.execute("PRAGMA data_version").fetchone()[0]
                     if version != last_version:
                         last_version = version
-                        rows = store.queued(wire.MAX_BATCH)
-                        if rows:
+                        batch = next(batches(store.queued(wire.MAX_BATCH)), None)
+                        if batch:   # cut by count and bytes, as a REST push is
                             next_id += 1
-                            ids = [r[0] for _, r in rows]
-                            conn.send({"t": "push", "id": next_id,
-                                       "events": [_to_wire(r) for _, r in rows]})
-                            in_flight = (next_id, ids)
+                            conn.send_text(push_frame(next_id, batch, known_out(store)))
+                            in_flight = (next_id, batch)
                 conn.keepalive()
         finally:
             watcher.close()
 
     def _apply(self, msg):
-        events, nxt = msg.get("events"), msg.get("next")
-        if not isinstance(events, list) or type(nxt) is not int:
-            raise IntegrityError("malformed events frame")
-        try:
-            rows = [check_stamped(ev, new=False) for ev in events]
-        except EventError as e:
-            raise IntegrityError(f"server sent an invalid event: {e}") from None
-        new = self.store.receive(rows, nxt, point_in(msg, "next"))
-        if new:
+        got = accept_page(self.store, msg, self.cursor)
+        self.cursor = got.next
+        if got.new:
             self._resolve()
-            self.log(f"received {new} event{'s' if new != 1 else ''}")
+            self.log(f"received {got.new} event{'s' if got.new != 1 else ''}")
+
+    def _diverged(self, msg):
+        """The session found the server's log is not the one this device saw: queue
+        what this device holds to push again (a new team's log: start it afresh)."""
+        try:
+            check_answer(self.store, msg)
+        except ServerRestored as d:
+            from .protocol import Healed
+            self.log(Healed(d.reason, self.store.heal(), None, None).describe())
+        except TeamChanged:
+            pass
 
     def _resolve(self):
         if self.resolve_each:
             from .resolve import resolve
             resolve(self.store, self.cfg.path_map or None)
 
-    def _results(self, ids, msg):
-        results = msg.get("results")
-        if (not isinstance(results, list) or len(results) != len(ids)
-                or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
-            raise IntegrityError("server's push answer does not match the events sent")
-        out = [(r["event_id"], r.get("status"), r.get("reason")) for r in results]
-        self.store.mark_pushed(out, point_in(msg, "head"))
+    def _results(self, batch, msg):
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+        settle_push(self.store, batch, msg, counts)
         self._resolve()  # this device's own events show in its state too
-        sent = sum(1 for _, st, _ in out if st in ("accepted", "duplicate"))
-        rejected = len(out) - sent
+        sent, rejected = counts["accepted"] + counts["duplicate"], counts["rejected"]
         self.log(f"pushed {sent} event{'s' if sent != 1 else ''}"
                  + (f", {rejected} rejected (see sk-log --rejected)" if rejected else ""))
+
+
+def push_frame(frame_id, batch, known):
+    """A push frame's builder: the frame as JSON text around the events' stored
+    payloads, once its counter n is known."""
+    from .protocol import push_body
+    body = push_body(batch, known)[1:]   # '"events":[...],"known":...}'
+    return lambda n: f'{{"t":"push","id":{int(frame_id)},"n":{int(n)},' + body
 
 
 def _why(exc):
@@ -228,10 +234,13 @@ class _Conn:
             self.inbox.put(("error", e))
 
     def send(self, obj):
+        self.send_text(lambda n: {**obj, "n": n})
+
+    def send_text(self, build):
+        """Seal and send the frame build(n) makes (an object, or its JSON text)."""
         import websocket
         self.n_out += 1
-        obj["n"] = self.n_out
-        blob = wire.seal_frame(self.master, self.key_id, C2S, self.sid, obj)
+        blob = wire.seal_frame(self.master, self.key_id, C2S, self.sid, build(self.n_out))
         try:
             self.ws.send_binary(blob)
         except (websocket.WebSocketException, OSError) as e:

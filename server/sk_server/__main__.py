@@ -2,6 +2,6 @@
 
 import sys
 
-from sk.cmd.server import main
+from .cmd.server import main
 
 sys.exit(main(prog="python -m sk_server"))

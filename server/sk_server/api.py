@@ -7,9 +7,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sk import PROTOCOL_VERSION, crypto, wire
-from sk.event import EventError, check_stamped, loads
+from sk.event import Event, EventError, check_stamped, dumps
 
-from .store import StoreError
+from .store import StoreError, StoreUnavailable
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -44,6 +44,12 @@ def _refused(e):
 
 @api.app_errorhandler(StoreError)
 def _store_error(e):
+    if isinstance(e, StoreUnavailable):   # the client waits and retries (exit 3)
+        current_app.logger.error("database %s", e)
+        _store().reset()
+        resp = error(503, "unavailable", "the server's database is unavailable; try again later")
+        resp.headers["Retry-After"] = "5"
+        return resp
     current_app.logger.error("store: %s", e)
     return error(500, "server_misconfigured", f"server misconfigured: {e}")
 
@@ -57,23 +63,8 @@ def _http_error(e):
 
 @api.app_errorhandler(Exception)
 def _internal(e):
-    if _database_down(e):
-        current_app.logger.error("database unavailable: %s", str(e).strip().splitlines()[0])
-        _store().reset()
-        resp = error(503, "unavailable", "the server's database is unavailable; try again later")
-        resp.headers["Retry-After"] = "5"
-        return resp
     current_app.logger.exception("internal error")
     return error(500, "internal", "internal server error; see the server log")
-
-
-def _database_down(e):
-    """A PostgreSQL server that is down or a pool with no connection left: the
-    client should wait and retry (503), not report a bug."""
-    import sys
-    psycopg, pool = sys.modules.get("psycopg"), sys.modules.get("psycopg_pool")
-    return ((psycopg is not None and isinstance(e, psycopg.OperationalError))
-            or (pool is not None and isinstance(e, pool.PoolTimeout)))
 
 
 def _authenticate(endpoint, admit=True):
@@ -231,12 +222,6 @@ def parse_skip(skip):
     return skip["node_id"], skip["upto"]
 
 
-def events_out(rows):
-    """Store rows (seq first) to wire events."""
-    return [{"event_id": eid, "event_type": etype, "aggregate_type": atype,
-             "aggregate_id": aid, "lamport_clock": clock, "node_id": node,
-             "payload": loads(payload), "timestamp": ts, "seq": seq}
-            for seq, eid, etype, atype, aid, clock, node, payload, ts in rows]
 
 
 @api.post("/api/pull")
@@ -249,17 +234,21 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     page = _store().pull(key.team, after, limit, parse_skip(body.get("skip")),
                          parse_known(body.get("known")))
-    return _sealed(key, "pull", nonce, {**page_out(page), "team": key.team})
+    return _sealed(key, "pull", nonce, page_out(page, team=key.team))
 
 
-def page_out(page):
-    """A store Page as the wire's pull answer (REST) or events frame (WebSocket)."""
+def page_out(page, **fields):
+    """A store Page as the JSON text of the wire's pull answer (REST) or events
+    frame (WebSocket, which adds its own fields): each event is written around its
+    stored payload text, which is never parsed here."""
+    head = "".join(f"{dumps(k)}:{dumps(v)}," for k, v in fields.items())
     if page.diverged:
-        return {"diverged": page.diverged, "events": [], "next": page.next, "more": False}
-    out = {"events": events_out(page.rows), "next": page.next, "more": page.more}
-    if page.chain is not None:
-        out["chain"] = page.chain.hex()
-    return out
+        return (f'{{{head}"diverged":{dumps(page.diverged)},"events":[],'
+                f'"next":{int(page.next)},"more":false}}')
+    events = ",".join(Event(*r[1:]).to_json()[:-1] + f',"seq":{int(r[0])}}}' for r in page.rows)
+    chain = f',"chain":"{page.chain.hex()}"' if page.chain is not None else ""
+    return (f'{{{head}"events":[{events}],"next":{int(page.next)},'
+            f'"more":{"true" if page.more else "false"}{chain}}}')
 
 
 @api.post("/api/ws-token")

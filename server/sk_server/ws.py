@@ -89,8 +89,13 @@ class Session:
         self.ws.event.set()
 
     def send(self, obj):
+        """Send a frame: an object, or the JSON text of one (page_out's), to which
+        the frame counter n is added."""
         self.n_out += 1
-        obj["n"] = self.n_out
+        if isinstance(obj, str):
+            obj = f'{{"n":{self.n_out},' + obj[1:]
+        else:
+            obj["n"] = self.n_out
         self.ws.send(wire.seal_frame(self.key.master, self.key.key_id, S2C, self.sid, obj))
 
     def _take(self):
@@ -141,7 +146,7 @@ class Session:
                 self.known = (page.next, page.chain)
             if not page.rows and page.next == cursor:
                 return cursor
-            self.send({"t": "events", **page_out(page), "catchup": catchup})
+            self.send(page_out(page, t="events", catchup=catchup))
             cursor = page.next
             if not page.more:
                 return cursor

@@ -1,6 +1,7 @@
 """What every command shares: the common flags and the error boundary."""
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -8,8 +9,15 @@ import sys
 from ..commands import ENVIRONMENT, EXIT_STATUS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line (exit 2), like every error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def parser(prog, description, json_flag=True, **kw):
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog, description=description,
         epilog="exit status: " + " ".join(EXIT_STATUS.split()),
         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
@@ -30,6 +38,19 @@ def common(p, json_flag=True, suppress=False):
     if json_flag:
         p.add_argument("--json", action="store_true", default=d(False),
                        help="machine-readable output on stdout")
+
+
+def bounded(lo, hi, name="N"):
+    """An argparse type: an integer from lo to hi, else a usage error (exit 2)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{name} must be from {lo} to {hi}")
+        return value
+    return parse
 
 
 def home_flag(p):
@@ -55,17 +76,71 @@ def say(args, text):
 
 
 def emit(obj):
-    sys.stdout.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n")
+    """One JSON object a line on stdout (result types are written as objects)."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                                default=lambda o: o._asdict()) + "\n")
+
+
+class Context:
+    """What the runner gives a command's body, made when first asked for: the
+    configuration, the local store and a client."""
+
+    def __init__(self, args, needs=()):
+        self.args, self.needs = args, set(needs)
+        self._cfg = self._store = self._client = None
+
+    @property
+    def cfg(self):
+        if self._cfg is None:
+            self._cfg = config(self.args)
+        return self._cfg
+
+    @property
+    def store(self):
+        if self._store is None:
+            from ..store import open_store
+            self._store = open_store(self.cfg, create="log" not in self.needs)
+        return self._store
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ..sync import open_client
+            self._client = open_client(self.cfg)
+        return self._client
+
+    def close(self):
+        if self._client is not None:
+            self._client.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def run(prog, get_parser, body, argv=None):
-    """Parse argv, call body(args); turn sk errors into one line and an exit code."""
+    """Parse argv; provide what the command table says the command needs (the
+    local store, a client, the device lock, tracking for `sk sync status`); call
+    body(args, ctx); turn sk errors into one line and an exit code. The client and
+    the store are closed however the body ends."""
+    from ..commands import by_module, needs
     from ..errors import SkError
     args = get_parser(prog).parse_args(argv)
     args.prog = prog
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    entry = by_module(body.__module__)
+    ctx = Context(args, needs(entry, getattr(args, "action", None)) if entry else ())
     try:
-        code = body(args)
+        with contextlib.ExitStack() as stack:
+            if ctx.needs & {"store", "log"}:
+                ctx.store          # a bad home fails here, before anything else
+            if "client" in ctx.needs:
+                ctx.client         # and so does a missing or malformed server or key
+            if "lock" in ctx.needs:
+                from ..sync import device_lock
+                stack.enter_context(device_lock(ctx.cfg))
+            if "track" in ctx.needs:
+                from ..sync import tracked
+                stack.enter_context(tracked(ctx.store))
+            code = body(args, ctx)
         sys.stdout.flush()
         return code or 0
     except SkError as e:
@@ -76,10 +151,7 @@ def run(prog, get_parser, body, argv=None):
               file=sys.stderr)
         return 2
     except Exception as e:
-        sqlite3, psycopg = sys.modules.get("sqlite3"), sys.modules.get("psycopg")
-        if psycopg is not None and isinstance(e, psycopg.Error):   # the server's PostgreSQL
-            print(f"{prog}: database error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-            return 3 if isinstance(e, psycopg.OperationalError) else 2
+        sqlite3 = sys.modules.get("sqlite3")
         if sqlite3 is None or not isinstance(e, sqlite3.Error):
             raise
         print(f"{prog}: database error: {e}", file=sys.stderr)
@@ -87,30 +159,7 @@ def run(prog, get_parser, body, argv=None):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        ctx.close()
 
 
-def db_flag(p):
-    p.add_argument("--db", metavar="DB",
-                   help="server database: a SQLite path or postgresql://USER@HOST:PORT/DB"
-                        " (default: $SK_SERVER_DB, else $SK_HOME/server.db)")
-
-
-def server_db(args):
-    import os
-
-    from ..config import Config
-    return args.db or os.environ.get("SK_SERVER_DB") or str(Config().home / "server.db")
-
-
-def server_store(args, create=False):
-    """Open the server's store for a server-side command; errors become exit 2.
-    Only a command that is meant to (registering the first device) creates it."""
-    from ..errors import ConfigError
-    try:
-        from sk_server.store import StoreError, open_store
-    except ImportError as e:
-        raise ConfigError(f"the sk server package is not installed: {e}") from None
-    try:
-        return open_store(server_db(args), create=create)
-    except StoreError as e:
-        raise ConfigError(str(e)) from None

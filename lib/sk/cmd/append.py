@@ -56,10 +56,9 @@ def _from_flags(args):
         raise UsageError(str(e)) from None
 
 
-def _body(args):
+def _body(args, ctx):
     from ..errors import UsageError
     from ..event import EventError, parse_ndjson
-    from ..store import open_store
     if args.type or args.aggregate or args.payload or args.set or args.event_id:
         events = _from_flags(args)
     else:
@@ -67,9 +66,8 @@ def _body(args):
             print(f"{args.prog}: reading NDJSON events from the terminal; end with Ctrl-D",
                   file=sys.stderr)
         events = parse_ndjson(sys.stdin.buffer)
-    store = open_store(_common.config(args))
     try:
-        n = store.append(events)
+        n = ctx.store.append(events)
     except EventError as e:
         raise UsageError(f"{e}; nothing appended") from None
     if args.json:

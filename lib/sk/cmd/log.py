@@ -28,18 +28,16 @@ def get_parser(prog="sk-log"):
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     from ..errors import UsageError
-    from ..store import open_store
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit must be >= 0")
-    store = open_store(_common.config(args))
     atype = aid = None
     if args.aggregate:
         atype, sep, rest = args.aggregate.partition(":")
         aid = rest if sep else None
     status = "rejected" if args.rejected else args.status
-    for ev in store.log(atype, aid, args.type, status, args.after, args.limit):
+    for ev in ctx.store.log(atype, aid, args.type, status, args.after, args.limit):
         _common.emit(ev)
     return 0
 

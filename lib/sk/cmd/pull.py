@@ -1,5 +1,6 @@
 """sk-pull: fetch the team's new events after the stored cursor."""
 
+from ..wire import MAX_PAGE
 from . import _common
 
 DESCRIPTION = """\
@@ -20,42 +21,32 @@ def get_parser(prog="sk-pull"):
     p = _common.parser(prog, DESCRIPTION)
     _common.home_flag(p)
     _common.server_flags(p)
-    p.add_argument("--since", type=int, metavar="SEQ",
+    p.add_argument("--since", type=_common.bounded(0, 2 ** 63 - 1, "SEQ"), metavar="SEQ",
                    help="start after server sequence SEQ instead of the stored cursor"
                         " (the cursor moves only if SEQ is not past it)")
     p.add_argument("--print", action="store_true", dest="print_events",
                    help="also write every fetched event to stdout as NDJSON")
-    p.add_argument("--page-size", type=int, default=1000, metavar="N",
-                   help="events per page (1-5000, default 1000)")
+    p.add_argument("--page-size", type=_common.bounded(1, MAX_PAGE), default=MAX_PAGE,
+                   metavar="N", help=f"events per page (1-{MAX_PAGE}, default {MAX_PAGE})")
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     import sys
 
-    from ..errors import UsageError
     from ..progress import Progress
-    from ..store import open_store
-    from ..sync import device_lock, open_client, pull, tracked
-    if not 1 <= args.page_size <= 5000:
-        raise UsageError("--page-size must be from 1 to 5000")
-    if args.since is not None and not 0 <= args.since < 2 ** 63:
-        raise UsageError("--since must be from 0 to 2^63-1")
-    cfg = _common.config(args)
-    store = open_store(cfg)
-    client = open_client(cfg)
+    from ..sync import pull
 
     def on_event(kind, ev):
         if args.print_events:
-            _common.emit(ev)
+            _common.emit(ev.to_dict())
         if args.verbose:
-            print(f"pulled {ev['event_id']} {ev['event_type']} {ev['aggregate_type']}:"
-                  f"{ev['aggregate_id']}", file=sys.stderr)
+            print(f"pulled {ev.event_id} {ev.event_type} {ev.aggregate_type}:"
+                  f"{ev.aggregate_id}", file=sys.stderr)
 
-    with device_lock(cfg), tracked(store):
-        bar = Progress("pull", None, quiet=args.quiet)
-        counts = pull(store, client, args.since, on_event, bar, args.page_size)
-        bar.close()
+    bar = Progress("pull", None, quiet=args.quiet)
+    counts = pull(ctx.store, ctx.client, args.since, on_event, bar, args.page_size)
+    bar.close()
     if args.json and not args.print_events:
         _common.emit(counts)
     else:
@@ -63,8 +54,7 @@ def _body(args):
                           f" in {counts['pages']} page(s); cursor {counts['cursor']}")
     healed = counts.get("healed")
     if healed:  # said even with -q: a script must push to finish healing
-        print(f"{args.prog}: {healed['reason']}; queued the {healed['requeued']} events this"
-              " device holds to push again: run 'sk-push-batch --all' (or 'sk sync')",
+        print(f"{args.prog}: {healed.describe()}: run 'sk-push-batch --all' (or 'sk sync')",
               file=sys.stderr)
         return 1
     return 0

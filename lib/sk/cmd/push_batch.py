@@ -1,5 +1,6 @@
 """sk-push-batch: push stamped, unsent events to the server."""
 
+from ..wire import MAX_BATCH
 from . import _common
 
 DESCRIPTION = """\
@@ -18,42 +19,35 @@ def get_parser(prog="sk-push-batch"):
     p = _common.parser(prog, DESCRIPTION)
     _common.home_flag(p)
     _common.server_flags(p)
-    p.add_argument("--max", type=int, default=1000, metavar="N",
-                   help="events in one batch (1-1000, default 1000)")
+    p.add_argument("--max", type=_common.bounded(1, MAX_BATCH), default=MAX_BATCH, metavar="N",
+                   help=f"events in one batch (1-{MAX_BATCH}, default {MAX_BATCH})")
     p.add_argument("--all", action="store_true", help="push batches until the queue is empty")
     p.add_argument("--retry-rejected", action="store_true",
                    help="queue rejected events again before pushing")
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     import sys
 
-    from ..errors import UsageError
     from ..progress import Progress
-    from ..store import open_store
-    from ..sync import device_lock, open_client, push, tracked
-    if not 1 <= args.max <= 1000:
-        raise UsageError("--max must be from 1 to 1000")
-    cfg = _common.config(args)
-    store = open_store(cfg)
-    client = open_client(cfg)
+    from ..sync import push
+    store = ctx.store
 
     def on_event(status, eid, reason):
         if args.verbose:
             print(f"{status} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
 
-    with device_lock(cfg), tracked(store):
-        if args.retry_rejected:
-            n = store.requeue_rejected()
-            _common.say(args, f"queued {n} rejected event(s) again")
-        bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None, quiet=args.quiet)
-        counts = push(store, client, args.max, args.all, on_event, bar)
-        bar.close()
+    if args.retry_rejected:
+        n = store.requeue_rejected()
+        _common.say(args, f"queued {n} rejected event(s) again")
+    bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None,
+                   quiet=args.quiet)
+    counts = push(store, ctx.client, args.max, args.all, on_event, bar)
+    bar.close()
     healed = counts.get("healed")
     if healed:
-        _common.say(args, f"{healed['reason']}; queued the {healed['requeued']} events this"
-                          " device holds to push again")
+        _common.say(args, healed.describe())
     if args.json:
         _common.emit(counts)
     else:

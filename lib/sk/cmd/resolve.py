@@ -21,14 +21,12 @@ def get_parser(prog="sk-resolve"):
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     from ..config import parse_path_map
     from ..progress import Progress
     from ..resolve import resolve
-    from ..store import open_store
-    cfg = _common.config(args)
-    store = open_store(cfg)
-    path_map = parse_path_map(args.map) if args.map else (cfg.path_map or None)
+    store = ctx.store
+    path_map = parse_path_map(args.map) if args.map else (ctx.cfg.path_map or None)
     bar = Progress("resolve", store.counts(totals=False)["unapplied"], quiet=args.quiet)
     n = resolve(store, path_map, args.rebuild, bar)
     bar.close()

@@ -5,7 +5,7 @@ import shutil
 import sys
 
 from .. import __version__
-from ..commands import COMMANDS, EXIT_STATUS
+from ..commands import COMMANDS, EXIT_STATUS, SERVER_EXTRA, find
 
 DESCRIPTION = "offline-first, event-sourced sync toolkit, git-style"
 
@@ -14,9 +14,9 @@ def _help_text():
     lines = ["usage: sk [--version] [--help] <command> [<args>]", "", DESCRIPTION, ""]
     for kind in ("porcelain", "plumbing"):
         lines.append(f"{kind} commands:")
-        for name, k, _, summary in COMMANDS:
-            if k == kind:
-                lines.append(f"  {name:<12}{summary}")
+        for c in COMMANDS:
+            if c.kind == kind:
+                lines.append(f"  {c.name:<12}{c.summary}")
         lines.append("")
     lines += ["'sk <command> --help' for a command's options; 'sk <x>' runs 'sk-<x>'.",
               "exit status: " + " ".join(EXIT_STATUS.split())]
@@ -31,8 +31,8 @@ def get_parser(prog="sk"):
                                 " to sk or on PATH, passing its exit status through.")
     p.add_argument("--version", action="version", version=f"sk {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for name, kind, _, summary in COMMANDS:
-        sub.add_parser(name, help=f"({kind}) {summary}")
+    for c in COMMANDS:
+        sub.add_parser(c.name, help=f"({c.kind}) {c.summary}")
     p._manpage = [{"heading": "exit status", "content": EXIT_STATUS}]
     return p
 
@@ -57,10 +57,16 @@ def main(argv=None):
         print(f"sk {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    entry = next((e for e in COMMANDS if e[0] == name), None)
-    if entry and entry[1] == "porcelain":
+    entry = find(name)
+    if entry and entry.kind == "porcelain":
         import importlib
-        return importlib.import_module("sk.cmd." + entry[2]).main(rest, prog=f"sk {name}")
+        try:
+            module = importlib.import_module(entry.module)
+        except ImportError:   # sk server, without the server package
+            print(f"sk {name}: runs on the server host, and this installation has no server:"
+                  f" {SERVER_EXTRA}", file=sys.stderr)
+            return 2
+        return module.main(rest, prog=f"sk {name}")
     path = find_executable(name) if not name.startswith("-") else None
     if path is None:
         print(f"sk: '{name}' is not an sk command; see 'sk --help'", file=sys.stderr)

@@ -29,13 +29,11 @@ def get_parser(prog="sk-stamp"):
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     import sys
 
-    from ..store import open_store
     from ..sync import stamp
-    cfg = _common.config(args)
-    result = stamp(open_store(cfg), cfg)
+    result = stamp(ctx.store, ctx.cfg)
     for prob in result["problems"]:
         print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
               file=sys.stderr)

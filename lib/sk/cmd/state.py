@@ -19,19 +19,17 @@ def get_parser(prog="sk-state"):
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     import json
     import sys
 
     from ..errors import SkError
     from ..resolve import load_state
-    from ..store import open_store
-    store = open_store(_common.config(args))
     atype = aid = None
     if args.selector:
         atype, sep, rest = args.selector.partition(":")
         aid = rest if sep else None
-    state = load_state(store, atype, aid, args.deleted)
+    state = load_state(ctx.store, atype, aid, args.deleted)
     if atype is not None:
         state = state.get(atype, {})
         if aid is not None:

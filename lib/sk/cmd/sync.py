@@ -60,37 +60,34 @@ def get_parser(prog="sk sync"):
     return p
 
 
-def _body(args):
+def _body(args, ctx):
     action = args.action or "now"
-    return {"now": _now, "status": _status, "setup": _setup, "watch": _watch}[action](args)
+    return {"now": _now, "status": _status, "setup": _setup, "watch": _watch}[action](args, ctx)
 
 
-def _watch(args):
+def _watch(args, ctx):
     import sys
 
-    from ..sync import open_client
     from ..watch import Watch
-    cfg = _common.config(args)
-    open_client(cfg)  # a missing or malformed server or key fails here, before any connecting
 
     def log(line):
         if not args.quiet:
             print(f"{args.prog} watch: {line}", file=sys.stderr, flush=True)
 
-    return Watch(cfg, log).run()
+    return Watch(ctx.cfg, log, store=ctx.store).run()
 
 
-def _now(args):
+def _now(args, ctx):
     import sys
 
     from ..progress import Progress
     from ..sync import run
-    cfg = _common.config(args)
 
     def on_event(kind, eid, reason):
         print(f"{kind} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
 
-    summary = run(cfg, args.dry_run, on_event if args.verbose else None,
+    summary = run(ctx.cfg, ctx.store, ctx.client, args.dry_run,
+                  on_event if args.verbose else None,
                   lambda label, total: Progress(label, total, quiet=args.quiet))
     if args.json:
         _common.emit(summary)
@@ -109,8 +106,7 @@ def _now(args):
         print(line)
     healed = summary.get("healed")
     if healed and not args.quiet:
-        print(f"{args.prog}: {healed['reason']}; healed it: re-sent {healed['resent']} events"
-              f" this device holds, {healed['restored']} of them new to it", file=sys.stderr)
+        print(f"{args.prog}: {healed.describe()}", file=sys.stderr)
     for prob in (summary.get("stamp") or {}).get("problems", []):
         print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
               file=sys.stderr)
@@ -139,9 +135,9 @@ def _ago(stamp):
     return f"{stamp} ({max(secs, 0)} s ago)"
 
 
-def _status(args):
+def _status(args, ctx):
     from ..sync import status
-    info = status(_common.config(args), args.check)
+    info = status(ctx.cfg, args.check)
     if args.json:
         _common.emit(info)
     else:
@@ -149,7 +145,7 @@ def _status(args):
             ("server", f"{info['server'] or '(not configured)'}"
                        + (f"  (from {info['server_from']})" if info["server_from"] else "")),
             ("config", info["config"] + ("" if info["config_exists"] else " (missing)")),
-            ("node id", info["node_id"]),
+            ("node id", info["node_id"] or "(none yet)"),
             ("queued", str(info["queued"]) + (f" (oldest {_ago(info['oldest_queued'])})"
                                               if info["queued"] else "")),
             ("rejected", str(info["rejected"]) + (" (see sk-log --rejected)" if info["rejected"] else "")),
@@ -174,12 +170,12 @@ def _status(args):
     return 0
 
 
-def _setup(args):
+def _setup(args, ctx):
     import getpass
     import sys
 
     from ..errors import UsageError
-    cfg = _common.config(args)
+    cfg = ctx.cfg
     server, key = getattr(args, "server", None), getattr(args, "key", None)
     if not server or not key:
         if not sys.stdin.isatty():

@@ -1,6 +1,8 @@
 """sk server: run the server under gunicorn (gthread)."""
 
-from . import _common
+from sk.cmd import _common
+
+from . import _server
 
 DESCRIPTION = """\
 Run the sk server: the Flask application under gunicorn with the gthread
@@ -26,7 +28,7 @@ def get_parser(prog="sk server"):
     p = _common.parser(prog, DESCRIPTION, json_flag=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=9100, help="port (default 9100)")
-    _common.db_flag(p)
+    _server.db_flag(p)
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=32,
                    help="threads per worker (default 32); each open `sk sync watch`"
@@ -42,22 +44,18 @@ def get_parser(prog="sk server"):
     return p
 
 
-def _body(args):
-    from ..errors import ConfigError, UsageError
+@_server.server_command
+def _body(args, ctx):
+    from sk.errors import UsageError
     if not 0 < args.port < 65536:
         raise UsageError("--port must be from 1 to 65535")
     if args.workers < 1 or args.threads < 1:
         raise UsageError("--workers and --threads must be at least 1")
     if not 0 <= args.forwarded_for <= 10:
         raise UsageError("--forwarded-for must be from 0 to 10")
-    from sk_server.serve import serve
-    from sk_server.store import StoreError
-    db = _common.server_db(args)
-    try:
-        return serve(args.host, args.port, db, args.workers, args.threads, args.access_log,
-                     not args.no_control_socket, forwarded_for=args.forwarded_for)
-    except StoreError as e:
-        raise ConfigError(str(e)) from None
+    from ..serve import serve
+    return serve(args.host, args.port, _server.server_db(args), args.workers, args.threads,
+                 args.access_log, not args.no_control_socket, forwarded_for=args.forwarded_for)
 
 
 def main(argv=None, prog="sk server"):

@@ -2,7 +2,9 @@
 
 import argparse
 
-from . import _common
+from sk.cmd import _common
+
+from . import _server
 
 DESCRIPTION = """\
 Run on the server host.
@@ -27,7 +29,7 @@ stats prints how many teams, devices and events the server holds."""
 
 def get_parser(prog="sk-admin"):
     p = _common.parser(prog, DESCRIPTION)
-    _common.db_flag(p)
+    _server.db_flag(p)
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     m = sub.add_parser("migrate", help="copy a SQLite server into PostgreSQL")
     m.add_argument("--from", dest="source", required=True, metavar="PATH.db",
@@ -50,19 +52,19 @@ def get_parser(prog="sk-admin"):
 def _migrate(args):
     import os
 
-    from sk_server import migrate
-    from sk_server.secret import SecretError, beside, read_secret, where
-    from sk_server.store import SQLiteStore, StoreError, open_store, redact
+    from sk.errors import UsageError
+    from sk.progress import Progress
 
-    from ..errors import ConfigError, UsageError
-    from ..progress import Progress
+    from .. import migrate
+    from ..secret import SecretError, beside, read_secret, where
+    from ..store import open_store, redact, sqlite_store
     src_path = os.path.expanduser(args.source)
     if "://" in src_path or not os.path.isfile(src_path):
         raise UsageError(f"--from must be an existing SQLite server database: '{args.source}'")
     try:
-        source = SQLiteStore(src_path, secret=read_secret(args.from_secret or beside(src_path)))
+        source = sqlite_store(src_path, secret=read_secret(args.from_secret or beside(src_path)))
         target = open_store(args.target)
-        if isinstance(target, SQLiteStore) and os.path.samefile(target.path, source.path):
+        if target.same_database(source):
             raise UsageError("--from and --to are the same database")
         meta, work = migrate.plan(source, target, args.force)
         bar = Progress("migrate", migrate.total(work), quiet=args.quiet)
@@ -70,8 +72,6 @@ def _migrate(args):
         bar.close()
     except (SecretError, migrate.MigrateError) as e:
         raise UsageError(str(e)) from None
-    except StoreError as e:
-        raise ConfigError(str(e)) from None
     _common.say(args, f"copied {done['events']} events ({done['already']} were there already),"
                       f" {done['devices']} devices, {done['keys']} keys of {done['teams']}"
                       f" team(s) into {redact(args.target)}; start every server with"
@@ -81,17 +81,13 @@ def _migrate(args):
     return 0
 
 
-def _body(args):
-    from ..errors import UsageError
+@_server.server_command
+def _body(args, ctx):
     if args.action == "migrate":
         return _migrate(args)
-    store = _common.server_store(args)
+    store = _server.server_store(args)
     if args.action == "backup":
-        from sk_server.store import StoreError
-        try:
-            store.backup(args.to)
-        except StoreError as e:
-            raise UsageError(str(e)) from None
+        store.backup(args.to)
         stats = store.stats()
         _common.say(args, f"backed up {stats['events']} events of {stats['teams']} team(s)"
                           f" to '{args.to}'; keep the server secret too (see sk server):"

@@ -1,6 +1,8 @@
 """sk-register: manage devices, on the server host."""
 
-from . import _common
+from sk.cmd import _common
+
+from . import _server
 
 DESCRIPTION = """\
 Run on the server host, against the server's database. --name NAME [--team
@@ -13,7 +15,7 @@ created, last seen, revoked); --revoke NAME refuses the device's key at once;
 
 def get_parser(prog="sk-register"):
     p = _common.parser(prog, DESCRIPTION)
-    _common.db_flag(p)
+    _server.db_flag(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--name", metavar="NAME", help="create device NAME and print its key")
     what.add_argument("--list", action="store_true", help="list devices")
@@ -23,27 +25,22 @@ def get_parser(prog="sk-register"):
     return p
 
 
-def _body(args):
-    from sk_server import devices
-    from sk_server.store import StoreError
-
-    from ..errors import UsageError
-    store = _common.server_store(args, create=args.name is not None)
-    try:
-        if args.name is not None:
-            print(devices.register(store, args.name, args.team))
-            _common.say(args, f"registered device '{args.name}' in team '{args.team}';"
-                              " the key above is shown only once")
-        elif args.rotate is not None:
-            print(devices.rotate(store, args.rotate))
-            _common.say(args, f"rotated the key of '{args.rotate}'; the old key is refused now")
-        elif args.revoke is not None:
-            devices.revoke(store, args.revoke)
-            _common.say(args, f"revoked device '{args.revoke}'")
-        else:
-            _list(args, store.list_devices())
-    except StoreError as e:
-        raise UsageError(str(e)) from None
+@_server.server_command
+def _body(args, ctx):
+    from .. import devices
+    store = _server.server_store(args, create=args.name is not None)
+    if args.name is not None:
+        print(devices.register(store, args.name, args.team))
+        _common.say(args, f"registered device '{args.name}' in team '{args.team}';"
+                          " the key above is shown only once")
+    elif args.rotate is not None:
+        print(devices.rotate(store, args.rotate))
+        _common.say(args, f"rotated the key of '{args.rotate}'; the old key is refused now")
+    elif args.revoke is not None:
+        devices.revoke(store, args.revoke)
+        _common.say(args, f"revoked device '{args.revoke}'")
+    else:
+        _list(args, store.list_devices())
     return 0
 
 

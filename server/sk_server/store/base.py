@@ -1,0 +1,276 @@
+"""The server store's interface, and the rules every store shares.
+
+Everything that must hold across requests lives behind this interface, never in
+process memory: teams and their event sequences, devices, key material, seen
+nonces, WebSocket tokens, failed-authentication counts. `sql.SQLStore` is the one
+implementation; what differs between databases is its dialect (sqlite.py,
+postgresql.py).
+"""
+
+import abc
+import hashlib
+import os
+import time
+from collections import namedtuple
+from datetime import datetime, timezone
+
+from sk import crypto
+
+
+def utc_now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+class StoreError(Exception):
+    """A store operation refused: unknown device, name taken, a database that is not
+    an sk server's, ..."""
+
+
+class StoreUnavailable(StoreError):
+    """The database does not answer (PostgreSQL down, no pooled connection free):
+    the caller should wait and retry (HTTP 503, exit 3)."""
+
+
+class KeyRecord:
+    __slots__ = ("key_id", "device", "team", "master", "retired", "retired_why", "revoked")
+
+    def __init__(self, key_id, device, team, master, retired, retired_why, revoked):
+        self.key_id, self.device, self.team, self.master = key_id, device, team, bytes(master)
+        self.retired, self.retired_why, self.revoked = retired, retired_why, revoked
+
+
+# Each team's log is a hash chain, git style: the chain value after event `seq` is
+# sha256(chain before it + its event_id). A device keeps the (seq, chain) of the
+# last point of the log it saw; if the server's log at that seq is not the same
+# chain (the database was put back to an older copy, or replaced) every request
+# that carries the point is told so, and the device heals the server.
+GENESIS = bytes(32)
+
+
+def chain_next(prev, event_id):
+    return hashlib.sha256(prev + event_id.encode()).digest()
+
+
+# One device must not be able to push the team's Lamport clock to its end (2^63)
+# and so stop everybody from stamping: a jump this far ahead is refused.
+MAX_LAMPORT_JUMP = 2 ** 32
+
+Pushed = namedtuple("Pushed", "results head chain diverged")
+Pushed.__doc__ = """What a push did: [(status, reason)] per row, the team's (head, chain)
+after it, and why the device's known point is not on this log (None if it is;
+then nothing was stored)."""
+Page = namedtuple("Page", "rows next more chain diverged")
+Page.__doc__ = """One pull page: rows [(seq, *EVENT_COLUMNS)], the next cursor and its
+chain value, whether more follow, and the divergence reason (None if none)."""
+
+
+def check_known(known, head, chain_at, after=0):
+    """Why the device's known point (seq, chain) is not on this team's log of
+    `head` events, or None if it is. chain_at(seq) reads the chain after seq. A
+    pull cursor `after` past the head says the same, known point or not."""
+    if after > head:
+        return (f"the server's log holds {head} events, but this device has read up to"
+                f" {after}: the server was restored from an older copy")
+    if known is None:
+        return None
+    seq, chain = known
+    if seq > head:
+        return (f"the server's log holds {head} events, but this device saw {seq}:"
+                " the server was restored from an older copy")
+    if seq and chain_at(seq) != chain:
+        return (f"event {seq} of the server's log is not the one this device saw:"
+                " the server was restored from an older copy, or replaced")
+    return None
+
+
+def page_of(rows, limit, head, chain):
+    """A pull Page from up to limit + 1 rows (seq, *EVENT_COLUMNS, chain), in seq
+    order, read in the snapshot where the team's log had `head` events ending in
+    `chain`: if more follow, the page ends at its last row, else at the head."""
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return Page([r[:-1] for r in rows], rows[-1][0], True, bytes(rows[-1][-1]), None)
+    return Page([r[:-1] for r in rows], head, False, bytes(chain), None)
+
+
+def plan_push(rows, existing, lamport):
+    """The merge rule of a push: which rows are new, duplicates or refused.
+    existing maps event_id -> stored row (EVENT_COLUMNS order). Returns
+    ([(status, reason)], [new rows], team's new lamport)."""
+    results, new = [], []
+    for row in rows:
+        old = existing.get(row[0])
+        if old is None and row[4] > lamport + MAX_LAMPORT_JUMP:
+            results.append(("rejected", "lamport_clock jumps more than 2^32 past the"
+                                        " team's highest clock"))
+        elif old is None:
+            lamport = max(lamport, row[4])
+            new.append(row)
+            existing[row[0]] = row
+            results.append(("accepted", None))
+        elif tuple(old) == tuple(row):
+            results.append(("duplicate", None))
+        else:
+            results.append(("rejected", "event_id already used by a different event"))
+    return results, new, lamport
+
+
+def number(new, head, chain):
+    """Give new rows their dense sequence numbers and chain values, in order:
+    [(seq, chain, row)], and the team's new (head, chain)."""
+    out = []
+    for row in new:
+        head += 1
+        chain = chain_next(chain, row[0])
+        out.append((head, chain, row))
+    return out, head, chain
+
+
+def follow(team, head, lamport, chain, rows):
+    """Check that exported rows (STORED_COLUMNS) continue a team's log at (head,
+    chain): dense seq and the chain recomputed (a row an sk 0.2.0 server wrote has
+    none yet: it is given its own). Returns the new (head, lamport, chain) and the
+    rows to store."""
+    out = []
+    for r in rows:
+        seq, eid, row_chain = r[0], r[1], bytes(r[9])
+        chain = chain_next(chain, eid)
+        if seq != head + 1 or row_chain not in (chain, b""):
+            raise StoreError(f"team '{team}': event {seq} of the source does not follow event"
+                             f" {head} of the target's log, which is not the start of the"
+                             " source's")
+        head, lamport = seq, max(lamport, r[5])
+        out.append((*r[:9], chain, *r[10:]))
+    return head, lamport, chain, out
+
+
+def secret_check(secret):
+    """The fingerprint of a server secret that the database keeps, so a server
+    started with another secret is refused at start."""
+    import hmac
+    return hmac.new(secret, b"sk server secret check", "sha256").hexdigest()[:32]
+
+
+def unwrap(secret, key_id, blob):
+    try:
+        return crypto.unwrap_key(secret, key_id, bytes(blob))
+    except crypto.CryptoError as e:
+        raise StoreError(f"key '{key_id}': {e} (wrong secret file for this database?)") from None
+
+
+def token_refusal(row, now):
+    """Why a WebSocket token row (key_id, expires, used) can't open a session."""
+    if row is None:
+        return "unknown token"
+    if row[2] is not None:
+        return "token already used"
+    if row[1] < now:
+        return "token expired"
+    return None
+
+
+def usable_key(key):
+    return key if key is not None and not key.revoked and not key.retired else \
+        "key revoked or rotated"
+
+
+def redact(url):
+    """A database URL without its password, for messages."""
+    import re
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", os.fspath(url))
+
+
+class Store(abc.ABC):
+    """The interface every server store implements. The server's tests run each
+    against SQLite and PostgreSQL."""
+
+    # devices and keys (sk-register)
+    @abc.abstractmethod
+    def create_device(self, name, team, key_id, master): ...
+    @abc.abstractmethod
+    def rotate_key(self, name, key_id, master): ...
+    @abc.abstractmethod
+    def revoke_device(self, name): ...
+    @abc.abstractmethod
+    def list_devices(self): ...
+
+    # requests
+    @abc.abstractmethod
+    def get_key(self, key_id):
+        """KeyRecord for key_id, or None."""
+    @abc.abstractmethod
+    def admit(self, key_id, device, nonce, expires_ms):
+        """Record a request nonce; False if already seen (a replay)."""
+    @abc.abstractmethod
+    def push(self, team, device, rows, ticket=None, known=None):
+        """Store rows (EVENT_COLUMNS order) as one transaction, durable before it
+        returns: a Pushed. ticket=(key_id, device, nonce, expires_ms) admits the
+        request in the same transaction; None (and nothing stored) if that nonce
+        was seen before. known=(seq, chain): the device's last point of the log;
+        if it is not on this log nothing is stored and Pushed.diverged says why."""
+    @abc.abstractmethod
+    def pull(self, team, after, limit, skip=None, known=None):
+        """A Page after cursor `after`, from one consistent snapshot. skip=(node_id,
+        upto) leaves out that node's events stamped at or below upto (the cursor
+        still moves past them); known as for push."""
+    @abc.abstractmethod
+    def head(self, team):
+        """The number of events in the team's log."""
+    @abc.abstractmethod
+    def auth_failures(self, addr, window_ms):
+        """How many failed authentications came from addr in the current window."""
+    @abc.abstractmethod
+    def note_auth_failure(self, addr, window_ms):
+        """Count one failed authentication from addr; return the window's count."""
+    @abc.abstractmethod
+    def add_ws_token(self, token_hash, key_id, expires_ms):
+        """Remember a WebSocket token (by hash) for key_id until expires_ms."""
+    @abc.abstractmethod
+    def consume_ws_token(self, token_hash):
+        """Use a token once: its KeyRecord, or a reason string why it is refused."""
+    @abc.abstractmethod
+    def prune(self):
+        """Delete what has expired: nonces, WebSocket tokens, old failure counts."""
+
+    def listen(self, callback):
+        """Call callback(team) in a thread of this process whenever any process
+        stores events of that team (callback(None): anything may have changed).
+        False if the store cannot tell: then only the process that stored them
+        wakes its sessions at once. (Sessions also look every second regardless.)"""
+        return False
+
+    # upkeep and moving (sk-admin)
+    @abc.abstractmethod
+    def stats(self): ...
+    @abc.abstractmethod
+    def backup(self, path): ...
+    @abc.abstractmethod
+    def export_meta(self):
+        """{"teams": [(team, head, lamport, chain, created)], "devices": [(name, team,
+        created, last_seen, revoked)], "keys": [(key_id, device, master (plain),
+        created, retired, retired_why)], "nonces": [(key_id, nonce, expires)]}."""
+    @abc.abstractmethod
+    def import_meta(self, meta):
+        """Add what export_meta gave (teams with an empty log; devices, keys and
+        unexpired nonces), keeping what is already here."""
+    @abc.abstractmethod
+    def export_events(self, team, after, limit):
+        """Up to limit stored rows after seq `after` (STORED_COLUMNS)."""
+    @abc.abstractmethod
+    def import_events(self, team, rows):
+        """Append exported rows as they are (same seq and chain); they must follow
+        the team's head, and the chain must check out."""
+
+    def same_database(self, other):
+        """True if `other` is a store on this very database."""
+        return False
+
+    def reset(self):
+        """Forget connections after the database went away (a no-op for SQLite)."""
+
+    def close(self):
+        pass
