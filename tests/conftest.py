@@ -15,8 +15,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -375,3 +377,55 @@ class Watcher:
             except subprocess.TimeoutExpired:
                 pass
         self._err.close()
+
+
+@pytest.fixture
+def watch(tmp_path):
+    """A factory: watch(home) -> a running Watcher; all are killed at teardown."""
+    started = []
+
+    def start(home):
+        w = Watcher(home, tmp_path)
+        started.append(w)
+        return w
+    yield start
+    for w in started:
+        w.kill()
+
+
+
+# -- fake servers in this process ----------------------------------------------------
+class QuietHandler(BaseHTTPRequestHandler):
+    """An http.server handler that logs nothing, with reply and body helpers."""
+
+    def log_message(self, *a):
+        pass
+
+    def _reply(self, code, body, ctype):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+
+class HTTPServerThread:
+    """A threaded http.server on a free 127.0.0.1 port, in this process."""
+
+    def __init__(self, handler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

@@ -418,13 +418,15 @@ def test_proxy_fault_on_push_keeps_queue_then_sync_is_exactly_once(server, devic
     action, want = CUTS[fault]
     a, b = device("a"), device("b")
     expected = append(a, "P", 2500)
-    px = FaultProxy(server.port, lambda i, path: action if path == "/api/push" and i == 2
-                    else None)
+    # a request cut before any answer came is sent once more on a fresh connection (a
+    # kept-alive one may be gone when used again): that 3rd request is cut too
+    px = FaultProxy(server.port, lambda i, path: action if path == "/api/push" and (
+        i == 2 or (i == 3 and action[0] == "cut_request")) else None)
     try:
         p = run("sk", "sync", "--server", px.url, home=a, code=want)
     finally:
         px.stop()
-    assert [d for d in px.done if d[2]] == [("/api/push", 2, action)], px.done
+    assert [d for d in px.done if d[2]][:1] == [("/api/push", 2, action)], px.done
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1, p.stderr
     rows = local_events(a)
@@ -457,8 +459,10 @@ def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device,
     a, b = device("a"), device("b")
     expected = append(a, "Q", 7500)
     run("sk", "sync", home=a)
-    px = FaultProxy(server.port, lambda i, path: action if path == "/api/pull" and i == 2
-                    else None)
+    # a request cut before any answer came is sent once more on a fresh connection (a
+    # kept-alive one may be gone when used again): that 3rd request is cut too
+    px = FaultProxy(server.port, lambda i, path: action if path == "/api/pull" and (
+        i == 2 or (i == 3 and action[0] == "cut_request")) else None)
     try:
         run("sk", "sync", "--server", px.url, home=b, code=want)
         # the first page is stored, the cursor at its end; nothing of the second
@@ -469,7 +473,7 @@ def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device,
         run("sk-pull", "--server", px.url, home=b, code=0)     # 3rd call passes again
     finally:
         px.stop()
-    assert [d for d in px.done if d[2]] == [("/api/pull", 2, action)], px.done
+    assert [d for d in px.done if d[2]][:1] == [("/api/pull", 2, action)], px.done
     assert_device_clean(b, expected)
     run("sk", "sync", home=b)
     assert_device_clean(b, expected)

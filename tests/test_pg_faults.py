@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from conftest import BACKENDS, ROOT, ServerProcess, query, run
+from conftest import BACKENDS, ROOT, ServerProcess, query, run, wait_until
 
 pytestmark = pytest.mark.slow   # real servers, real PostgreSQL
 
@@ -27,6 +27,18 @@ def own_cluster():
     yield cluster
     cluster.stop()
     shutil.rmtree(base, ignore_errors=True)
+
+
+def probe(srv, path):
+    """(status, JSON) of an unauthenticated GET, as a load balancer's health check."""
+    import http.client
+    c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
 
 
 def append(home, tag, n):
@@ -48,13 +60,18 @@ def test_database_down_then_back(own_cluster, tmp_path, monkeypatch):
         a, b = homes
         append(a, "before", 10)
         run("sk", "sync", home=a)
+        assert probe(srv, "/readyz") == (200, {"ok": True, "database": "ok"})
         own_cluster.stop()                        # the database goes away
+        # alive, but not ready: a load balancer sends its traffic elsewhere
+        assert probe(srv, "/healthz")[0] == 200
+        assert probe(srv, "/readyz") == (503, {"ok": False, "database": "unavailable"})
         append(a, "during", 5)
         p = run("sk", "sync", home=a, code=3)
         assert "database is unavailable" in p.stderr and "Traceback" not in p.stderr
         assert json.loads(run("sk", "sync", "status", "--json", home=a).stdout)["queued"] == 5
         run("sk", "sync", "status", "--check", home=b, code=3)
         own_cluster.start()                       # back, same data, same port
+        wait_until(lambda: probe(srv, "/readyz")[0] == 200, 20, "readiness after the outage")
         run("sk", "sync", home=a)                 # the same server process serves again
         run("sk", "sync", home=b)
         ids = [r[0] for r in query(db, "SELECT event_id FROM events ORDER BY seq")]

@@ -146,7 +146,7 @@ def test_plumbing_pull_on_a_restored_server_exits_1_until_pushed(server, device,
 
 
 def test_a_watcher_heals_a_restored_server_by_itself(server, device, snapshot, tmp_path):
-    from test_watch import Watcher, wait_until
+    from conftest import Watcher, wait_until
     a, b = device("a"), device("b")
     make(a, "a0", 5)
     run("sk", "sync", home=a)
@@ -191,7 +191,7 @@ def rollback(db, team, seq):
 def test_a_live_watcher_notices_a_log_put_back_under_it(server, device, tmp_path):
     """The session stays connected while the log is put back and others push past
     the device's cursor: the session's own last point gives it away."""
-    from test_watch import Watcher, wait_until
+    from conftest import Watcher, wait_until
     a, b = device("a"), device("b")
     make(b, "b0", 5)
     run("sk", "sync", home=b)

@@ -3,6 +3,7 @@ semantics, team isolation, and refusal of every kind of bad, tampered, stale or
 replayed request (always a 4xx JSON error, never a 500, never a change)."""
 
 import base64
+import itertools
 import json
 import os
 import sys
@@ -38,17 +39,25 @@ def jbytes(obj):
     return json.dumps(obj).encode("ascii")
 
 
+_clock = itertools.count(1)   # a node stamps each clock value once
+
+
 def make_event(**kw):
     ev = {"event_id": str(uuid.uuid4()), "event_type": "feature_created",
-          "aggregate_type": "feature", "aggregate_id": "f-1", "lamport_clock": 1,
+          "aggregate_type": "feature", "aggregate_id": "f-1", "lamport_clock": next(_clock),
           "node_id": "node-a", "payload": {"title": "x"}, "timestamp": "2026-01-31T12:00:00Z"}
     ev.update(kw)
     return ev
 
 
 class Device:
+    """A device talking to the app. Each node id belongs to one device: the events
+    make_event() makes carry node-a, and a device other than dev-a pushes them
+    under its own node id (rewritten in place, so a test's copy agrees)."""
+
     def __init__(self, client, name, team, api_key):
         self.client, self.name, self.team, self.api_key = client, name, team, api_key
+        self.node = "node-a" if name == "dev-a" else f"node-{name}"
         self.key_id, self.secret = crypto.parse_api_key(api_key)
         self.master = crypto.derive_master(api_key)
 
@@ -66,11 +75,23 @@ class Device:
         return blob, crypto.peek(blob)[1]
 
     def seal(self, endpoint, obj, ts=None):
+        if endpoint == "push" and isinstance(obj, dict) and isinstance(obj.get("events"), list):
+            for ev in obj["events"]:
+                if isinstance(ev, dict) and ev.get("node_id") == "node-a":
+                    ev["node_id"] = self.node
         return self.seal_plain(endpoint, gz(jbytes(obj)), ts=ts)
 
-    def send(self, endpoint, blob, headers=None):
-        return self.client.post(f"/api/{endpoint}", data=blob,
-                                headers=self.headers() if headers is None else headers)
+    def send(self, endpoint, blob, headers=None, opener=None):
+        """POST blob; a sealed answer (200 or an error) is opened into r.sk_answer,
+        with the key of `opener` (default this device: the one the headers name)."""
+        r = self.client.post(f"/api/{endpoint}", data=blob,
+                             headers=self.headers() if headers is None else headers)
+        r.sk_answer = None
+        if r.headers["Content-Type"].split(";")[0] == wire.CONTENT_TYPE:
+            by = opener or self
+            r.sk_answer = wire.open_response(by.master, by.key_id, endpoint,
+                                             crypto.peek(blob)[1], r.data)
+        return r
 
     def call(self, endpoint, obj):
         """Seal, send, and open the answer; (response, opened body or None)."""
@@ -78,8 +99,8 @@ class Device:
         r = self.send(endpoint, blob)
         if r.status_code != 200:
             return r, None
-        assert r.headers["Content-Type"].split(";")[0] == wire.CONTENT_TYPE
-        return r, wire.open_response(self.master, self.key_id, endpoint, nonce, r.data)
+        assert r.sk_answer is not None, r.headers["Content-Type"]
+        return r, r.sk_answer
 
     def ok(self, endpoint, obj):
         r, body = self.call(endpoint, obj)
@@ -108,13 +129,23 @@ class Device:
             assert pages < 10_000
 
 
-def assert_refused(r, status=None, code=None):
-    """A clear JSON error: 4xx, {"error": {"code", "message"}}, never a 500."""
+def assert_refused(r, status=None, code=None, sealed=None):
+    """A clear error: 4xx, {"error": {"code", "message"}}, never a 500; sealed for
+    the device (opened by Device.send) once the request authenticated, plain JSON
+    before. sealed=True/False says which it must be."""
     assert 400 <= r.status_code < 500, (r.status_code, r.data[:500])
     if status is not None:
         assert r.status_code == status, (r.status_code, r.data[:500])
-    assert r.headers["Content-Type"].startswith("application/json"), r.headers["Content-Type"]
-    err = r.get_json()["error"]
+    is_sealed = r.headers["Content-Type"].split(";")[0] == wire.CONTENT_TYPE
+    if sealed is not None:
+        assert is_sealed == sealed, r.headers["Content-Type"]
+    if is_sealed:
+        err = getattr(r, "sk_answer", None)
+        assert err is not None, "a sealed error that no test device opened"
+        err = err["error"]
+    else:
+        assert r.headers["Content-Type"].startswith("application/json"), r.headers["Content-Type"]
+        err = r.get_json()["error"]
     assert isinstance(err["code"], str) and err["code"]
     assert isinstance(err["message"], str) and err["message"]
     if code is not None:
@@ -250,7 +281,7 @@ def test_event_id_reused_with_different_content_is_rejected(dev, store):
         assert res["reason"]
     assert count(store) == 1
     stored = dev.pull()["events"][0]
-    assert stored["payload"] == {"v": 1} and stored["lamport_clock"] == 1
+    assert stored["payload"] == {"v": 1} and stored["lamport_clock"] == ev["lamport_clock"]
 
 
 def test_same_event_id_twice_in_one_batch(dev, store):
@@ -346,7 +377,7 @@ def test_skip_leaves_out_own_events_but_cursor_reaches_head(new_device, store):
                                   {"node_id": "a", "upto": 2 ** 63}, {"node_id": "a", "upto": 1.5}])
 def test_malformed_skip_is_refused(dev, skip):
     r = dev.send("pull", dev.seal("pull", {"after": 0, "skip": skip})[0])
-    assert r.status_code == 400 and r.get_json()["error"]["code"] == "malformed"
+    assert_refused(r, 400, "malformed", sealed=True)
 
 
 @pytest.mark.parametrize("body", [
@@ -371,7 +402,8 @@ def test_pull_with_huge_cursor_is_not_a_500(dev, after):
 def test_team_isolation(new_device, store):
     a1, a2 = new_device("a1", "A"), new_device("a2", "A")
     b = new_device("b", "B")
-    a_events = [make_event(payload={"secret": "team A only"}) for _ in range(6)]
+    a_events = [make_event(payload={"secret": "team A only"}, node_id=n)
+                for n in ["node-a1"] * 3 + ["node-a2"] * 3]
     a1.push(a_events[:3])
     b_events = [make_event() for _ in range(2)]
     b.push(b_events)
@@ -381,7 +413,7 @@ def test_team_isolation(new_device, store):
     assert [e["seq"] for e in got] == [1, 2] and cursor == 2
     assert b.ok("hello", {})["head"] == 2
     # a cursor past B's head never reaches into A's sequence
-    assert b.pull(2, 1000)["events"] == [] and b.pull(0, 5000, ("node-a", 1))["events"] == []
+    assert b.pull(2, 1000)["events"] == [] and b.pull(0, 5000, (b.node, 2 ** 62))["events"] == []
     got, cursor, _ = a1.pull_all(0, 2)
     assert [e["event_id"] for e in got] == [e["event_id"] for e in a_events]
     assert [e["seq"] for e in got] == list(range(1, 7)) and cursor == 6
@@ -394,28 +426,18 @@ def test_team_isolation(new_device, store):
 
 # -- keys and secrets ----------------------------------------------------------
 
-class _FakeResponse:
-    def __init__(self, r):
-        self.status_code, self.headers, self.content = r.status_code, r.headers, r.data
-        self.reason = r.status
+class _RecordingTransport:
+    """Stands in for sk.client.Transport: routes the client's POSTs into the test
+    client and records every byte that would have crossed the wire."""
 
-    def json(self):
-        return json.loads(self.content)
+    def __init__(self, client):
+        self.client, self.sent = client, []
 
-
-class _RecordingSession:
-    """Stands in for requests.Session: routes sk.client's POSTs into the test client
-    and records every byte that would have crossed the wire."""
-
-    def __init__(self, client, headers):
-        self.client, self.headers, self.sent = client, dict(headers), []
-
-    def post(self, url, data=None, timeout=None):
-        path = url.split("://", 1)[1].split("/", 1)[1]
-        self.sent.append((url, dict(self.headers), bytes(data)))
-        r = self.client.post("/" + path, data=data, headers=self.headers)
+    def post(self, path, headers, body, timeout, limit):
+        self.sent.append((path, dict(headers), bytes(body)))
+        r = self.client.post(path, data=body, headers=headers)
         self.sent.append(("response", dict(r.headers), r.data))
-        return _FakeResponse(r)
+        return r.status_code, r.status, {k.lower(): v for k, v in r.headers.items()}, r.data
 
     def close(self):
         pass
@@ -423,9 +445,7 @@ class _RecordingSession:
 
 def test_api_key_never_crosses_the_wire(client, dev, store):
     c = Client("http://sk.test", dev.api_key)
-    c._session = _RecordingSession(client, {
-        wire.PROTOCOL_HEADER: str(PROTOCOL_VERSION), wire.KEY_HEADER: c.key_id,
-        "Content-Type": wire.CONTENT_TYPE})
+    c.transport = _RecordingTransport(client)
     assert c.hello()["device"] == "dev-a"
     ev = make_event()
     assert c.push([ev])["results"][0]["status"] == "accepted"
@@ -433,8 +453,8 @@ def test_api_key_never_crosses_the_wire(client, dev, store):
     secret_text = dev.api_key.split(".")[2]
     needles = [dev.api_key.encode(), secret_text.encode(), dev.secret, dev.master,
                base64.b64encode(dev.secret), dev.secret.hex().encode()]
-    assert len(c._session.sent) == 6
-    for url, headers, body in c._session.sent:
+    assert len(c.transport.sent) == 6
+    for url, headers, body in c.transport.sent:
         blob = url.encode() + repr(sorted(headers.items())).encode() + body
         for needle in needles:
             assert needle not in blob
@@ -525,12 +545,12 @@ def test_request_bound_to_key_and_endpoint(new_device, store):
     a, b = new_device("a", "T"), new_device("b", "T")
     blob, _ = a.seal("push", {"events": [make_event()]})
     # same bytes under another registered key id, or to another endpoint
-    assert_refused(a.send("push", blob, headers=b.headers()), 401, "bad_key")
+    assert_refused(a.send("push", blob, headers=b.headers(), opener=b), 401, "bad_key")
     assert_refused(a.send("pull", blob), 401, "bad_key")
     assert_refused(a.send("hello", blob), 401, "bad_key")
     # sealed for b's key id but with a's key
     blob2, _ = a.seal_plain("push", gz(jbytes({"events": [make_event()]})), key_id=b.key_id)
-    assert_refused(a.send("push", blob2, headers=b.headers()), 401, "bad_key")
+    assert_refused(a.send("push", blob2, headers=b.headers(), opener=b), 401, "bad_key")
     assert count(store) == 0
     assert a.send("push", blob).status_code == 200
     assert count(store) == 1
@@ -724,7 +744,7 @@ def test_old_key_cannot_open_a_request_for_the_new_key(new_device, client, store
     old = new_device("a", "T")
     new = Device(client, "a", "T", rotate(store, "a"))
     blob, _ = old.seal_plain("push", gz(jbytes({"events": [make_event()]})), key_id=new.key_id)
-    assert_refused(old.send("push", blob, headers=new.headers()), 401, "bad_key")
+    assert_refused(old.send("push", blob, headers=new.headers(), opener=new), 401, "bad_key")
     assert count(store) == 0
 
 
@@ -849,6 +869,9 @@ def test_fuzz_sealed_push_events(dev, store, events):
     r = dev.send("push", blob)
     body = _check_answer(dev, store, "push", r, nonce, before)
     assert body is not None, r.data[:300]
+    if "node_taken" in body:   # a (node, clock) stamp that an earlier example stored
+        assert count(store) == before and body["node_taken"]["node_id"] == "node-a"
+        return
     assert len(body["results"]) == len(events)
     for res in body["results"]:
         assert res["status"] in ("accepted", "duplicate", "rejected")
@@ -881,7 +904,7 @@ def test_fuzz_sealed_random_bodies(dev, store, body, endpoint):
                                              "upto": st.integers(-2, 2 ** 64)})))
 def test_fuzz_pull_cursor(dev, store, after, limit, skip):
     if count(store) == 0:
-        dev.push([make_event() for _ in range(5)])   # node-a, lamport 1
+        dev.push([make_event() for _ in range(5)])   # node-a
     body = {"after": after, "limit": limit}
     if skip is not None:
         body["skip"] = skip
@@ -892,8 +915,9 @@ def test_fuzz_pull_cursor(dev, store, after, limit, skip):
                                   and type(skip.get("upto")) is int and 0 <= skip["upto"] < 2 ** 63)
     if not valid_skip or not 0 <= after < 2 ** 63 or not 1 <= limit <= wire.MAX_PAGE:
         assert got is None and r.status_code == 400
-    elif skip is not None and skip["node_id"] == "node-a" and skip["upto"] >= 1:
-        # every stored event is node-a's at lamport 1
+    elif skip is not None and skip["node_id"] == "node-a" and skip["upto"] >= max(
+            e["lamport_clock"] for e in dev.pull()["events"]):
+        # every stored event is node-a's, pushed by this device, stamped at or below upto
         assert got["events"] == [] and got["next"] == max(after, 5)
     else:
         assert got is not None
@@ -922,5 +946,41 @@ def test_non_json_constants_refuse_the_whole_body(dev, store, constant):
     c = zlib.compressobj(5, zlib.DEFLATED, 31)
     blob, _ = dev.seal_plain("push", c.compress(raw) + c.flush())
     r = dev.send("push", blob)
-    assert r.status_code == 400 and r.get_json()["error"]["code"] == "malformed"
+    assert_refused(r, 400, "malformed", sealed=True)
     assert count(store) == before
+
+
+def test_revoked_is_told_only_to_key_holders(tmp_path):
+    """A device revoked: its key holder learns so; someone with the key id but not
+    the key learns nothing (the answer is sealed for the key the server holds, and
+    says only that the request did not authenticate)."""
+    app = create_app({"DB": str(tmp_path / "s.db"), "TESTING": True})
+    try:
+        store = app.extensions["sk_store"]
+        client = app.test_client()
+        name = "secret-laptop-7"
+        real = Device(client, name, "T", register(store, name, "T"))
+        revoke(store, name)
+        _, other = crypto.new_api_key()
+        wrong_key = f"sk1.{real.key_id}.{other.split('.')[2]}"
+        assert wrong_key != real.api_key
+        imp = Device(client, name, "T", wrong_key)
+        assert imp.key_id == real.key_id
+        for endpoint, body in (("hello", {}), ("push", {"events": [make_event()]}),
+                               ("pull", {"after": 0, "limit": 10})):
+            blob, _ = imp.seal(endpoint, body)
+            r = imp.send(endpoint, blob, opener=real)
+            err = assert_refused(r, 401, "bad_key", sealed=True)
+            assert name not in err["message"], err
+            assert "revoked" not in err["message"].lower(), err
+            assert name.encode() not in r.get_data()
+            with pytest.raises(crypto.CryptoError):   # and the impostor cannot open even that
+                wire.open_response(imp.master, imp.key_id, endpoint, crypto.peek(blob)[1],
+                                   r.get_data())
+            r, _ = real.call(endpoint, body)
+            err = assert_refused(r, 401, "revoked", sealed=True)
+            assert name in err["message"]
+        assert store.stats()["events"] == 0
+    finally:
+        app.extensions["sk_store"].close()
+

@@ -148,13 +148,27 @@ def test_failed_authentication_is_slowed_down_per_address(server_db):
 
     codes = [attempt(wrong).status_code for _ in range(7)]
     assert codes == [401] * 5 + [429] * 2
-    r = attempt(crypto.derive_master(good))           # even the right key waits now
+    blob, nonce = wire.seal_request(wrong, key_id, "hello", {})
+    r = client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
+                    headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
     assert r.status_code == 429 and r.headers["Retry-After"] == "60"
-    assert r.get_json()["error"]["code"] == "slow_down"
-    assert attempt(crypto.derive_master(good), "10.0.0.2").status_code == 200  # others not
+    # sealed for the key the server holds under that key id, as every answer past the key lookup
+    answer = wire.open_response(crypto.derive_master(good), key_id, "hello", nonce, r.data)
+    assert answer["error"]["code"] == "slow_down"
+    # a request that authenticates is never refused for others' failures (one NAT)
+    assert attempt(crypto.derive_master(good)).status_code == 200
+    assert attempt(crypto.derive_master(good), "10.0.0.2").status_code == 200
+    # unknown key ids count too, and so do replays
+    blob, _ = wire.seal_request(crypto.derive_master(good), key_id, "hello", {})
+    first = client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.3"},
+                        headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+    again = [client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.3"},
+                         headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id}).status_code
+             for _ in range(6)]
+    assert first.status_code == 200 and again == [400] * 5 + [429]
     # the count lives in the store: a second app on the same database sees it
     other = create_app({"DB": server_db, "AUTH_FAIL_LIMIT": 5})
-    blob, _ = wire.seal_request(crypto.derive_master(good), key_id, "hello", {})
+    blob, _ = wire.seal_request(wrong, key_id, "hello", {})
     r = other.test_client().post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
                                  headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
     assert r.status_code == 429
@@ -168,10 +182,11 @@ def test_real_server_wrong_key_then_slow_down_exit_codes(tmp_path, server_db):
         key_id, _ = crypto.parse_api_key(good)
         forged = f"sk1.{key_id}." + "A" * 43
         for _ in range(20):
-            with pytest.raises(AuthError):
+            with pytest.raises(AuthError, match="wrong or mistyped"):
                 Client(srv.url, forged).hello()
         with pytest.raises(Unreachable, match="429"):
-            Client(srv.url, good).hello()
+            Client(srv.url, forged).hello()
+        assert Client(srv.url, good).hello()["device"] == "a"   # the honest device goes on
         assert stat.S_IMODE((tmp_path / "server.secret").stat().st_mode) == 0o600
         p = sk("sk-admin", "--db", server_db, "stats", check=0)
         assert "devices: 1" in p.stdout
@@ -197,6 +212,6 @@ def test_behind_a_proxy_the_slow_down_is_per_forwarded_client(server_db):
                                     "X-Forwarded-For": client_addr})
 
     assert [attempt(wrong, "192.0.2.1").status_code for _ in range(6)] == [401] * 5 + [429]
-    assert attempt(crypto.derive_master(good), "192.0.2.2").status_code == 200
-    assert attempt(crypto.derive_master(good), "192.0.2.1").status_code == 429
+    assert attempt(wrong, "192.0.2.2").status_code == 401
+    assert attempt(crypto.derive_master(good), "192.0.2.1").status_code == 200
     store.close()

@@ -2,6 +2,7 @@
 per-team sequences in commit order, the hash chain, duplicate detection, pull
 paging, nonces, device keys, export/import, backup."""
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -14,14 +15,17 @@ import pytest
 from sk import crypto
 from sk.event import check_stamped
 from sk_server.devices import register, revoke, rotate
-from sk_server.store import GENESIS, StoreError, chain_next, open_store, sqlite_store
+from sk_server.store import GENESIS, SCHEMA_VERSION, StoreError, chain_next, open_store, sqlite_store
 
 from conftest import free_port, is_pg, query
 
 
+_clock = itertools.count(1)   # a node stamps each clock value once
+
+
 def row(**kw):
     ev = {"event_id": str(uuid.uuid4()), "event_type": "feature_created",
-          "aggregate_type": "feature", "aggregate_id": "f-1", "lamport_clock": 1,
+          "aggregate_type": "feature", "aggregate_id": "f-1", "lamport_clock": next(_clock),
           "node_id": "n", "payload": {"v": 1}, "timestamp": "2026-01-31T12:00:00Z"}
     ev.update(kw)
     return check_stamped(ev)
@@ -125,15 +129,16 @@ def test_pull_paging_and_skip(store):
     for limit in (1, 2, 100):
         after, got = 0, []
         while True:
-            rows, nxt, more, *_ = store.pull("A", after, limit, ("a1", 1))
+            rows, nxt, more, *_ = store.pull("A", after, limit, ("a1", "a1", 2 ** 62))
             got += [r[0] for r in rows]
             after = nxt
             if not more:
                 break
         assert got == want and after == head, limit
-    assert page(store, "A", 10, 100, ("a1", 1)) == ([], head, False)
-    # events of a1 stamped above the mark are not left out
-    assert seqs(store, "A", 0, 100, ("a1", 0)) == list(range(1, 13))
+    assert page(store, "A", 10, 100, ("a1", "a1", 2 ** 62)) == ([], head, False)
+    # events of a1 stamped above the mark are not left out, nor a1's node pushed by another
+    assert seqs(store, "A", 0, 100, ("a1", "a1", 0)) == list(range(1, 13))
+    assert seqs(store, "A", 0, 100, ("a2", "a1", 2 ** 62)) == list(range(1, 13))
 
 
 def push_at_once(db, threads, rounds, size, device, timeout=60):
@@ -147,7 +152,7 @@ def push_at_once(db, threads, rounds, size, device, timeout=60):
         s = open_store(db)
         try:
             for _ in range(rounds):
-                rows = [row() for _ in range(size(n))]
+                rows = [row(node_id=device(n)) for _ in range(size(n))]
                 assert [x for x, _ in push(s, "A", device(n), rows)] == ["accepted"] * len(rows)
                 with lock:
                     ids.extend(r[0] for r in rows)
@@ -247,7 +252,7 @@ def test_reopen_keeps_everything(tmp_path, store):
     store.close()
     again = open_store(store.db)
     assert again.head("A") == 4 and again.stats()["devices"] == 3
-    assert push(again, "A", "a2", [row()]) == [("accepted", None)]
+    assert push(again, "A", "a2", [row(node_id="a2")]) == [("accepted", None)]
     assert again.head("A") == 5
     again.close()
 
@@ -413,7 +418,7 @@ def test_a_schema_1_database_gains_its_hash_chain(tmp_path):
         assert s.pull("A", 0, 10, known=(i, chain)).diverged is None
     assert s.pull("A", 0, 10).chain == chain
     assert push(s, "A", "a1", [row()]) == [("accepted", None)]
-    assert query(path, "SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    assert query(path, "SELECT value FROM meta WHERE key = 'schema'") == [(str(SCHEMA_VERSION),)]
     s.close()
     # an sk 0.2.0 server still running on the file goes on writing events without
     # a chain and moves only the head: the next open mends the chain

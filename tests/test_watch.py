@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ServerProcess, Watcher, query, run, state, status, wait_until
+from conftest import ServerProcess, query, run, state, status, wait_until
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -73,20 +73,6 @@ def server_ids(server, team):
     assert len(ids) == len(set(ids)), f"team {team}: an event is stored twice on the server"
     assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "team sequence has gaps"
     return set(ids)
-
-
-@pytest.fixture
-def watch(tmp_path):
-    """A factory: watch(home) -> a running Watcher; all are killed at teardown."""
-    started = []
-
-    def start(home):
-        w = Watcher(home, tmp_path)
-        started.append(w)
-        return w
-    yield start
-    for w in started:
-        w.kill()
 
 
 def make_device(server, tmp_path, name, team):

@@ -414,3 +414,62 @@ def test_session_is_scoped_to_the_team(server, devices):
     assert x2.push([blue])[0]["status"] == "accepted"
     assert server_events(server, x.team) == [blue["event_id"]]
     assert server_events(server, a.team) == [e["event_id"] for e in red]
+
+
+# -- hardening: what a bad device or a big event must not do -------------------------
+def test_one_device_cannot_hold_the_threads_rest_needs(server, devices):
+    """Each session holds a server thread: a device gets at most 4, and REST keeps
+    its threads however many sessions are open (0.3.0: 32 idle sessions of one
+    device starved the REST API)."""
+    a = devices("hog")
+    held = [a.connect() for _ in range(4)]
+    for s in held:
+        assert s.hello(0)[1]["t"] == "live"
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:   # refused before the upgrade
+        a.connect()
+    assert e.value.status_code == 503
+    t0 = time.monotonic()
+    assert a.client.hello()["device"] == a.name          # REST answers at once
+    assert time.monotonic() - t0 < 2
+    b = devices("other")
+    assert b.connect().hello(0)[1]["t"] == "live"         # another device still gets one
+    held[0].close()
+    deadline = time.monotonic() + TIMEOUT
+    while True:   # the server notices the session is gone, and the device may open one
+        try:
+            assert a.connect().hello(0)[1]["t"] == "live"
+            break
+        except websocket.WebSocketBadStatusException:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_revocation_closes_an_open_session_within_a_second(server, devices):
+    """0.3.0 looked at the key every 20 s; revoking now closes the device's open
+    sessions within a second, on every server (each looks at the store)."""
+    from sk_server.devices import revoke
+    a = devices("revoked-live")
+    s = a.connect()
+    s.hello(0)
+    store = server.store()
+    try:
+        revoke(store, a.name)
+        t0 = time.monotonic()
+        s.expect_closed((4401,))
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        store.close()
+
+
+def test_a_frame_that_inflates_to_a_bomb_is_refused_cheaply(server, devices):
+    """A sealed push frame of {} objects: refused by shape before it is parsed."""
+    a = devices("bomb")
+    s = a.connect()
+    s.hello(0)
+    text = '{"t":"push","id":1,"n":' + str(s.n_out + 1) + ',"events":[' + ",".join(["{}"] * 400_000) + "]}"
+    s.n_out += 1
+    key = crypto.direction_key(s.master, C2S)
+    blob = crypto.seal(key, wire.compress(text), wire._frame_context(C2S, s.key_id, s.sid))
+    s.ws.send_binary(blob)
+    s.expect_closed((4400, 1009))
+    assert_server_serves(a, [])

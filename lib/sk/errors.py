@@ -49,7 +49,8 @@ class ServerError(SkError):
 
     exit_code = PARTIAL
 
-    def __init__(self, message, status=None, code=None, exit_code=None):
+    def __init__(self, message, status=None, code=None, exit_code=None, authenticated=False):
         super().__init__(message, exit_code)
         self.status = status
         self.code = code
+        self.authenticated = authenticated   # sealed for this request: the server said it

@@ -13,6 +13,7 @@ from collections import namedtuple
 FIELDS = ("event_id", "event_type", "aggregate_type", "aggregate_id",
           "lamport_clock", "node_id", "payload", "timestamp")
 MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_DEPTH = 32          # objects and arrays nested in a payload, the payload itself counted
 MAX_LAMPORT = 2 ** 63 - 1
 _TYPE_RE = re.compile(r"[a-z0-9_.]{1,64}")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -112,10 +113,33 @@ def _check_str(ev, name, pattern=None, maxlen=256, nul_ok=False):
     return value
 
 
-def check_payload(payload):
-    """Return the payload's compact JSON text, or raise EventError."""
+def depth(value, limit=MAX_DEPTH):
+    """How deeply objects and arrays nest in value (a scalar is 0), level by level
+    without recursion, and only up to limit + 1: deep enough is too deep."""
+    level, d = [value], 0
+    containers = (dict, list)
+    while level:
+        level = [v for v in level if isinstance(v, containers)]
+        if not level:
+            return d
+        d += 1
+        if d > limit:
+            return d
+        nxt = []
+        for v in level:
+            nxt.extend(v.values() if type(v) is dict else v)
+        level = nxt
+    return d
+
+
+def check_payload(payload, max_depth=MAX_DEPTH):
+    """Return the payload's compact JSON text, or raise EventError. A payload
+    nested deeper than max_depth is refused (None: any depth, for events a server
+    accepted long ago)."""
     if not isinstance(payload, dict):
         raise EventError("payload must be a JSON object")
+    if max_depth is not None and depth(payload, max_depth) > max_depth:
+        raise EventError(f"payload nests objects and arrays more than {max_depth} deep")
     try:
         text = _utf8("payload", dumps(payload))
     except (ValueError, RecursionError) as e:
@@ -196,7 +220,7 @@ def check_stamped(ev, new=True):
         _check_str(ev, "aggregate_id", nul_ok=not new),
         clock,
         _check_str(ev, "node_id", maxlen=64, nul_ok=not new),
-        check_payload(ev["payload"]),
+        check_payload(ev["payload"], MAX_DEPTH if new else None),
         check_timestamp(ev["timestamp"]),
     )
 

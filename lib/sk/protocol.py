@@ -11,11 +11,10 @@ device holds is queued to push again, so the server gets back what it lost.
 
 from collections import namedtuple
 
-from .errors import IntegrityError
+from .errors import ConfigError, IntegrityError
+from .wire import MAX_BATCH_BYTES, event_cost
 from .event import EventError, check_stamped, dumps
 
-MAX_BATCH_BYTES = 4 * 1024 * 1024    # payload text in one push, well under wire.MAX_BODY
-EVENT_OVERHEAD = 300                 # envelope bytes of one event, beside its payload
 PUSH_STATUSES = ("accepted", "duplicate", "rejected")
 
 
@@ -41,6 +40,19 @@ class TeamChanged(Diverged):
         self.team = team
 
 
+class NodeTaken(ConfigError):
+    """The server refused this home's events: their node id is another device's,
+    or another home stamped the same clock under it. A copied (or restored) home;
+    `sk-stamp --new-node` gives this one its own node id."""
+
+    def __init__(self, taken):
+        reason = taken.get("reason") if isinstance(taken, dict) else None
+        super().__init__(f"{reason or 'the server refused this node id'}; run 'sk-stamp"
+                         " --new-node' to give this home a node id of its own (its unsent"
+                         " events are stamped again; nothing is lost)")
+        self.taken = taken
+
+
 class Healed(namedtuple("Healed", "reason requeued resent restored")):
     """What healing a restored server did: why, how many events were queued again,
     and (once pushed) how many were re-sent and how many of those the server had
@@ -64,6 +76,8 @@ def check_answer(store, answer):
         raise TeamChanged(team)
     if isinstance(answer.get("diverged"), str):
         raise ServerRestored(answer["diverged"], team)
+    if answer.get("node_taken") is not None:
+        raise NodeTaken(answer["node_taken"])
 
 
 def healing(store, attempt):
@@ -102,15 +116,15 @@ def point_in(answer, seq_key):
 
 # -- push -------------------------------------------------------------------------
 def batches(rows, max_bytes=MAX_BATCH_BYTES):
-    """Cut queued [(seq, Event)] so that no batch's payload text exceeds max_bytes
-    (an event larger than that travels alone)."""
+    """Cut queued [(seq, Event, relay)] so that no batch holds more than max_bytes
+    of events (wire.event_cost; an event larger than that travels alone)."""
     batch, size = [], 0
-    for seq, ev in rows:
-        n = len(ev.payload) + EVENT_OVERHEAD
+    for item in rows:
+        n = event_cost(item[1].payload)
         if batch and size + n > max_bytes:
             yield batch
             batch, size = [], 0
-        batch.append((seq, ev))
+        batch.append(item)
         size += n
     if batch:
         yield batch
@@ -118,8 +132,10 @@ def batches(rows, max_bytes=MAX_BATCH_BYTES):
 
 def push_body(batch, known=None):
     """A push body as JSON text, built around each event's stored payload text
-    (validated when it was appended) instead of parsing and re-encoding it."""
-    parts = [ev.to_json() for _, ev in batch]
+    (validated when it was appended) instead of parsing and re-encoding it. An
+    event this home did not stamp (given back to a restored server) says so."""
+    parts = [ev.to_json()[:-1] + ',"relay":true}' if relay else ev.to_json()
+             for _, ev, relay in batch]
     tail = f',"known":{dumps(known)}' if known else ""
     return '{"events":[' + ",".join(parts) + "]" + tail + "}"
 
@@ -130,7 +146,7 @@ def settle_push(store, batch, answer, counts, on_event=None):
     one is set aside with its reason. counts[status] move by what was settled."""
     check_answer(store, answer)
     results = answer.get("results")
-    ids = [ev.event_id for _, ev in batch]
+    ids = [item[1].event_id for item in batch]
     if (not isinstance(results, list) or len(results) != len(ids)
             or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
         raise IntegrityError("server's push answer does not match the events sent")

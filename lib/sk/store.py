@@ -292,6 +292,28 @@ class LocalStore:
             done.append((seq,))
         return out, done, dups, clock
 
+    def new_node(self):
+        """Give this home a node id of its own (a copied or restored home shares
+        its node id with another): every unsent event it stamped is stamped again
+        under the new id, with a new event id and the next clock values, and the
+        state is rebuilt. Returns (old node id, new node id, events stamped again)."""
+        from .event import new_event_id
+        with self.write() as db:
+            old = self.node_id()
+            new = str(uuid.uuid4())
+            clock = self.clock()
+            rows = db.execute("SELECT seq FROM events WHERE stamped_at IS NOT NULL AND status"
+                              " IN ('queued', 'local_only') ORDER BY seq").fetchall()
+            for (seq,) in rows:
+                clock += 1
+                db.execute("UPDATE events SET event_id = ?, node_id = ?, lamport_clock = ?"
+                           " WHERE seq = ?", (new_event_id(), new, clock, seq))
+            self.put("node_id", new)
+            self.put("clock", clock)
+            self.put("stamped_max", clock)
+            self.put("needs_rebuild", 1)
+        return old, new, len(rows)
+
     def _known_ids(self, ids):
         """Which of `ids` the log holds already."""
         known = set()
@@ -304,11 +326,13 @@ class LocalStore:
 
     # -- push side -------------------------------------------------------------
     def queued(self, limit, after=0):
-        """Up to `limit` queued events after local seq `after`: [(seq, Event)]."""
+        """Up to `limit` queued events after local seq `after`: [(seq, Event, relay)],
+        relay True for an event pulled from another device (queued again to give it
+        back to a restored server)."""
         rows = self.db.execute(
-            "SELECT seq, " + COLUMNS + " FROM events"
+            "SELECT seq, " + COLUMNS + ", stamped_at IS NULL FROM events"
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        return [(r[0], Event(*r[1:])) for r in rows]
+        return [(r[0], Event(*r[1:9]), bool(r[9])) for r in rows]
 
     def mark_pushed(self, results, point=None):
         """Apply the server's per-event results atomically.

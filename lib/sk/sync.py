@@ -68,11 +68,21 @@ def _send(store, client, batch, counts, on_event, answer=None):
             raise
         if len(batch) == 1:
             eid = batch[0][1].event_id
-            reason = f"server refused this event alone with HTTP 413 (too large): {e}"
-            store.set_aside(eid, reason)
-            counts["rejected"] += 1
+            if e.authenticated:   # the server said so, sealed: set it aside for good
+                reason = f"server refused this event alone with HTTP 413 (too large): {e}"
+                store.set_aside(eid, reason)
+                counts["rejected"] += 1
+                if on_event:
+                    on_event("rejected", eid, reason)
+                return
+            # an unsealed 413 (a proxy's limit, or anyone on the way): nothing changes
+            # here; the event stays queued, the rest flows, and the run says why
+            counts["held"] = counts.get("held", 0) + 1
+            counts.setdefault("held_reasons", []).append(
+                f"event {eid} got HTTP 413 (too large) alone, unsealed (a proxy's limit?):"
+                " kept queued")
             if on_event:
-                on_event("rejected", eid, reason)
+                on_event("held", eid, "HTTP 413 (too large) from the server or a proxy")
             return
         half = len(batch) // 2
         _send(store, client, batch[:half], counts, on_event)

@@ -22,8 +22,8 @@ import time
 from . import wire
 from .crypto import C2S, S2C, CryptoError
 from .errors import AuthError, IntegrityError, SkError, Unreachable
-from .protocol import (ServerRestored, TeamChanged, accept_page, batches, check_answer,
-                       known_out, settle_push)
+from .protocol import (NodeTaken, ServerRestored, TeamChanged, accept_page, batches,
+                       check_answer, known_out, settle_push)
 from .store import open_store, utc_now
 from .sync import open_client
 
@@ -70,8 +70,9 @@ class Watch:
                 started = time.monotonic()
                 try:
                     self.session()
-                except AuthError as e:
-                    self.set_state("stopped", f"key refused: {e}")
+                except (AuthError, NodeTaken) as e:   # said by the server, sealed: stop
+                    self.set_state("stopped", f"{'key refused: ' if isinstance(e, AuthError) else ''}{e}")
+                    self.store.record_outcome(False, f"watch: {_why(e)}")
                     code = e.exit_code
                     break
                 except (SkError, Dropped, OSError) as e:
@@ -254,10 +255,8 @@ class _Conn:
             return None
         if item[0] == "error":
             raise Dropped(f"connection lost: {_why(item[1])}")
-        if item[0] == "closed":
-            _, code, reason = item
-            if code == 4401:
-                raise AuthError(f"server closed the session: {reason}")
+        if item[0] == "closed":   # a close code is not sealed: it proves nothing, so the
+            _, code, reason = item  # watcher reconnects, and REST says (sealed) if the key is gone
             raise Dropped(f"server closed the connection ({code}{': ' + reason if reason else ''})")
         try:
             obj = wire.open_frame(self.master, self.key_id, S2C, self.sid, item[1])

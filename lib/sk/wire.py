@@ -16,13 +16,28 @@ from .event import dumps, loads
 PROTOCOL_HEADER = "X-SK-Protocol"
 KEY_HEADER = "X-SK-Key-Id"
 CONTENT_TYPE = "application/vnd.sk.sealed"
-MAX_BODY = 16 * 1024 * 1024          # sealed, compressed bytes a server accepts
-MAX_PLAIN = 64 * 1024 * 1024         # bytes a body may inflate to
-MAX_CLOCK_SKEW_MS = 5 * 60 * 1000    # requests older or newer than this are stale
+# The protocol's limits, in one place. A push batch and a pull page (or frame) are
+# cut by count and by bytes: MAX_BATCH_BYTES of events (payload text, plus
+# EVENT_OVERHEAD for each envelope), one event over that travelling alone, so no
+# valid event can ever block a push or a pull. A body inflates to at most MAX_PLAIN,
+# is at most MAX_BODY sealed, and a request holds at most MAX_CONTAINERS JSON
+# objects and arrays (refused before it is parsed: a body of {} is a bomb).
 MAX_BATCH = 1000                     # events in one push
 MAX_PAGE = 5000                      # events in one pull page
+MAX_BATCH_BYTES = 4 * 1024 * 1024    # event bytes in one push, page or frame
+EVENT_OVERHEAD = 300                 # an envelope's bytes, beside its payload
+MAX_PLAIN = 8 * 1024 * 1024          # bytes a body may inflate to
+MAX_BODY = MAX_PLAIN + 64 * 1024     # sealed, compressed bytes of a body
+MAX_CONTAINERS = 300_000             # JSON objects and arrays in a request
+MAX_CLOCK_SKEW_MS = 5 * 60 * 1000    # requests older or newer than this are stale
 WS_TOKEN_TTL_MS = 5 * 60 * 1000      # a WebSocket token opens one session within this
 WS_PATH = "/api/ws"
+
+
+def event_cost(payload):
+    """The bytes one event counts for in a batch or page: its payload's UTF-8
+    bytes and an envelope's."""
+    return (len(payload) if payload.isascii() else len(payload.encode("utf-8"))) + EVENT_OVERHEAD
 
 
 class WireError(ValueError):
@@ -41,8 +56,10 @@ def compress(obj):
     return c.compress(text.encode("utf-8")) + c.flush()
 
 
-def decompress(data, limit=MAX_PLAIN):
-    """Inflate gzip `data` to at most `limit` bytes and parse it as a JSON object."""
+def decompress(data, limit=MAX_PLAIN, containers=None):
+    """Inflate gzip `data` to at most `limit` bytes and parse it as a JSON object;
+    with `containers`, refuse (before parsing) a body of more JSON objects and
+    arrays than that."""
     d = zlib.decompressobj(31)
     try:
         out = d.decompress(data, limit)
@@ -52,6 +69,9 @@ def decompress(data, limit=MAX_PLAIN):
             raise WireError("body is truncated gzip")
         if d.unused_data:
             raise WireError("trailing bytes after gzip body")
+        if containers is not None and out.count(b"{") + out.count(b"[") > containers:
+            raise WireError(f"body holds more than {containers} JSON objects and arrays",
+                            413, "too_large")
         obj = loads(out)
     except RecursionError:
         raise WireError("body nests too deeply") from None
@@ -123,7 +143,7 @@ def seal_frame(master, key_id, direction, session, obj):
     return crypto.seal(key, compress(obj), _frame_context(direction, key_id, session))
 
 
-def open_frame(master, key_id, direction, session, blob, limit=MAX_PLAIN):
+def open_frame(master, key_id, direction, session, blob, limit=MAX_PLAIN, containers=None):
     key = crypto.direction_key(master, direction)
     _, _, plain = crypto.open_sealed(key, blob, _frame_context(direction, key_id, session))
-    return decompress(plain, limit)
+    return decompress(plain, limit, containers)

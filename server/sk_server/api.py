@@ -3,7 +3,7 @@
 import secrets
 import time
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from sk import PROTOCOL_VERSION, crypto, wire
@@ -36,9 +36,22 @@ def error(status, code, message):
 
 @api.errorhandler(Refused)
 def _refused(e):
-    resp = error(e.status, e.code, e.message)
+    """An error answer; sealed for the request when it authenticated (or when its
+    seal failed under a registered key: the device that holds the key learns that
+    its request was altered on the way), so that only a sealed answer can make a
+    device change anything."""
+    sealing = g.get("sk_seal")
+    if sealing is not None:
+        key, endpoint, nonce = sealing
+        resp = _sealed(key, endpoint, nonce, {"error": {"code": e.code, "message": e.message},
+                                              "protocol": PROTOCOL_VERSION})
+        resp.status_code = e.status
+    else:
+        resp = error(e.status, e.code, e.message)
     if e.retry_after:
         resp.headers["Retry-After"] = str(e.retry_after)
+    if e.code == "malformed_body":   # what is left of it on the socket is not a request
+        resp.headers["Connection"] = "close"
     return resp
 
 
@@ -68,20 +81,39 @@ def _internal(e):
 
 
 def _authenticate(endpoint, admit=True):
-    """Check protocol, key and seal; return (key record, request nonce, body object).
-    Failed authentications are counted per address in the store (so every server
-    process sees them); past AUTH_FAIL_LIMIT a minute the address waits."""
-    limit = current_app.config["AUTH_FAIL_LIMIT"]
-    addr = request.remote_addr or "?"
-    if limit and _store().auth_failures(addr, AUTH_FAIL_WINDOW_MS) >= limit:
-        raise Refused(429, "slow_down", f"too many failed authentications from {addr};"
-                                        " wait a minute", retry_after=60)
+    """Check protocol, key, seal and nonce; return (key record, request nonce, body
+    object) (and the request's admission ticket with admit=False). A request that
+    authenticates is never refused for what others did; what fails is counted per
+    address in the store (so every server process sees it), and past
+    AUTH_FAIL_LIMIT a minute what fails from there is answered 429."""
     try:
         return _check_request(endpoint, admit)
     except Refused as e:
-        if limit and e.code in ("unknown_key", "bad_key"):
-            _store().note_auth_failure(addr, AUTH_FAIL_WINDOW_MS)
+        if e.code in COUNTED:
+            limit = current_app.config["AUTH_FAIL_LIMIT"]
+            addr = request.remote_addr or "?"
+            store = _store()
+            if limit and store.auth_failures(addr, AUTH_FAIL_WINDOW_MS) >= limit:
+                raise Refused(429, "slow_down", f"too many failed authentications from {addr};"
+                                                " wait a minute", retry_after=60) from None
+            if limit:
+                store.note_auth_failure(addr, AUTH_FAIL_WINDOW_MS)
         raise
+
+
+COUNTED = ("unknown_key", "bad_key", "replay", "stale")
+
+
+def _body():
+    """The request body, read whole (within MAX_CONTENT_LENGTH); a body that does
+    not arrive as HTTP says (malformed chunks, a client gone) is a 400."""
+    try:
+        return request.get_data(cache=False)
+    except HTTPException:
+        raise
+    except Exception as e:   # gunicorn's chunked-body parser, a socket that timed out
+        raise Refused(400, "malformed_body", f"malformed request body: {type(e).__name__}"
+                                        f"{': ' + str(e)[:100] if str(e) else ''}") from None
 
 
 def _check_request(endpoint, admit):
@@ -97,24 +129,28 @@ def _check_request(endpoint, admit):
     key_id = request.headers.get(wire.KEY_HEADER, "")
     if len(key_id) != KEY_ID_LEN or not all(c in "0123456789abcdef" for c in key_id):
         raise Refused(401, "unknown_key", "missing or malformed key id")
+    blob = _body()
     store = _store()
     key = store.get_key(key_id)
     if key is None:
         raise Refused(401, "unknown_key", f"key '{key_id}' is not registered on this server")
-    blob = request.get_data(cache=False)
     try:
         ts, nonce = crypto.peek(blob)
     except crypto.FormatError as e:
         raise Refused(400, "malformed", str(e)) from None
-    now = int(time.time() * 1000)
-    if abs(now - ts) > wire.MAX_CLOCK_SKEW_MS:
-        raise Refused(400, "stale", f"request timestamp is {abs(now - ts) / 1000:.0f} s away"
-                                    " from the server's clock (limit 300 s): check the clocks")
+    g.sk_seal = (key, endpoint, nonce)   # from here on, answers are sealed for the device
     try:
         _, nonce, plain = wire.open_request_seal(key.master, key_id, endpoint, blob)
     except crypto.CryptoError:
         raise Refused(401, "bad_key", f"request failed authentication under key '{key_id}':"
                                       " wrong key, or altered") from None
+    now = int(time.time() * 1000)
+    if abs(now - ts) > wire.MAX_CLOCK_SKEW_MS:
+        raise Refused(400, "stale", f"request timestamp is {abs(now - ts) / 1000:.0f} s away"
+                                    " from the server's clock (limit 300 s): check the clocks")
+    # a replay is refused right after the seal, before any other work
+    if store.seen(key_id, nonce):
+        raise _replay()
     # only a holder of the key learns why it is refused
     if key.revoked:
         raise Refused(401, "revoked", f"device '{key.device}' was revoked on {key.revoked}")
@@ -123,7 +159,7 @@ def _check_request(endpoint, admit):
                                       f" {key.retired_why or 'retired'} on {key.retired};"
                                       " use the device's new key")
     try:
-        body = wire.decompress(plain)
+        body = wire.decompress(plain, containers=wire.MAX_CONTAINERS)
     except wire.WireError as e:
         raise Refused(e.status, e.code, str(e)) from None
     ticket = (key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS)
@@ -171,21 +207,26 @@ def push_events(key, events, ticket=None, known=None):
     in order and the log's new (head, chain), or why the device's known point is
     not on this log (then nothing is stored). The REST push (with its request's
     ticket) and the WebSocket push come here."""
-    results, rows, where = [None] * len(events), [], []
+    results, rows, where, relay = [None] * len(events), [], [], set()
     for i, ev in enumerate(events):
         eid = ev.get("event_id") if isinstance(ev, dict) else None
         if not isinstance(eid, str) or len(eid) > 64 or not eid.isprintable() or not eid.isascii():
             eid = None  # echo back only what the response can carry
         try:
-            rows.append(check_stamped(ev))
+            rows.append(check_stamped({k: v for k, v in ev.items() if k != "relay"}))
             where.append(i)
-        except EventError as e:
-            results[i] = {"event_id": eid, "status": "rejected", "reason": str(e)}
-    stored = _store().push(key.team, key.device, rows, ticket, known)
+            if ev.get("relay") is True:   # another device's event, given back after a restore
+                relay.add(rows[-1].event_id)
+        except (EventError, AttributeError) as e:
+            results[i] = {"event_id": eid, "status": "rejected",
+                          "reason": str(e) if isinstance(e, EventError) else "not an object"}
+    stored = _store().push(key.team, key.device, rows, ticket, known, relay)
     if stored is None:
         raise _replay()
     if stored.diverged:
         return {"diverged": stored.diverged, "head": stored.head, "team": key.team}
+    if stored.node_taken:
+        return {"node_taken": stored.node_taken, "head": stored.head, "team": key.team}
     for i, (status, reason) in zip(where, stored.results):
         results[i] = {"event_id": events[i]["event_id"], "status": status}
         if reason:
@@ -211,15 +252,15 @@ def parse_known(known):
     return seq, chain
 
 
-def parse_skip(skip):
-    """The optional {"node_id": str, "upto": int} of a pull: the puller's own events,
-    which it already holds, are left out."""
+def parse_skip(skip, device):
+    """The optional {"node_id": str, "upto": int} of a pull: the events this device
+    pushed under its node id up to that clock, which it holds, are left out."""
     if skip is None:
         return None
     if (not isinstance(skip, dict) or not isinstance(skip.get("node_id"), str)
             or type(skip.get("upto")) is not int or not 0 <= skip["upto"] < 2 ** 63):
         raise Refused(400, "malformed", "'skip' must be {\"node_id\": text, \"upto\": integer}")
-    return skip["node_id"], skip["upto"]
+    return device, skip["node_id"], skip["upto"]
 
 
 
@@ -232,7 +273,7 @@ def pull():
         raise Refused(400, "malformed", "'after' must be an integer from 0 to 2^63-1")
     if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
-    page = _store().pull(key.team, after, limit, parse_skip(body.get("skip")),
+    page = _store().pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
                          parse_known(body.get("known")))
     return _sealed(key, "pull", nonce, page_out(page, team=key.team))
 
@@ -264,4 +305,19 @@ def ws_token():
 
 @api.get("/healthz")
 def healthz():
+    """Alive: the process answers. Nothing else is said."""
     return jsonify({"ok": True, "protocol": PROTOCOL_VERSION})
+
+
+@api.get("/readyz")
+def readyz():
+    """Ready: the database answers (503 otherwise), for a load balancer's check."""
+    try:
+        _store().ping()
+    except StoreError:
+        _store().reset()
+        resp = jsonify({"ok": False, "database": "unavailable"})
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "5"
+        return resp
+    return jsonify({"ok": True, "database": "ok"})

@@ -2,6 +2,8 @@
 
 import sys
 
+REST_THREADS = 8   # threads of a worker that WebSocket sessions never take
+
 
 def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_log=False,
           control_socket=True, timeout=60, forwarded_for=0):
@@ -11,7 +13,9 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_lo
 
     from . import create_app
 
-    config = {"FORWARDED_FOR": forwarded_for}
+    # each WebSocket session holds a thread: leave REST its own (REST_THREADS)
+    config = {"FORWARDED_FOR": forwarded_for,
+              "WS_SESSIONS": max(1, threads - min(REST_THREADS, threads // 2))}
     if db:
         config["DB"] = db
     app = create_app(config)  # fail here, clearly, on a bad DB
@@ -23,7 +27,7 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_lo
         def load_config(self):
             settings = {
                 "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                "workers": workers, "worker_class": "gthread", "threads": threads,
+                "workers": workers, "worker_class": "sk_server.worker.Worker", "threads": threads,
                 "timeout": timeout, "graceful_timeout": 5, "keepalive": 30,
                 "accesslog": "-" if access_log else None, "errorlog": "-",
                 # the common log format, then the time taken in microseconds

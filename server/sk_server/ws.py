@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
@@ -32,17 +32,43 @@ from .api import Refused, page_out, parse_known, parse_skip, push_events
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
-KEY_CHECK_INTERVAL = 20.0   # seconds between checks that the key is still valid
+KEY_CHECK_INTERVAL = 0.5    # seconds between checks that the key is still valid: a revoked
+                            # or rotated device's sessions close within a second, everywhere
 SEND_TIMEOUT = 15           # a client that stops reading for this long is dropped
 HELLO_TIMEOUT = 15
 
 
 class Hub:
-    """Which sessions of this process belong to which team; wakes them."""
+    """Which sessions of this process belong to which team; wakes them. It also
+    keeps sessions from taking the threads REST needs: at most `limit` in this
+    process and `per_device` for one device (each holds a thread while it lasts)."""
 
-    def __init__(self):
+    def __init__(self, limit=24, per_device=4):
         self._lock = threading.Lock()
         self._teams = {}
+        self.limit, self.per_device = limit, per_device
+        self._held = {}   # device -> sessions admitted in this process
+
+    def admit(self, device):
+        """Reserve a session for device: None, or why there is no room."""
+        with self._lock:
+            total = sum(self._held.values())
+            if total >= self.limit:
+                return (f"this server holds {total} real-time sessions, its most (the rest of"
+                        " its threads serve REST); try again later")
+            if self._held.get(device, 0) >= self.per_device:
+                return (f"device '{device}' holds {self._held[device]} real-time sessions"
+                        " already, its most")
+            self._held[device] = self._held.get(device, 0) + 1
+            return None
+
+    def release(self, device):
+        with self._lock:
+            n = self._held.get(device, 0) - 1
+            if n > 0:
+                self._held[device] = n
+            else:
+                self._held.pop(device, None)
 
     def join(self, team, session):
         with self._lock:
@@ -107,7 +133,8 @@ class Session:
         if not isinstance(data, bytes):
             raise Closed(4400, "frames must be binary sealed messages")
         try:
-            obj = wire.open_frame(self.key.master, self.key.key_id, C2S, self.sid, data)
+            obj = wire.open_frame(self.key.master, self.key.key_id, C2S, self.sid, data,
+                                  containers=wire.MAX_CONTAINERS)
         except crypto.CryptoError:
             raise Closed(4401, "frame failed authentication") from None
         except wire.WireError as e:
@@ -127,7 +154,8 @@ class Session:
                 if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
                     raise Closed(4400, "first frame must be a hello with an integer cursor")
                 try:
-                    return cursor, parse_skip(hello.get("skip")), parse_known(hello.get("known"))
+                    return (cursor, parse_skip(hello.get("skip"), self.key.device),
+                            parse_known(hello.get("known")))
                 except Refused as e:
                     raise Closed(4400, e.message) from None
             self.ws.event.wait(0.5)
@@ -158,8 +186,7 @@ class Session:
         raise Closed(4409, "the server's log is not the one this device saw")
 
     def check_key(self):
-        key = self.store.get_key(self.key.key_id)
-        if key is None or key.revoked or key.retired:
+        if not self.store.key_valid(self.key.key_id):
             raise Closed(4401, "key revoked or rotated")
 
     def handle(self, msg):
@@ -172,7 +199,8 @@ class Session:
         answer = push_events(self.key, events, known=self.known)
         if "diverged" in answer:
             self.diverged(answer["diverged"])
-        self.known = (answer["head"], bytes.fromhex(answer["chain"]))
+        if "chain" in answer:
+            self.known = (answer["head"], bytes.fromhex(answer["chain"]))
         self.send({"t": "result", "id": msg.get("id"), **answer})
 
     def run(self, hub):
@@ -193,7 +221,7 @@ class Session:
                 if now - last_key >= KEY_CHECK_INTERVAL:
                     self.check_key()
                     last_key = now
-                self.ws.event.wait(CHECK_INTERVAL)
+                self.ws.event.wait(KEY_CHECK_INTERVAL)
                 self.ws.event.clear()
         finally:
             hub.leave(self.key.team, self)
@@ -209,23 +237,54 @@ def _limit_send_time(ws):
             pass
 
 
-def session(ws):
+def admit():
+    """Before the upgrade: use the token, and make sure there is room for the
+    session (refused with 503 if not, so a watcher backs off and REST keeps its
+    threads). The upgraded socket reads without a timeout: the session pings."""
+    from .api import error
     store = current_app.extensions["sk_store"]
     hub = current_app.extensions["sk_hub"]
     token = request.args.get("token", "")
     key = store.consume_ws_token(wire.token_hash(token)) if token else "missing token"
-    if isinstance(key, str):
-        ws.close(4401, f"refused: {key}")
+    if not isinstance(key, str):
+        full = hub.admit(key.device)
+        if full:
+            resp = error(503, "busy", full)
+            resp.headers["Retry-After"] = "10"
+            return resp
+        g.sk_ws = (key, wire.token_hash(token))
+    else:
+        g.sk_ws = key
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(None)
+    return None
+
+
+def session(ws):
+    store = current_app.extensions["sk_store"]
+    hub = current_app.extensions["sk_hub"]
+    if isinstance(g.sk_ws, str):
+        ws.close(4401, f"refused: {g.sk_ws}")
         return
+    key, sid = g.sk_ws
     _limit_send_time(ws)
     try:
-        Session(ws, store, key, wire.token_hash(token)).run(hub)
+        Session(ws, store, key, sid).run(hub)
     except Closed as e:
         if ws.connected:
             ws.close(e.code, e.message)
         _hang_up(ws)
     except OSError:
         pass  # the client went away or stopped reading
+    except Exception as e:   # never an HTTP 500 into an upgraded socket
+        current_app.logger.error("websocket session of '%s': %s: %s", key.device,
+                                 type(e).__name__, str(e)[:200])
+        if ws.connected:
+            ws.close(1011, "internal error")
+        _hang_up(ws)
+    finally:
+        hub.release(key.device)
 
 
 def _hang_up(ws):
@@ -253,10 +312,11 @@ def init_app(app):
     app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": PING_INTERVAL,
                                                   "max_message_size": wire.MAX_BODY,
                                                   "thread_class": _DaemonThread})
-    hub = Hub()
+    hub = Hub(app.config.get("WS_SESSIONS", 24), app.config.get("WS_PER_DEVICE", 4))
     app.extensions["sk_hub"] = hub
     app.extensions["sk_notify"] = hub.notify
     app.extensions["sk_store"].listen(hub.notify)  # events stored by other servers
     bp = Blueprint("ws", __name__)
+    bp.before_request(admit)
     Sock().route(wire.WS_PATH, bp=bp)(session)
     app.register_blueprint(bp)

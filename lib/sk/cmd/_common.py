@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 
@@ -125,7 +126,6 @@ def run(prog, get_parser, body, argv=None):
     from ..errors import SkError
     args = get_parser(prog).parse_args(argv)
     args.prog = prog
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     entry = by_module(body.__module__)
     ctx = Context(args, needs(entry, getattr(args, "action", None)) if entry else ())
     try:
@@ -143,6 +143,9 @@ def run(prog, get_parser, body, argv=None):
             code = body(args, ctx)
         sys.stdout.flush()
         return code or 0
+    except BrokenPipeError:   # stdout went away (`sk-log | head`): stop quietly, as git does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except SkError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code

@@ -48,6 +48,8 @@ def _body(args, ctx):
     healed = counts.get("healed")
     if healed:
         _common.say(args, healed.describe())
+    for why in counts.get("held_reasons", []):
+        print(f"{args.prog}: {why}", file=sys.stderr)
     if args.json:
         _common.emit(counts)
     else:

@@ -26,6 +26,10 @@ log is the same event and is dropped."""
 def get_parser(prog="sk-stamp"):
     p = _common.parser(prog, DESCRIPTION)
     _common.home_flag(p)
+    p.add_argument("--new-node", action="store_true",
+                   help="give this home a node id of its own (when the server says another"
+                        " device or home uses it: a copied home); its unsent events are"
+                        " stamped again under it")
     return p
 
 
@@ -33,6 +37,10 @@ def _body(args, ctx):
     import sys
 
     from ..sync import stamp
+    if args.new_node:
+        old, new, n = ctx.store.new_node()
+        _common.say(args, f"node id {old} -> {new}; stamped {n} unsent event"
+                          f"{'s' if n != 1 else ''} again")
     result = stamp(ctx.store, ctx.cfg)
     for prob in result["problems"]:
         print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",

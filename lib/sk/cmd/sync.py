@@ -114,6 +114,8 @@ def _now(args, ctx):
         return 0
     partial = (summary["push"]["rejected"] or summary["push"]["queued"]
                or summary["stamp"]["problems"])
+    for why in summary["push"].get("held_reasons", []):
+        print(f"{args.prog}: {why}", file=sys.stderr)
     if summary["push"]["rejected"] and not args.quiet:
         print(f"{args.prog}: {summary['push']['rejected']} event(s) rejected; see"
               " 'sk-log --rejected'", file=sys.stderr)

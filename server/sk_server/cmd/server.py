@@ -32,7 +32,8 @@ def get_parser(prog="sk server"):
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=32,
                    help="threads per worker (default 32); each open `sk sync watch`"
-                        " session holds one, so size this above the number of watchers")
+                        " session holds one, and sessions never take the last 8 (they are"
+                        " REST's): size this above the number of watchers plus 8")
     p.add_argument("--access-log", action="store_true",
                    help="log every request to stdout (common log format, then microseconds taken)")
     p.add_argument("--forwarded-for", type=int, default=0, metavar="N",

@@ -14,7 +14,7 @@ import time
 from collections import namedtuple
 from datetime import datetime, timezone
 
-from sk import crypto
+from sk import crypto, wire
 
 
 def utc_now():
@@ -59,10 +59,23 @@ def chain_next(prev, event_id):
 # and so stop everybody from stamping: a jump this far ahead is refused.
 MAX_LAMPORT_JUMP = 2 ** 32
 
-Pushed = namedtuple("Pushed", "results head chain diverged")
+Pushed = namedtuple("Pushed", "results head chain diverged node_taken", defaults=(None,))
 Pushed.__doc__ = """What a push did: [(status, reason)] per row, the team's (head, chain)
-after it, and why the device's known point is not on this log (None if it is;
-then nothing was stored)."""
+after it; and why nothing was stored, if nothing was: the device's known point is
+not on this log (diverged), or a node id of its events is not its own
+(node_taken)."""
+
+
+def node_taken(node, owner, device, clock=None):
+    """The answer to events stamped under a node id that is not the pushing
+    device's: {"node_id", "device" (its owner), "reason"}."""
+    if clock is None:
+        why = (f"node id {node} belongs to device '{owner}'; this device ('{device}') may not"
+               " push events under it (a home copied from that device?)")
+    else:
+        why = (f"node id {node} stamped another event at Lamport clock {clock} already: two"
+               " homes share this node id (a copied or restored home?)")
+    return {"node_id": node, "device": owner, "reason": why}
 Page = namedtuple("Page", "rows next more chain diverged")
 Page.__doc__ = """One pull page: rows [(seq, *EVENT_COLUMNS)], the next cursor and its
 chain value, whether more follow, and the divergence reason (None if none)."""
@@ -87,14 +100,20 @@ def check_known(known, head, chain_at, after=0):
     return None
 
 
-def page_of(rows, limit, head, chain):
-    """A pull Page from up to limit + 1 rows (seq, *EVENT_COLUMNS, chain), in seq
-    order, read in the snapshot where the team's log had `head` events ending in
-    `chain`: if more follow, the page ends at its last row, else at the head."""
-    if len(rows) > limit:
-        rows = rows[:limit]
-        return Page([r[:-1] for r in rows], rows[-1][0], True, bytes(rows[-1][-1]), None)
-    return Page([r[:-1] for r in rows], head, False, bytes(chain), None)
+def page_of(rows, limit, head, chain, max_bytes=wire.MAX_BATCH_BYTES):
+    """A pull Page from rows (seq, *EVENT_COLUMNS, chain) in seq order, read in the
+    snapshot where the team's log had `head` events ending in `chain`. A page holds
+    at most `limit` events and `max_bytes` of them (wire.event_cost), but always at
+    least one, so no event can block a pull; it reads no row past what it needs.
+    If more follow, the page ends at its last row, else at the head."""
+    out, size = [], 0
+    for r in rows:
+        size += wire.event_cost(r[7])
+        if out and (len(out) == limit or size > max_bytes):
+            last = out[-1]
+            return Page([x[:-1] for x in out], last[0], True, bytes(last[-1]), None)
+        out.append(r)
+    return Page([x[:-1] for x in out], head, False, bytes(chain), None)
 
 
 def plan_push(rows, existing, lamport):
@@ -203,20 +222,34 @@ class Store(abc.ABC):
     def get_key(self, key_id):
         """KeyRecord for key_id, or None."""
     @abc.abstractmethod
+    def key_valid(self, key_id):
+        """True if key_id is registered, not rotated away, its device not revoked."""
+    @abc.abstractmethod
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request nonce; False if already seen (a replay)."""
     @abc.abstractmethod
-    def push(self, team, device, rows, ticket=None, known=None):
+    def push(self, team, device, rows, ticket=None, known=None, relay=()):
         """Store rows (EVENT_COLUMNS order) as one transaction, durable before it
         returns: a Pushed. ticket=(key_id, device, nonce, expires_ms) admits the
         request in the same transaction; None (and nothing stored) if that nonce
         was seen before. known=(seq, chain): the device's last point of the log;
-        if it is not on this log nothing is stored and Pushed.diverged says why."""
+        if it is not on this log nothing is stored and Pushed.diverged says why.
+        Each node id belongs to the device that first pushed under it: events
+        under another device's node id, or under a (node, clock) stamp another
+        event has, store nothing (Pushed.node_taken), except those in `relay` (the
+        event ids of others' events a device gives back to a restored server)."""
     @abc.abstractmethod
     def pull(self, team, after, limit, skip=None, known=None):
-        """A Page after cursor `after`, from one consistent snapshot. skip=(node_id,
-        upto) leaves out that node's events stamped at or below upto (the cursor
-        still moves past them); known as for push."""
+        """A Page after cursor `after`, from one consistent snapshot.
+        skip=(device, node_id, upto) leaves out the events that device pushed
+        under that node stamped at or below upto (the cursor still moves past
+        them); known as for push."""
+    @abc.abstractmethod
+    def seen(self, key_id, nonce):
+        """True if the request nonce was admitted before (a replay)."""
+    @abc.abstractmethod
+    def ping(self):
+        """Ask the database something; StoreError (StoreUnavailable) if it cannot answer."""
     @abc.abstractmethod
     def head(self, team):
         """The number of events in the team's log."""

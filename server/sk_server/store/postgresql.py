@@ -120,6 +120,15 @@ class PostgresDialect:
                         if snapshot else None)
 
     @staticmethod
+    def iter_rows(db, sql, args):
+        """The rows of a query, fetched a hundred at a time (a server-side cursor),
+        so a page of large events reads only what it sends."""
+        cur = db.c.cursor(name="sk_page")
+        cur.itersize = 100
+        cur.execute(_sql(sql), args)
+        return cur
+
+    @staticmethod
     def many(db, sql, rows):
         with db.c.cursor() as cur:
             cur.executemany(_sql(sql), rows)

@@ -3,7 +3,7 @@
 
 from sk.event import FIELDS as EVENT_COLUMNS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORED_COLUMNS = ("seq", *EVENT_COLUMNS, "chain", "device", "received")
 DEVICE_COLUMNS = ("name", "team", "created", "last_seen", "revoked")
 
@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (team, seq)
 ){without_rowid};
 CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events(team, event_id);
+CREATE INDEX IF NOT EXISTS events_stamp ON events(team, node_id, lamport_clock);
+-- each node id belongs to the device that first pushed events under it
+CREATE TABLE IF NOT EXISTS nodes (
+    team    TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    PRIMARY KEY (team, node_id)
+){without_rowid};
 CREATE TABLE IF NOT EXISTS nonces (
     key_id  TEXT NOT NULL,
     nonce   {blob} NOT NULL,

@@ -10,8 +10,8 @@ consistent snapshot.
 from sk import crypto
 
 from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, check_known,
-                   follow, now_ms, number, page_of, plan_push, secret_check, token_refusal,
-                   unwrap, usable_key, utc_now)
+                   follow, node_taken, now_ms, number, page_of, plan_push, secret_check,
+                   token_refusal, unwrap, usable_key, utc_now)
 from .schema import DEVICE_COLUMNS, EVENT_COLUMNS, STORED_COLUMNS, statements
 
 SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + ", chain FROM events"
@@ -112,6 +112,12 @@ class SQLStore(Store):
             return None
         return KeyRecord(row[0], row[1], row[2], unwrap(self._secret, row[0], row[3]), *row[4:])
 
+    def key_valid(self, key_id):
+        with self.d.read() as db:
+            row = db.execute("SELECT k.retired, d.revoked FROM keys k JOIN devices d"
+                             " ON d.name = k.device WHERE k.key_id = ?", (key_id,)).fetchone()
+        return row is not None and row[0] is None and row[1] is None
+
     def admit(self, key_id, device, nonce, expires_ms):
         with self.d.write() as db:
             return self._admit(db, key_id, device, nonce, expires_ms)
@@ -131,7 +137,7 @@ class SQLStore(Store):
         return lambda seq: bytes((db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
                                              (team, seq)).fetchone() or (b"",))[0])
 
-    def push(self, team, device, rows, ticket=None, known=None):
+    def push(self, team, device, rows, ticket=None, known=None, relay=()):
         self._maybe_prune()
         now = utc_now()
         with self.d.write() as db:
@@ -147,6 +153,10 @@ class SQLStore(Store):
                 return Pushed([], head, chain, diverged)
             existing = {r[0]: r for r in self.d.events_by_id(db, team, [r[0] for r in rows])}
             results, new, lamport = plan_push(rows, existing, lamport)
+            own = [r for r in new if r.event_id not in relay]
+            taken = self._node_taken(db, team, device, own)
+            if taken:
+                return Pushed([], head, chain, None, taken)
             if new:
                 numbered, head, chain = number(new, head, chain)
                 self.d.insert_many(db, "events", ("team", "seq", *EVENT_COLUMNS, "chain",
@@ -157,6 +167,34 @@ class SQLStore(Store):
                 self.d.notify(db, team)
         return Pushed(results, head, chain, None)
 
+    def _node_taken(self, db, team, device, rows):
+        """Why the node ids of new events of `device` (not relayed) are not its
+        own, or None: a node id bound to another device, or a (node, Lamport clock)
+        stamp already given to another event (a copied home). Unbound node ids are
+        bound to `device` here."""
+        nodes = sorted({r.node_id for r in rows})
+        if not nodes:
+            return None
+        bound = dict(db.execute("SELECT node_id, device FROM nodes WHERE team = ? AND node_id IN ("
+                                + ",".join("?" * len(nodes)) + ")", (team, *nodes)).fetchall())
+        stamps = {}
+        for r in rows:
+            stamps.setdefault(r.node_id, {})[r.lamport_clock] = r.event_id
+        for node in nodes:
+            owner = bound.get(node)
+            if owner is not None and owner != device:
+                return node_taken(node, owner, device)
+            mine = stamps[node]
+            for clock, eid in db.execute(
+                    "SELECT lamport_clock, event_id FROM events WHERE team = ? AND node_id = ?"
+                    " AND lamport_clock BETWEEN ? AND ?",
+                    (team, node, min(mine), max(mine))).fetchall():
+                if clock in mine and mine[clock] != eid:
+                    return node_taken(node, owner or device, device, clock)
+        self.d.many(db, "INSERT INTO nodes(team, node_id, device) VALUES (?, ?, ?)"
+                        " ON CONFLICT DO NOTHING", [(team, n, device) for n in nodes if n not in bound])
+        return None
+
     def pull(self, team, after, limit, skip=None, known=None):
         with self.d.read(snapshot=True) as db:
             row = db.execute("SELECT head, chain FROM teams WHERE team = ?", (team,)).fetchone()
@@ -165,11 +203,20 @@ class SQLStore(Store):
             if diverged:
                 return Page([], after, False, None, diverged)
             sql, args = SELECT_EVENTS + " WHERE team = ? AND seq > ?", [team, after]
-            if skip is not None:
-                sql += " AND NOT (node_id = ? AND lamport_clock <= ?)"
+            if skip is not None:   # (device, node, upto): what the puller pushed itself
+                sql += " AND NOT (device = ? AND node_id = ? AND lamport_clock <= ?)"
                 args += skip
-            rows = db.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit + 1)).fetchall()
-        return page_of(rows, limit, head, chain)
+            rows = self.d.iter_rows(db, sql + " ORDER BY seq LIMIT ?", (*args, limit + 1))
+            return page_of(rows, limit, head, chain)
+
+    def seen(self, key_id, nonce):
+        with self.d.read() as db:
+            return db.execute("SELECT 1 FROM nonces WHERE key_id = ? AND nonce = ?",
+                              (key_id, nonce)).fetchone() is not None
+
+    def ping(self):
+        with self.d.read() as db:
+            db.execute("SELECT 1 FROM meta LIMIT 1").fetchone()
 
     def head(self, team):
         with self.d.read() as db:

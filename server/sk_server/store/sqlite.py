@@ -60,6 +60,11 @@ class SQLiteDialect:
         return self._tx("BEGIN")
 
     @staticmethod
+    def iter_rows(db, sql, args):
+        """The rows of a query, read one at a time as they are taken."""
+        return db.execute(sql, args)
+
+    @staticmethod
     def many(db, sql, rows):
         db.executemany(sql, rows)
 

@@ -1,0 +1,443 @@
+"""Attacks that broke sync in 0.3.0, against real servers on loopback: big events,
+bombs, shared node ids, stalled connections, forged unsealed answers, tampered
+frames, answers that inflate without end or trickle in, malformed chunked bodies
+and replays. Each test failed on 0.3.0. (The slow-down, revocation, session
+limits and bombs in frames have their tests beside their mechanism:
+test_server_secret.py, test_ws_protocol.py.)"""
+
+import base64
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+
+import pytest
+
+from conftest import (HTTPServerThread, QuietHandler, append, command, log, run, server_count, state, status, sync,
+                      wait_until)
+from sk import crypto, wire
+
+
+def blob_text(n):
+    return base64.b64encode(os.urandom(n * 3 // 4)).decode()[:n]   # incompressible
+
+
+def big_events(tag, n, size):
+    return [{"event_type": "doc_written", "aggregate_type": "doc", "aggregate_id": f"{tag}-{i}",
+             "payload": {"text": blob_text(size)}} for i in range(n)]
+
+
+# -- 1. big events never block a pull -------------------------------------------------
+def test_big_events_travel_in_pages_cut_by_bytes(server, device, watch):
+    """40 events of 250 KB: every page and catch-up frame is cut by bytes (one event
+    over the cap still travels alone), so a teammate's sync and watcher take them
+    all. (0.3.0 sent them in one page: 300 of them made every sync exit 5 forever.)"""
+    a, b, c = device("a"), device("b"), device("c")
+    append(a, big_events("D", 40, 250_000))
+    sync(a)
+    w = watch(c)
+    p = run("sk-pull", "-v", home=b)
+    assert "pulled 40 event(s), 40 new, in 3 page(s)" in p.stderr, p.stderr[-300:]   # 16+16+8
+    wait_until(lambda: len(log(c)) == 40, 60, "the watcher's catch-up")
+    assert "malformed" not in w.text()
+    run("sk-resolve", home=b)
+    assert len(state(b, "doc")) == 40
+
+
+# -- 3. a node id belongs to one device ------------------------------------------------
+def _copy_home(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    (dst / "sync.lock").unlink(missing_ok=True)
+
+
+def test_a_copied_home_is_detected_and_fixed_in_one_command(server, device, tmp_path):
+    """A copy of a's home given b's key keeps a's node id: 0.3.0 let both push under
+    it and each skipped the other's events on pull (silent divergence). Now the
+    copy's push is refused with a clear error (exit 2, nothing stored), and
+    `sk-stamp --new-node` fixes it."""
+    a = device("a")
+    append(a, [{"event_type": "note_added", "aggregate_type": "note", "aggregate_id": "n-1",
+                "payload": {"by": "a"}}])
+    sync(a)
+    copy = tmp_path / "copy-of-a"
+    _copy_home(a, copy)
+    key = server.register("b")
+    run("sk", "sync", "setup", "--server", server.url, "--key", key, home=copy)
+    append(copy, [{"event_type": "note_added", "aggregate_type": "note", "aggregate_id": "n-2",
+                   "payload": {"by": "copy"}}])
+    before = server_count(server)
+    p = sync(copy, code=2)
+    assert "belongs to device 'a'" in p.stderr and "sk-stamp --new-node" in p.stderr, p.stderr
+    assert server_count(server) == before and status(copy)["queued"] == 1
+    run("sk-stamp", "--new-node", home=copy)
+    sync(copy)
+    sync(a)
+    assert state(a, "note") == state(copy, "note") == {"n-1": {"by": "a"}, "n-2": {"by": "copy"}}
+
+
+def test_a_copied_home_with_the_same_key_is_detected(server, device, tmp_path):
+    """Two homes with one key and one node id: the second to push stamps a clock
+    its twin stamped already, which one home never does."""
+    a = device("a")
+    sync(a)
+    twin = tmp_path / "twin"
+    _copy_home(a, twin)
+    for home, who in ((a, "a"), (twin, "twin")):
+        append(home, [{"event_type": "note_added", "aggregate_type": "note",
+                       "aggregate_id": f"by-{who}", "payload": {"v": 1}}])
+    sync(a)
+    p = sync(twin, code=2)
+    assert "two homes share this node id" in p.stderr, p.stderr
+    run("sk-stamp", "--new-node", home=twin)
+    sync(twin)
+    sync(a)
+    assert state(a, "note") == state(twin, "note")
+    assert set(state(a, "note")) == {"by-a", "by-twin"}
+
+
+def test_a_device_cannot_push_under_another_devices_node_id(server, device):
+    from sk.client import Client
+    a, b = device("a"), device("b")
+    append(a, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "1"}])
+    sync(a)
+    node = status(a)["node_id"]
+    forged = {"event_id": str(uuid.uuid4()), "event_type": "x_set", "aggregate_type": "x",
+              "aggregate_id": "1", "lamport_clock": 999, "node_id": node,
+              "payload": {"forged": True}, "timestamp": "2026-01-31T12:00:00Z"}
+    b_key = (b / ".env").read_text().split("SK_API_KEY='")[1].split("'")[0]
+    answer = Client(server.url, b_key).push([forged])
+    assert answer["node_taken"]["device"] == "a" and "results" not in answer
+    assert server_count(server) == 1
+
+
+# -- 4. stalled connections do not hold the threads -------------------------------------
+def test_connections_that_stall_mid_header_do_not_starve_honest_requests(server, device):
+    """40 connections (more than the server's 32 threads) that send half a header
+    and stall: an honest sync still gets through. (0.3.0: no read timeout once a
+    byte had arrived, and honest requests timed out.)"""
+    a = device("a")
+    stalled = []
+    try:
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"POST /api/push HTTP/1.1\r\nHost: x\r\nContent-Le")
+            stalled.append(s)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        sync(a, env={**os.environ, "SK_HOME": str(a), "SK_TIMEOUT": "25"})
+        assert time.monotonic() - t0 < 25
+    finally:
+        for s in stalled:
+            s.close()
+
+
+# -- 7. a deeply nested event --------------------------------------------------------------
+def test_deep_nesting_is_refused_at_the_door(server, device):
+    a = device("a")
+    deep = {}
+    cur = deep
+    for _ in range(100):
+        cur["a"] = {}
+        cur = cur["a"]
+    p = run("sk-append", "--type", "x_set", "--aggregate", "x:1", "--payload", json.dumps(deep),
+            home=a, code=2)
+    assert "nests objects and arrays more than 32 deep" in p.stderr
+    assert status(a)["unstamped"] == 0
+
+
+@pytest.mark.parametrize("server_db", ["sqlite"], indirect=True)   # a row written by 0.3.0
+def test_a_deep_event_the_server_stored_long_ago_blocks_no_one(server, device, watch):
+    """An event nested 976 levels, stored by 0.3.0 (which let it in): a teammate's
+    sync and watcher take it like any other. (0.3.0's WebSocket thread overflowed
+    its stack, wrote an HTTP 500 into the upgraded socket, and every watcher looped.)"""
+    a, b = device("a"), device("b")
+    sync(a)
+    text = '{"v":' * 976 + "1" + "}" * 976
+    with sqlite3.connect(server.db) as db:
+        head, chain = db.execute("SELECT head, chain FROM teams WHERE team = 'default'").fetchone()
+        eid = str(uuid.uuid4())
+        import hashlib
+        new_chain = hashlib.sha256(chain + eid.encode()).digest()
+        db.execute("INSERT INTO events(team, seq, event_id, event_type, aggregate_type,"
+                   " aggregate_id, lamport_clock, node_id, payload, timestamp, chain, device,"
+                   " received) VALUES ('default', ?, ?, 'x_set', 'x', 'deep', 5, 'old-node',"
+                   " ?, '2026-01-31T12:00:00Z', ?, 'a', '2026-01-31T12:00:00Z')",
+                   (head + 1, eid, text, new_chain))
+        db.execute("UPDATE teams SET head = ?, chain = ? WHERE team = 'default'",
+                   (head + 1, new_chain))
+    w = watch(b)
+    # (the test reads sk-log's text: this process's own JSON parser stops short of 976 levels)
+    wait_until(lambda: eid in run("sk-log", home=b).stdout, 30, "the watcher to take it")
+    assert "Traceback" not in server.log.read_text(errors="replace")
+    c = device("c")
+    sync(c)
+    assert eid in run("sk-log", home=c).stdout
+    assert "malformed" not in w.text()
+
+
+# -- 8. an unsealed answer changes nothing ---------------------------------------------------
+class _Swap413(QuietHandler):
+    """Passes each push through to the server, then answers an unsealed 413
+    instead of the server's sealed 200 (a man in the middle)."""
+    upstream = None
+
+    def do_POST(self):
+        import http.client
+        body = self._body()
+        up = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=30)
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "connection", "content-length")}
+        up.request("POST", self.path, body, headers)
+        r = up.getresponse()
+        data, ctype = r.read(), r.getheader("Content-Type", "")
+        up.close()
+        if self.path == "/api/push":
+            self._reply(413, b"<html>413 Request Entity Too Large</html>", "text/html")
+        else:
+            self._reply(r.status, data, ctype)
+
+
+def test_a_forged_unsealed_413_sets_nothing_aside(server, device):
+    """0.3.0 set its own stored event aside on a forged 413, dropped it from its
+    state and never got it back."""
+    a, b = device("a"), device("b")
+    append(a, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "1",
+                "payload": {"v": 1}}])
+    handler = type("H", (_Swap413,), {"upstream": server.port})
+    mitm = HTTPServerThread(handler)
+    try:
+        p = sync(a, "--server", mitm.url, code=1)
+    finally:
+        mitm.stop()
+    assert "HTTP 413" in p.stderr and "kept queued" in p.stderr
+    assert log(a, "--rejected") == [] and status(a)["queued"] == 1
+    assert state(a, "x:1") == {"v": 1}
+    assert server_count(server) == 1          # the server did store it
+    sync(a)                                    # and the next honest sync settles it
+    assert status(a)["queued"] == 0
+    sync(b)
+    assert state(b, "x:1") == {"v": 1}
+
+
+# -- 9. a tampered frame is not a refused key ------------------------------------------------
+class TamperProxy:
+    """A TCP proxy that flips one byte of the first WebSocket frame the client
+    sends after the upgrade (a tampering network)."""
+
+    def __init__(self, upstream):
+        self.upstream, self.flipped = upstream, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+
+    def _pipe(self, src, dst, upward):
+        upgraded = False
+        try:
+            while data := src.recv(65536):
+                if upward and upgraded and self.flipped == 0 and len(data) > 20:
+                    data = bytearray(data)
+                    data[-5] ^= 0x01
+                    self.flipped += 1
+                if upward and b"GET /api/ws" in data:
+                    upgraded = True
+                dst.sendall(bytes(data))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.sock.close()
+
+
+def test_a_tampered_frame_makes_the_watcher_retry_not_give_up(server, device, watch):
+    """One flipped bit in a frame: the server closes the session (4401, which says
+    nothing authentic), and the watcher reconnects with backoff and records the
+    failure, instead of exiting 4 'key refused' for good (0.3.0)."""
+    a = device("a")
+    px = TamperProxy(server.port)
+    try:
+        env_file = a / ".env"
+        env_file.write_text(env_file.read_text().replace(server.url, px.url))
+        w = watch(a)
+        wait_until(lambda: px.flipped and w.connects() >= 1, 40, f"a reconnect\n{w.text()}")
+        assert w.proc.poll() is None, w.text()
+        assert "key refused" not in w.text()
+        assert status(a)["failures_since"] >= 1 or "offline" in w.text()
+    finally:
+        px.stop()
+
+
+# -- 10. an answer that inflates without end ------------------------------------------------
+def test_an_answer_that_inflates_without_end_is_refused_in_bounded_memory(tmp_path):
+    """A server (or proxy) answering Content-Encoding: gzip, 1 MB that inflates to 1
+    GiB: sk never inflates HTTP, reads answers with a bound, and exits 5 within
+    little memory (0.3.0: requests inflated it all, then a MemoryError)."""
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    body = b"".join(z.compress(zeros) for _ in range(1024)) + z.flush()
+
+    class H(QuietHandler):
+        def do_POST(self):
+            self._body()
+            self.send_response(200)
+            self.send_header("Content-Type", wire.CONTENT_TYPE)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = HTTPServerThread(H)
+    try:
+        home = tmp_path / "h"
+        _, key = crypto.new_api_key()
+        env = {**os.environ, "SK_HOME": str(home), "SK_SERVER": srv.url, "SK_API_KEY": key}
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", command("sk-pull")], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 5, p.stderr
+        peak_kb = int(p.stderr.strip().splitlines()[-1])
+        assert peak_kb < 100_000, peak_kb
+        assert "Traceback" not in p.stderr and "MemoryError" not in p.stderr
+    finally:
+        srv.stop()
+
+
+# -- 11. the watcher pushes large events ----------------------------------------------------
+def test_the_watcher_pushes_large_events_in_frames_cut_by_bytes(server, device, watch):
+    """70 queued events of 250 KB (17.5 MB): 0.3.0 sent them in one frame, which the
+    server refused, and the watcher reconnected forever."""
+    a, b = device("a"), device("b")
+    append(a, big_events("W", 70, 250_000))
+    run("sk-stamp", home=a)
+    w = watch(a)
+    wait_until(lambda: status(a)["queued"] == 0, 90, f"the queue to drain\n{w.text()}")
+    assert server_count(server) == 70
+    sync(b)
+    assert len(log(b)) == 70
+
+
+# -- 12. one deadline per request -------------------------------------------------------
+def test_a_trickling_server_cannot_hold_a_sync_past_its_timeout(tmp_path):
+    """A server that answers a byte every half second: SK_TIMEOUT is the whole
+    request's deadline (0.3.0: per read, so the sync and the device lock were held
+    for good)."""
+    class H(QuietHandler):
+        def do_POST(self):
+            self._body()
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(200):
+                    self.wfile.write(b"X")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    srv = HTTPServerThread(H)
+    try:
+        home = tmp_path / "h"
+        _, key = crypto.new_api_key()
+        env = {**os.environ, "SK_HOME": str(home), "SK_SERVER": srv.url, "SK_API_KEY": key,
+               "SK_TIMEOUT": "2"}
+        t0 = time.monotonic()
+        p = subprocess.run([command("sk"), "sync"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        took = time.monotonic() - t0
+        assert p.returncode == 3, p.stderr
+        assert "did not answer within 2 s" in p.stderr, p.stderr
+        assert took < 8, took
+    finally:
+        srv.stop()
+
+
+# -- 13. malformed chunked bodies ------------------------------------------------------------
+def test_malformed_chunked_bodies_are_a_400_and_one_log_line(server, device):
+    device("a")
+    key_id = crypto.parse_api_key(server.register("chunky"))[0]
+    before = server.log.read_text(errors="replace").count("\n")
+    for junk in (b"ZZZ\r\n", b"5\r\nab", b"-1\r\n\r\n", b"ffffffffffffffffffff\r\n"):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        s.sendall(b"POST /api/push HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  + f"{wire.PROTOCOL_HEADER}: 1\r\n{wire.KEY_HEADER}: {key_id}\r\n".encode()
+                  + b"\r\n" + junk)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        s.close()
+        assert answer.split(b"\r\n", 1)[0].split()[1] == b"400", answer[:200]
+    text = server.log.read_text(errors="replace")
+    assert "Traceback" not in text
+    assert text.count("\n") - before <= 4, text[-2000:]
+
+
+# -- 14. a replay is refused before any other work -------------------------------------------
+def test_a_replay_is_refused_right_after_the_seal(tmp_path, monkeypatch):
+    """A captured push replayed: refused before it is inflated, parsed, validated
+    or stored (0.3.0 did all of that first: 200 replays of 1000 events cost 4.1 s
+    of CPU), and counted by the slow-down."""
+    from sk_server import create_app, devices
+    app = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
+    key = devices.register(app.extensions["sk_store"], "a")
+    key_id, _ = crypto.parse_api_key(key)
+    master = crypto.derive_master(key)
+    events = [{"event_id": str(uuid.uuid4()), "event_type": "x_set", "aggregate_type": "x",
+               "aggregate_id": f"{i}", "lamport_clock": i + 1, "node_id": "n",
+               "payload": {"v": i}, "timestamp": "2026-01-31T12:00:00Z"} for i in range(1000)]
+    blob, _ = wire.seal_request(master, key_id, "push", {"events": events})
+    client = app.test_client()
+    headers = {wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id}
+    assert client.post("/api/push", data=blob, headers=headers).status_code == 200
+    inflated = []
+    real = wire.decompress
+    monkeypatch.setattr(wire, "decompress", lambda *a, **k: inflated.append(1) or real(*a, **k))
+    codes = [client.post("/api/push", data=blob, headers=headers).status_code for _ in range(7)]
+    assert codes == [400] * 5 + [429] * 2
+    assert inflated == []
+    assert app.extensions["sk_store"].stats()["events"] == 1000
+    app.extensions["sk_store"].close()
+
+
+def test_a_push_bomb_costs_the_server_little_memory(server, device):
+    """A 65 KB sealed push inflating to 64 MiB of {} (0.3.0: a worker went from 47 MB
+    to 1.8 GB, three at once to 5 GB): refused by size and shape before parsing."""
+    key = server.register("bomber")
+    key_id, _ = crypto.parse_api_key(key)
+    master = crypto.derive_master(key)
+    worker = int(open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()[0])
+    from sk.client import Client
+    c = Client(server.url, key)
+    for n in (22 << 20, 2 << 20):   # 64 MiB of {}: over the size; 6 MiB: over the shape
+        z = zlib.compressobj(9, zlib.DEFLATED, 31)
+        gz = z.compress(b'{"events":[' + b"{}," * n) + z.compress(b"{}]}") + z.flush()
+        blob = crypto.seal(crypto.direction_key(master, crypto.C2S), gz,
+                           wire._context(crypto.C2S, key_id, "push"))
+        assert len(blob) < 200_000
+        st, _, _, data = c.transport.post("/api/push", c.headers, blob, 30, wire.MAX_BODY)
+        assert st == 413, data[:200]
+    hwm = [ln for ln in open(f"/proc/{worker}/status") if ln.startswith("VmHWM")][0]
+    assert int(hwm.split()[1]) < 150_000, hwm    # KiB; the worker idles at ~50 MB
+    assert server_count(server) == 0
