@@ -6,4 +6,4 @@ them. Commands in `sk.cmd` only parse arguments and call one function here.
 """
 
 __version__ = "0.3.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

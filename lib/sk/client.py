@@ -178,17 +178,20 @@ class Client:
         other.transport = Transport(self.server)
         return other
 
-    def call(self, endpoint, body):
-        """POST a sealed `body` to /api/<endpoint>; return the opened answer. An
-        error answer raises: ServerError(authenticated=True) only if it was sealed
-        for this request."""
+    def call(self, endpoint, body, attachments=()):
+        """POST a sealed `body` (and its attachments) to /api/<endpoint>; return the
+        opened answer (its attachments under "attachments"). An error answer
+        raises: ServerError(authenticated=True) only if it was sealed for this
+        request."""
         try:
             try:
-                blob, nonce = wire.seal_request(self.master, self.key_id, endpoint, body)
+                blob, nonce = wire.seal_request(self.master, self.key_id, endpoint, body,
+                                                attachments)
                 status, reason, headers, data = self.transport.post(
                     f"/api/{endpoint}", self.headers, blob, self.timeout, wire.MAX_BODY)
             except Stale:
-                blob, nonce = wire.seal_request(self.master, self.key_id, endpoint, body)
+                blob, nonce = wire.seal_request(self.master, self.key_id, endpoint, body,
+                                                attachments)
                 status, reason, headers, data = self.transport.post(
                     f"/api/{endpoint}", self.headers, blob, self.timeout, wire.MAX_BODY)
         except (socket.timeout, TimeoutError):
@@ -233,9 +236,6 @@ class Client:
 
     def hello(self):
         return self.call("hello", {})
-
-    def push(self, events):
-        return self.call("push", {"events": events})
 
     def pull(self, after, limit, skip=None, known=None):
         body = {"after": after, "limit": limit}

@@ -13,6 +13,7 @@ runner (sk.cmd._common.run) before the command's body runs:
   client  a client for the configured server and key
   lock    the device's sync lock (one network run at a time)
   track   the run's outcome recorded for `sk sync status`
+  keys    the team key, brought up to date and shared (sk.keyring) before the body runs
 """
 
 from collections import namedtuple
@@ -31,10 +32,10 @@ COMMANDS = (
     Command("stamp", "plumbing", "sk.cmd.stamp",
             "give unstamped events their id, node, Lamport clock and time", "store"),
     Command("push-batch", "plumbing", "sk.cmd.push_batch",
-            "push one batch (or --all) of queued events", "store client lock track"),
+            "push one batch (or --all) of queued events", "store client lock track keys"),
     Command("pull", "plumbing", "sk.cmd.pull",
             "fetch the team's new events after the cursor, page by page",
-            "store client lock track"),
+            "store client lock track keys"),
     Command("resolve", "plumbing", "sk.cmd.resolve",
             "fold unapplied events into the state; remap paths", "log"),
     Command("state", "plumbing", "sk.cmd.state", "print the resolved state as JSON", "log"),

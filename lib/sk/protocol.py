@@ -9,11 +9,13 @@ or replaced), or that the device's key now belongs to another team's log
 device holds is queued to push again, so the server gets back what it lost.
 """
 
+import re
 from collections import namedtuple
 
-from .errors import ConfigError, IntegrityError
-from .wire import MAX_BATCH_BYTES, event_cost
+from . import sealed
+from .errors import ConfigError, IntegrityError, SkError
 from .event import EventError, check_stamped, dumps
+from .wire import MAX_BATCH_BYTES, event_cost
 
 PUSH_STATUSES = ("accepted", "duplicate", "rejected")
 
@@ -130,14 +132,27 @@ def batches(rows, max_bytes=MAX_BATCH_BYTES):
         yield batch
 
 
-def push_body(batch, known=None):
-    """A push body as JSON text, built around each event's stored payload text
-    (validated when it was appended) instead of parsing and re-encoding it. An
-    event this home did not stamp (given back to a restored server) says so."""
-    parts = [ev.to_json()[:-1] + ',"relay":true}' if relay else ev.to_json()
-             for _, ev, relay in batch]
-    tail = f',"known":{dumps(known)}' if known else ""
-    return '{"events":[' + ",".join(parts) + "]" + tail + "}"
+class Rekey(Exception):
+    """The server wants the batch sealed under another key epoch (a device was
+    revoked or rotated, and a member must begin the next one first)."""
+
+
+def push_body(batch, keyring, known=None):
+    """A push: (body, attachments), its events sealed in one batch under the team's
+    current key (sk.sealed), the writer's point being this device's known point.
+    An event this home did not stamp (given back to a restored server) is listed
+    under "relay"."""
+    epoch, key = keyring.current()
+    writer = (known["seq"], known["chain"]) if known else None
+    manifest, point, blob = sealed.seal_batch(keyring.team, epoch, key,
+                                              [item[1] for item in batch], writer,
+                                              [item[3] if len(item) > 3 else None
+                                               for item in batch])
+    body = {"epoch": epoch, "writer": {"seq": point[0], "chain": point[1]} if writer else None,
+            "events": manifest, "relay": [i for i, item in enumerate(batch) if item[2]]}
+    if known:
+        body["known"] = known
+    return body, [blob]
 
 
 def settle_push(store, batch, answer, counts, on_event=None):
@@ -145,6 +160,8 @@ def settle_push(store, batch, answer, counts, on_event=None):
     have a known status, in order; accepted and duplicate ones are sent, a rejected
     one is set aside with its reason. counts[status] move by what was settled."""
     check_answer(store, answer)
+    if answer.get("rekey") is not None:
+        raise Rekey(answer["rekey"])
     results = answer.get("results")
     ids = [item[1].event_id for item in batch]
     if (not isinstance(results, list) or len(results) != len(ids)
@@ -168,23 +185,130 @@ def settle_push(store, batch, answer, counts, on_event=None):
 
 
 # -- pull -------------------------------------------------------------------------
-Accepted = namedtuple("Accepted", "events new next more")
+Accepted = namedtuple("Accepted", "events new next more chain")
 
 
-def accept_page(store, page, cursor, moves_cursor=True):
-    """Check a pull page or events frame that follows `cursor` and store its
-    events, advancing the cursor (if moves_cursor) and the known point in the same
-    transaction. Nothing is stored from a page that is malformed or holds an
-    invalid event."""
-    check_answer(store, page)
-    events, nxt, more = page.get("events"), page.get("next"), page.get("more")
-    if (not isinstance(events, list) or type(nxt) is not int or nxt < cursor
-            or not isinstance(more, bool) or (more and nxt == cursor)):
-        raise IntegrityError("malformed pull page from server")
+class NeedKey(Exception):
+    """A page holds a batch of a key epoch this device does not hold (yet)."""
+
+    def __init__(self, epoch):
+        super().__init__(f"no team key of epoch {epoch}")
+        self.epoch = epoch
+
+
+class WaitingForSeal(SkError):
+    """The server still holds events of this team in plaintext, from before end-to-
+    end encryption, and this device never read them then (exit 1)."""
+
+    exit_code = 1
+
+
+def _manifest(text):
+    """(entries [(event_id, node_id, clock)], writer (seq, chain hex)) of a canonical
+    manifest (sk.sealed.canonical); IntegrityError if it is not one."""
     try:
-        rows = [check_stamped(ev, new=False) for ev in events]
-    except EventError as e:
-        raise IntegrityError(f"server sent an invalid event: {e}") from None
-    new = store.receive(rows, nxt if moves_cursor else 0, point_in(page, "next"))
-    return Accepted(rows, new, nxt, more)
+        lines = text.split("\n")
+        if lines[0] != "sk/2 manifest" or lines[-1] != "":
+            raise ValueError
+        seq, chain = lines[1].split("\t")
+        entries = [(e, n, int(c)) for e, n, c in (line.split("\t") for line in lines[2:-1])]
+        manifest, writer = sealed.check_manifest([list(x) for x in entries], (int(seq), chain))
+    except (ValueError, sealed.SealedError, AttributeError):
+        raise IntegrityError("malformed batch manifest from the server") from None
+    return manifest, writer
 
+
+def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, warn=None):
+    """Check a pull page or events frame that follows `cursor` and store its
+    events, advancing the cursor (if moves_cursor, with its chain value) and the
+    known point in the same transaction. Every sealed batch must authenticate
+    under the team key with its manifest, every row must be where its manifest
+    says, after its writer's point, the sequence dense, and (when the chain at
+    `cursor` is known) the hash chain the page ends on must be the one its rows
+    make. Anything else is an IntegrityError (exit 5) naming the event and seq,
+    and nothing of the page is stored. A batch that authenticates but holds
+    invalid events (a bad member's) is skipped with a warning: it blocks no one."""
+    check_answer(store, page)
+    rows, batches, nxt, more = (page.get("rows"), page.get("batches"), page.get("next"),
+                                page.get("more"))
+    blobs = page.get("attachments", [])
+    if (not isinstance(rows, list) or not isinstance(batches, list) or type(nxt) is not int
+            or nxt < cursor or not isinstance(more, bool) or (more and nxt == cursor)
+            or len(blobs) != len(batches)):
+        raise IntegrityError("malformed pull page from server")
+    opened = []
+    for b, blob in zip(batches, blobs):
+        if not isinstance(b, dict) or type(b.get("epoch")) is not int or not isinstance(
+                b.get("manifest"), str):
+            raise IntegrityError("malformed batch in a pull page from server")
+        manifest, writer = _manifest(b["manifest"])
+        key = keyring.get(b["epoch"])
+        if key is None:
+            raise NeedKey(b["epoch"])
+        try:
+            opened.append((manifest, writer, sealed.open_batch(keyring.team, b["epoch"], key,
+                                                               manifest, writer, blob)))
+        except sealed.Unauthentic:
+            raise IntegrityError(f"event {manifest[0][0]} (batch of {len(manifest)}) failed"
+                                 " authentication under the team key: altered on the server"
+                                 " or on the way; nothing of the page was applied") from None
+        except sealed.Invalid as e:
+            opened.append((manifest, writer, e))
+    import hashlib
+    events, extras, at, legacy = [], [], cursor, 0
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 3 or type(row[0]) is not int:
+            raise IntegrityError("malformed row in a pull page from server")
+        seq = row[0]
+        if seq != at + 1:
+            raise IntegrityError(f"the server's page skips or repeats events at seq {at + 1}")
+        at = seq
+        if row[1] is None:              # this device's own, left out: the id for the chain
+            eid = row[2]
+        elif row[1] == "legacy":
+            if store.meta("legacy_trust") != "1":
+                raise WaitingForSeal(
+                    "waiting for a member of this team to seal the events the server holds"
+                    " from before end-to-end encryption; run 'sk sync' on a device that synced"
+                    " before the upgrade")
+            try:
+                le = row[2]
+                ev = check_stamped({"event_id": le[0], "node_id": le[1], "lamport_clock": le[2],
+                                    "event_type": le[3], "aggregate_type": le[4],
+                                    "aggregate_id": le[5], "payload": le[6],
+                                    "timestamp": le[7]}, new=False)
+            except (EventError, TypeError, IndexError, KeyError) as e:
+                raise IntegrityError(f"server sent an invalid event at seq {seq}: {e}") from None
+            eid = ev.event_id
+            events.append(ev)
+            extras.append(None)
+            legacy += 1
+        else:
+            if (type(row[1]) is not int or not 0 <= row[1] < len(opened) or type(row[2]) is not int
+                    or not 0 <= row[2] < len(opened[row[1]][0])):
+                raise IntegrityError(f"malformed row at seq {seq} in a pull page from server")
+            manifest, writer, got = opened[row[1]]
+            eid = manifest[row[2]][0]
+            if writer[0] >= seq:
+                raise IntegrityError(f"event {eid} (seq {seq}) is placed before its writer's"
+                                     f" point (seq {writer[0]}): moved on the server")
+            if isinstance(got, Exception):
+                if warn:
+                    warn(f"event {eid} (seq {seq}) authenticates but is invalid, skipped: {got}")
+            else:
+                ev, extra = got[row[2]]
+                events.append(ev)
+                extras.append(dumps(extra) if extra else None)
+        if chain is not None:
+            chain = hashlib.sha256(chain + str(eid).encode()).digest()
+    if at != nxt:   # the log is dense: a page holds every event up to where it ends
+        raise IntegrityError("the server's page does not end where it says")
+    claimed = page.get("chain")
+    if chain is not None and claimed != chain.hex():
+        raise IntegrityError(f"the server's hash chain at seq {nxt} is not the one its events"
+                             " make: events were altered, dropped or moved on the server")
+    if chain is None and isinstance(claimed, str) and re.fullmatch(r"[0-9a-f]{64}", claimed):
+        chain = bytes.fromhex(claimed)   # (a log from before protocol 2: checked from here on)
+    new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
+                        chain)
+    return Accepted(events, new, nxt, more, chain)

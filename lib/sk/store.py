@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
     status         TEXT NOT NULL,   -- queued | sent | local_only | remote
     applied        INTEGER NOT NULL DEFAULT 0,
     stamped_at     TEXT,            -- local time it was stamped (queue age)
+    extra          TEXT,            -- JSON: what else its sealed content says (actor, ...)
     UNIQUE (event_id)
 );
 -- events the server refused for good, set aside out of the log with the reason
@@ -41,17 +42,28 @@ CREATE TABLE IF NOT EXISTS rejected (
     seq            INTEGER PRIMARY KEY,
 {envelope},
     reason         TEXT NOT NULL,
-    rejected_at    TEXT NOT NULL
+    rejected_at    TEXT NOT NULL,
+    extra          TEXT
 );
 CREATE INDEX IF NOT EXISTS events_queued ON events(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS events_unapplied ON events(seq) WHERE applied = 0;
 CREATE INDEX IF NOT EXISTS events_local ON events(seq) WHERE status = 'local_only';
 CREATE INDEX IF NOT EXISTS events_aggregate ON events(aggregate_type, aggregate_id);
+-- the team keys this device holds (sk.keyring): whoever reads this file reads the log
+-- anyway, so they are kept as the log is, in a file of mode 600
+CREATE TABLE IF NOT EXISTS team_keys (
+    team       TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    key        BLOB NOT NULL,
+    granted_by TEXT NOT NULL,
+    received   TEXT NOT NULL,
+    PRIMARY KEY (team, epoch)
+);
 """
 # the event's fields, as both tables that hold events declare them
 SCHEMA = SCHEMA.replace("{envelope}", ",\n".join(
     f"    {f:<14} {'INTEGER' if f == 'lamport_clock' else 'TEXT'} NOT NULL" for f in FIELDS))
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 CHUNK = 5000
 COLUMNS = ", ".join(FIELDS)
 
@@ -83,15 +95,27 @@ class LocalStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=60000")
-            if self.meta("schema") is None:
+            if self.meta("schema") != SCHEMA_VERSION:
                 with self.write():
-                    for stmt in SCHEMA.split(";"):
-                        if stmt.strip():
-                            self.db.execute(stmt)
-                    self.put("schema", SCHEMA_VERSION)
+                    self._create(self.meta("schema"))
         except (sqlite3.Error, OSError) as e:
             raise ConfigError(f"cannot open local log '{path}': {e}") from None
         self.path = path
+
+    def _create(self, version):
+        """The schema, or schema 1 (sk 0.3.0) brought to 2: events keep the extra of
+        their sealed content (actor, ...), the team keys get their table, and a log
+        that synced before end-to-end encryption may read its team's events that
+        the server still holds in plaintext, until a member seals them."""
+        if version == "1":
+            for table in ("events", "rejected"):
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN extra TEXT")
+            if int(self.meta("cursor", "0")) > 0:
+                self.put("legacy_trust", 1)
+        for stmt in SCHEMA.split(";"):
+            if stmt.strip():
+                self.db.execute(stmt)
+        self.put("schema", SCHEMA_VERSION)
 
     # -- transactions and meta -------------------------------------------------
     @contextlib.contextmanager
@@ -196,7 +220,26 @@ class LocalStore:
     def _from_start(self):
         """Read the team's log again from its start, knowing no point of it."""
         self.put("cursor", 0)
+        self.put("cursor_chain", "")
         self.put("known", "")
+
+    def cursor_chain(self):
+        """The chain value of the team's log at the cursor (bytes; the genesis at 0),
+        or None if it is not known (a log from before protocol 2): a pull checks
+        that what it reads continues it."""
+        value = self.meta("cursor_chain")
+        if value:
+            return bytes.fromhex(value)
+        return bytes(32) if self.cursor() == 0 else None
+
+    def team_keys(self, team):
+        return [(e, bytes(k)) for e, k in self.db.execute(
+            "SELECT epoch, key FROM team_keys WHERE team = ?", (team,))]
+
+    def add_team_key(self, team, epoch, key, granted_by):
+        with self.write() as db:
+            db.execute("INSERT OR IGNORE INTO team_keys(team, epoch, key, granted_by, received)"
+                       " VALUES (?, ?, ?, ?, ?)", (team, epoch, key, granted_by, utc_now()))
 
     def own_events(self):
         """(node_id, highest Lamport clock this log has stamped): a pull may leave
@@ -386,23 +429,26 @@ class LocalStore:
             return moved
 
     # -- pull side -------------------------------------------------------------
-    def receive(self, rows, cursor, point=None):
-        """Store pulled events (Events, validated), advance the
-        Lamport clock past them and move the cursor forward to `cursor` (never back,
-        so a watcher and a sync on one device can't undo each other), and keep
-        `point` (seq, chain) of the server's log, in one transaction.
-        Returns how many were new."""
+    def receive(self, rows, cursor, point=None, extras=None, chain=None):
+        """Store pulled events (Events, validated; extras: their JSON extra text or
+        None), advance the Lamport clock past them and move the cursor forward to
+        `cursor` with its `chain` (never back, so a watcher and a sync on one device
+        can't undo each other), and keep `point` (seq, chain) of the server's log,
+        in one transaction. Returns how many were new."""
         with self.write() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
-                " lamport_clock, node_id, payload, timestamp, status)"
-                " VALUES (?,?,?,?,?,?,?,?,'remote')", rows)
+                " lamport_clock, node_id, payload, timestamp, status, extra)"
+                " VALUES (?,?,?,?,?,?,?,?,'remote',?)",
+                [(*r, x) for r, x in zip(rows, extras or [None] * len(rows))])
             new = db.total_changes - before
             if rows:
                 top = max(r.lamport_clock for r in rows)
                 self.put("clock", max(self.clock(), top) + 1)
-            self.put("cursor", max(int(cursor), self.cursor()))
+            if int(cursor) > self.cursor():
+                self.put("cursor", int(cursor))
+                self.put("cursor_chain", chain.hex() if chain else "")
             if point:
                 self._see(*point)
         return new

@@ -7,9 +7,12 @@ import os
 import time
 
 from . import wire
-from .errors import AuthError, ConfigError, ServerError, SkError, Unreachable, UsageError
-from .event import EventError, NeverSync
-from .protocol import accept_page, batches, healing, known_out, push_body, settle_push
+from .errors import (AuthError, ConfigError, IntegrityError, ServerError, SkError, Unreachable,
+                     UsageError)
+from .event import EventError, NeverSync, check_stamped
+from .keyring import Keyring, WaitingForKey
+from .protocol import (NeedKey, Rekey, accept_page, batches, healing, known_out, push_body,
+                       settle_push)
 from .store import open_store
 
 def open_client(cfg):
@@ -55,14 +58,22 @@ def stamp(store, cfg):
 
 
 # -- push ---------------------------------------------------------------------
-def _send(store, client, batch, counts, on_event, answer=None):
+def _send(store, client, ring, batch, counts, on_event, answer=None, resealed=False):
     """Push one batch (or settle the `answer` already fetched for it); on HTTP 413
-    split it, and set a lone event aside."""
+    split it, and set a lone event aside; sealed anew under the next key epoch if
+    the server asks for it (a device was revoked or rotated)."""
     try:
         if answer is None:
-            answer = client.call("push", push_body(batch, known_out(store)))
+            answer = client.call("push", *push_body(batch, ring, known_out(store)))
         elif isinstance(answer, BaseException):
             raise answer
+        settle_push(store, batch, answer, counts, on_event)
+    except Rekey:
+        if resealed:
+            raise IntegrityError("the server refused a batch sealed under the team's newest"
+                                 " key epoch") from None
+        ring.ensure(client)
+        _send(store, client, ring, batch, counts, on_event, resealed=True)
     except ServerError as e:
         if e.status != 413:
             raise
@@ -85,24 +96,24 @@ def _send(store, client, batch, counts, on_event, answer=None):
                 on_event("held", eid, "HTTP 413 (too large) from the server or a proxy")
             return
         half = len(batch) // 2
-        _send(store, client, batch[:half], counts, on_event)
-        _send(store, client, batch[half:], counts, on_event)
-        return
-    settle_push(store, batch, answer, counts, on_event)
+        _send(store, client, ring, batch[:half], counts, on_event)
+        _send(store, client, ring, batch[half:], counts, on_event)
 
 
-def push(store, client, max_n=wire.MAX_BATCH, all_batches=False, on_event=None, progress=None):
-    """Push one batch (or, with all_batches, every batch) of queued events. If the
+def push(store, client, ring, max_n=wire.MAX_BATCH, all_batches=False, on_event=None,
+         progress=None):
+    """Push one batch (or, with all_batches, every batch) of queued events, each
+    sealed under the team key (ring: the device's Keyring, ensured). If the
     server's log turns out not to be the one this device saw, heal it: queue every
     event held here again and push (counts["healed"] says so)."""
-    return healing(store, lambda first: _push(store, client, max_n, all_batches, on_event,
-                                              progress))
+    return healing(store, lambda first: _push(store, client, ring, max_n, all_batches,
+                                              on_event, progress))
 
 
-def _push(store, client, max_n, all_batches, on_event, progress):
+def _push(store, client, ring, max_n, all_batches, on_event, progress):
     """Push one batch (or, with all_batches, every batch) of queued events.
 
-    With all_batches the next batch is read from the queue and encoded while the
+    With all_batches the next batch is read from the queue and sealed while the
     server stores the previous one, and sent (on a connection of its own) while
     the previous answer is applied, so client and server work side by side; each
     answer is applied in its own transaction, in order."""
@@ -111,7 +122,7 @@ def _push(store, client, max_n, all_batches, on_event, progress):
     moved = lambda: counts["accepted"] + counts["duplicate"] + counts["rejected"]  # noqa: E731
     if not all_batches:
         for batch in batches(store.queued(max_n)):
-            _send(store, client, batch, counts, on_event)
+            _send(store, client, ring, batch, counts, on_event)
             counts["batches"] += 1
         if progress:
             progress(moved())
@@ -127,16 +138,16 @@ def _push(store, client, max_n, all_batches, on_event, progress):
                         break
                     for batch in batches(rows):
                         after = batch[-1][0]
-                        body = push_body(batch, known_out(store))
+                        body = push_body(batch, ring, known_out(store))
                         done = inflight[0].result() if inflight else None  # wait for n-1
                         future = pool.submit(_call_push, sender, body)      # send n
                         if inflight:                                        # settle n-1
-                            _settle(store, client, inflight, counts, on_event, progress,
+                            _settle(store, client, ring, inflight, counts, on_event, progress,
                                     moved, done)
                         inflight = (future, batch)
                         counts["batches"] += 1
                 if inflight:
-                    _settle(store, client, inflight, counts, on_event, progress, moved,
+                    _settle(store, client, ring, inflight, counts, on_event, progress, moved,
                             inflight[0].result())
                     inflight = None
             finally:
@@ -149,42 +160,51 @@ def _push(store, client, max_n, all_batches, on_event, progress):
 
 def _call_push(client, body):
     try:
-        return client.call("push", body)
+        return client.call("push", *body)
     except ServerError as e:
         return e  # a 413 is settled (split) in order, by the main thread
 
 
-def _settle(store, client, inflight, counts, on_event, progress, moved, answer):
+def _settle(store, client, ring, inflight, counts, on_event, progress, moved, answer):
     """Apply the answer to an earlier batch (a 413 is split and resent here, on
     the main thread's own connection)."""
     _, batch = inflight
     before = moved()
-    _send(store, client, batch, counts, on_event, answer=answer)
+    _send(store, client, ring, batch, counts, on_event, answer=answer)
     if progress:
         progress(moved() - before)
 
 
 # -- pull ---------------------------------------------------------------------
-def pull(store, client, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE):
-    """Fetch every page after the cursor (or `since`), store it and move the cursor.
-    The cursor only moves when the pull started at or before it. If the server's
-    log is not the one this device saw, queue every event held here to push again
-    and pull the whole log (counts["healed"] says so)."""
-    return healing(store, lambda first: _pull(store, client, since if first else None,
+def pull(store, client, ring, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE):
+    """Fetch every page after the cursor (or `since`), open it with the team key
+    (ring), store it and move the cursor. The cursor only moves when the pull
+    started at or before it. If the server's log is not the one this device saw,
+    queue every event held here to push again and pull the whole log
+    (counts["healed"] says so)."""
+    return healing(store, lambda first: _pull(store, client, ring, since if first else None,
                                               on_event, progress, page_size))
 
 
-def _pull(store, client, since, on_event, progress, page_size):
+def _pull(store, client, ring, since, on_event, progress, page_size):
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
+    chain = store.cursor_chain() if cursor == stored else None
     skip = store.own_events()
-    counts = {"received": 0, "new": 0, "pages": 0}
+    counts = {"received": 0, "new": 0, "pages": 0, "skipped": []}
     while True:
         page = client.pull(cursor, page_size, skip, known_out(store))
         if isinstance(page.get("diverged"), str) and not moves_cursor:
             raise UsageError(f"--since {since}: {page['diverged']}")
-        got = accept_page(store, page, cursor, moves_cursor)
+        try:
+            got = accept_page(store, page, cursor, ring, moves_cursor, chain,
+                              counts["skipped"].append)
+        except NeedKey as e:   # a batch of an epoch not held yet: a grant may be waiting
+            ring.ensure(client)
+            if ring.get(e.epoch) is None:
+                raise WaitingForKey(ring.team, e.epoch) from None
+            continue
         counts["new"] += got.new
         counts["received"] += len(got.events)
         counts["pages"] += 1
@@ -193,18 +213,60 @@ def _pull(store, client, since, on_event, progress, page_size):
                 on_event("pulled", ev)
         if progress:
             progress(len(got.events))
-        cursor = got.next
+        cursor, chain = got.next, got.chain
         if not got.more:
             break
     counts["cursor"] = store.cursor()
     return counts
 
 
+def reseal_legacy(store, client, ring, state):
+    """Seal the team's events that the server still holds in plaintext (from before
+    end-to-end encryption): a device that read them then reads them again from
+    the server and sends them back sealed, run by run of seqs; the server deletes
+    the plaintext. Returns how many were sealed."""
+    if not state.get("legacy") or store.meta("legacy_trust") != "1":
+        return 0
+    from . import sealed
+    epoch, key = ring.current()
+    done, after = 0, 0
+    while True:
+        page = client.pull(after, wire.MAX_PAGE)
+        runs, run = [], []
+        for row in page.get("rows", []):
+            if row[1] == "legacy":
+                if run and run[-1][0] != row[0] - 1:
+                    runs.append(run)
+                    run = []
+                run.append((row[0], row[2]))
+            elif run:
+                runs.append(run)
+                run = []
+        if run:
+            runs.append(run)
+        for run in runs:
+            for i in range(0, len(run), wire.MAX_BATCH):
+                part = run[i:i + wire.MAX_BATCH]
+                events = [check_stamped({"event_id": le[0], "node_id": le[1],
+                                         "lamport_clock": le[2], "event_type": le[3],
+                                         "aggregate_type": le[4], "aggregate_id": le[5],
+                                         "payload": le[6], "timestamp": le[7]}, new=False)
+                          for _, le in part]
+                manifest, _, blob = sealed.seal_batch(ring.team, epoch, key, events)
+                answer = client.call("reseal", {"first": part[0][0], "epoch": epoch,
+                                                "writer": None, "events": manifest}, [blob])
+                done += answer.get("sealed", 0)
+        if not page.get("more"):
+            return done
+        after = page["next"]
+
+
 # -- porcelain ----------------------------------------------------------------
 def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None):
-    """`sk sync`: stamp -> push every batch -> pull every page -> resolve, under
-    the device's lock, its outcome recorded for `sk sync status` (a dry run takes
-    neither and changes nothing)."""
+    """`sk sync`: stamp -> team key -> push every batch -> pull every page -> seal
+    what the server still holds in plaintext -> resolve, under the device's lock,
+    its outcome recorded for `sk sync status` (a dry run takes neither and changes
+    nothing)."""
     if dry_run:
         return _dry_run(store, client)
     from .resolve import resolve
@@ -213,19 +275,21 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None)
     try:
         with device_lock(cfg), tracked(store):
             summary["stamp"] = stamp(store, cfg)
+            ring = Keyring(store, cfg.api_key)
+            state = ring.ensure(client)
             summary["push"] = _with_bar(bar("push", store.counts(totals=False)["queued"]),
-                                        push, store, client, all_batches=True,
+                                        push, store, client, ring, all_batches=True,
                                         on_event=on_event)
             pulled = (lambda k, ev: on_event(k, ev.event_id, None)) if on_event else None
-            summary["pull"] = _with_bar(bar("pull", None), pull, store, client,
+            summary["pull"] = _with_bar(bar("pull", None), pull, store, client, ring,
                                         on_event=pulled)
             healed = summary["push"].get("healed") or summary["pull"].get("healed")
             if "healed" in summary["pull"]:  # found by the pull: push back what it lost
-                again = push(store, client, all_batches=True, on_event=on_event)
+                again = push(store, client, ring, all_batches=True, on_event=on_event)
                 for k in ("accepted", "duplicate", "rejected"):
                     summary["push"][k] += again[k]
                 summary["push"]["queued"] = again["queued"]
-                more = pull(store, client, on_event=pulled)
+                more = pull(store, client, ring, on_event=pulled)
                 for k in ("received", "new"):
                     summary["pull"][k] += more[k]
                 summary["pull"]["cursor"] = more["cursor"]
@@ -233,6 +297,7 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None)
                 summary["healed"] = healed._replace(
                     resent=summary["push"]["accepted"] + summary["push"]["duplicate"],
                     restored=summary["push"]["accepted"])
+            summary["resealed"] = reseal_legacy(store, client, ring, state)
     finally:
         # offline or not, this device's own edits show in its state
         summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)["unapplied"]),

@@ -22,8 +22,9 @@ import time
 from . import wire
 from .crypto import C2S, S2C, CryptoError
 from .errors import AuthError, IntegrityError, SkError, Unreachable
-from .protocol import (NodeTaken, ServerRestored, TeamChanged, accept_page, batches,
-                       check_answer, known_out, settle_push)
+from .keyring import Keyring
+from .protocol import (NeedKey, NodeTaken, Rekey, ServerRestored, TeamChanged, accept_page,
+                       batches, check_answer, known_out, push_body, settle_push)
 from .store import open_store, utc_now
 from .sync import open_client
 
@@ -31,6 +32,7 @@ PING_INTERVAL = 20.0
 DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
 LOCAL_POLL = 0.005                     # seconds between looks at the local file
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+SHARE_INTERVAL = 30.0                  # seconds between looks for members lacking the key
 
 
 class Dropped(Exception):
@@ -93,6 +95,9 @@ class Watch:
     def session(self):
         import websocket
         client = open_client(self.cfg)
+        self.ring = Keyring(self.store, self.cfg.api_key)
+        self.ring.ensure(client)   # the team key, and shares it with members who lack it
+        self.client = client
         answer = client.call("ws-token", {})
         token = answer.get("token")
         if not isinstance(token, str):
@@ -102,7 +107,6 @@ class Watch:
         except TeamChanged as e:
             self.log(f"this device's key now belongs to team '{e.team}': reading"
                      " its log from the start")
-        client.close()
         url = self.cfg.server.replace("http", "ws", 1) + wire.WS_PATH + "?token=" + token
         try:
             ws = websocket.create_connection(url, timeout=10, enable_multithread=True)
@@ -114,15 +118,17 @@ class Watch:
             self._serve(conn)
         finally:
             conn.close()
+            client.close()
 
     def _serve(self, conn):
         store = self.store
         node, upto = store.own_events()
-        self.cursor = store.cursor()
+        self.cursor, self.chain = store.cursor(), store.cursor_chain()
         conn.send({"t": "hello", "cursor": self.cursor, "skip": {"node_id": node, "upto": upto},
                    "known": known_out(store)})
         watcher = sqlite3.connect(store.path, timeout=60)
         last_version = None
+        last_share = time.monotonic()
         in_flight = None
         next_id = 0
         live = False
@@ -154,17 +160,29 @@ class Watch:
                     if version != last_version:
                         last_version = version
                         batch = next(batches(store.queued(wire.MAX_BATCH)), None)
-                        if batch:   # cut by count and bytes, as a REST push is
+                        if batch:   # cut by count and bytes, and sealed, as a REST push is
                             next_id += 1
-                            conn.send_text(push_frame(next_id, batch, known_out(store)))
+                            body, attachments = push_body(batch, self.ring, known_out(store))
+                            conn.send({"t": "push", "id": next_id, **body}, attachments)
                             in_flight = (next_id, batch)
                 conn.keepalive()
+                if time.monotonic() - last_share >= SHARE_INTERVAL:   # a new member's grant
+                    last_share = time.monotonic()
+                    self.ring.ensure(self.client)
         finally:
             watcher.close()
 
     def _apply(self, msg):
-        got = accept_page(self.store, msg, self.cursor)
-        self.cursor = got.next
+        try:
+            got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
+                              lambda why: self.log(why))
+        except NeedKey as e:   # a new epoch began: its grant is on the server by now
+            self.ring.ensure(self.client)
+            if self.ring.get(e.epoch) is None:
+                raise
+            got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
+                              lambda why: self.log(why))
+        self.cursor, self.chain = got.next, got.chain
         if got.new:
             self._resolve()
             self.log(f"received {got.new} event{'s' if got.new != 1 else ''}")
@@ -187,19 +205,15 @@ class Watch:
 
     def _results(self, batch, msg):
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
-        settle_push(self.store, batch, msg, counts)
+        try:
+            settle_push(self.store, batch, msg, counts)
+        except Rekey:   # a device was revoked or rotated: the next epoch, then on
+            self.ring.ensure(self.client)
+            return
         self._resolve()  # this device's own events show in its state too
         sent, rejected = counts["accepted"] + counts["duplicate"], counts["rejected"]
         self.log(f"pushed {sent} event{'s' if sent != 1 else ''}"
                  + (f", {rejected} rejected (see sk-log --rejected)" if rejected else ""))
-
-
-def push_frame(frame_id, batch, known):
-    """A push frame's builder: the frame as JSON text around the events' stored
-    payloads, once its counter n is known."""
-    from .protocol import push_body
-    body = push_body(batch, known)[1:]   # '"events":[...],"known":...}'
-    return lambda n: f'{{"t":"push","id":{int(frame_id)},"n":{int(n)},' + body
 
 
 def _why(exc):
@@ -234,14 +248,12 @@ class _Conn:
         except (websocket.WebSocketException, OSError) as e:
             self.inbox.put(("error", e))
 
-    def send(self, obj):
-        self.send_text(lambda n: {**obj, "n": n})
-
-    def send_text(self, build):
-        """Seal and send the frame build(n) makes (an object, or its JSON text)."""
+    def send(self, obj, attachments=()):
+        """Seal and send a frame (with its attachments), numbered."""
         import websocket
         self.n_out += 1
-        blob = wire.seal_frame(self.master, self.key_id, C2S, self.sid, build(self.n_out))
+        blob = wire.seal_frame(self.master, self.key_id, C2S, self.sid, {**obj, "n": self.n_out},
+                               attachments)
         try:
             self.ws.send_binary(blob)
         except (websocket.WebSocketException, OSError) as e:

@@ -1,13 +1,20 @@
 """The wire format, shared by client and server.
 
 Every request that carries data is ``POST /api/<endpoint>`` with headers
-``X-SK-Protocol: 1`` and ``X-SK-Key-Id: <key_id>`` and a body that is
-gzip(JSON) sealed under the device's client-to-server key (see crypto). The
-sealed context binds the protocol, direction, key id and endpoint; a response's
-context also binds the nonce of the request it answers. Errors come back
-unsealed as ``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
+``X-SK-Protocol: 2`` and ``X-SK-Key-Id: <key_id>`` and a body sealed under the
+device's client-to-server key (see crypto). The sealed context binds the
+protocol, direction, key id and endpoint; an answer's context also binds the
+nonce of the request it answers. Once a request authenticates, its answer is
+sealed, errors included; before that, errors are plain JSON
+``{"error": {"code": ..., "message": ...}}`` with a 4xx/5xx status.
+
+Inside a seal, a body is framed: count(4) | length(4) | gzip(JSON) | then `count`
+attachments, each length(4) | bytes (big-endian lengths). Attachments carry what
+must not be compressed again or turned into text: sealed batches. Opened, they
+are the list under the body's reserved key "attachments".
 """
 
+import struct
 import zlib
 
 from . import PROTOCOL_VERSION, crypto
@@ -86,20 +93,53 @@ def decompress(data, limit=MAX_PLAIN, containers=None):
     return obj
 
 
+def pack(obj, attachments=()):
+    """The framed plaintext of a body: obj (JSON text, or an object) and attachments."""
+    gz = compress(obj)
+    return b"".join([struct.pack(">II", len(attachments), len(gz)), gz,
+                     *(struct.pack(">I", len(a)) + bytes(a) for a in attachments)])
+
+
+def unpack(plain, limit=MAX_PLAIN, containers=None):
+    """The object of a framed plaintext, its attachments under "attachments"."""
+    if len(plain) < 8:
+        raise WireError("body is too short to be framed")
+    count, n = struct.unpack_from(">II", plain)
+    if count > MAX_BATCH or 8 + n > len(plain):
+        raise WireError("body's framing is malformed")
+    obj = decompress(plain[8:8 + n], limit, containers)
+    at, attachments = 8 + n, []
+    for _ in range(count):
+        if at + 4 > len(plain):
+            raise WireError("body's attachments are truncated")
+        (size,) = struct.unpack_from(">I", plain, at)
+        if at + 4 + size > len(plain):
+            raise WireError("body's attachments are truncated")
+        attachments.append(bytes(plain[at + 4:at + 4 + size]))
+        at += 4 + size
+    if at != len(plain):
+        raise WireError("trailing bytes after the body's attachments")
+    if "attachments" in obj:
+        raise WireError("'attachments' is not a field a body may carry")
+    if attachments:
+        obj["attachments"] = attachments
+    return obj
+
+
 def _context(direction, key_id, endpoint, request_nonce=b""):
     return f"sk/{PROTOCOL_VERSION}|{direction}|{key_id}|{endpoint}|".encode() + request_nonce
 
 
-def seal_request(master, key_id, endpoint, obj):
+def seal_request(master, key_id, endpoint, obj, attachments=()):
     """Return (sealed body, nonce) for a request from device `key_id`."""
     key = crypto.direction_key(master, crypto.C2S)
-    blob = crypto.seal(key, compress(obj), _context(crypto.C2S, key_id, endpoint))
+    blob = crypto.seal(key, pack(obj, attachments), _context(crypto.C2S, key_id, endpoint))
     return blob, crypto.peek(blob)[1]
 
 
 def open_request_seal(master, key_id, endpoint, blob):
-    """Server side: (timestamp_ms, nonce, compressed plaintext); CryptoError if not
-    authentic. decompress() the plaintext once the sender is known to be allowed."""
+    """Server side: (timestamp_ms, nonce, framed plaintext); CryptoError if not
+    authentic. unpack() the plaintext once the sender is known to be allowed."""
     key = crypto.direction_key(master, crypto.C2S)
     return crypto.open_sealed(key, blob, _context(crypto.C2S, key_id, endpoint))
 
@@ -107,18 +147,19 @@ def open_request_seal(master, key_id, endpoint, blob):
 def open_request(master, key_id, endpoint, blob):
     """Server side: return (timestamp_ms, nonce, obj). CryptoError if not authentic."""
     ts, nonce, plain = open_request_seal(master, key_id, endpoint, blob)
-    return ts, nonce, decompress(plain)
+    return ts, nonce, unpack(plain)
 
 
-def seal_response(master, key_id, endpoint, request_nonce, obj):
+def seal_response(master, key_id, endpoint, request_nonce, obj, attachments=()):
     key = crypto.direction_key(master, crypto.S2C)
-    return crypto.seal(key, compress(obj), _context(crypto.S2C, key_id, endpoint, request_nonce))
+    return crypto.seal(key, pack(obj, attachments),
+                       _context(crypto.S2C, key_id, endpoint, request_nonce))
 
 
 def open_response(master, key_id, endpoint, request_nonce, blob):
     key = crypto.direction_key(master, crypto.S2C)
     _, _, plain = crypto.open_sealed(key, blob, _context(crypto.S2C, key_id, endpoint, request_nonce))
-    return decompress(plain)
+    return unpack(plain)
 
 
 # -- WebSocket frames ----------------------------------------------------------
@@ -138,12 +179,12 @@ def _frame_context(direction, key_id, session):
     return f"sk/{PROTOCOL_VERSION}|{direction}|{key_id}|ws|{session}|".encode()
 
 
-def seal_frame(master, key_id, direction, session, obj):
+def seal_frame(master, key_id, direction, session, obj, attachments=()):
     key = crypto.direction_key(master, direction)
-    return crypto.seal(key, compress(obj), _frame_context(direction, key_id, session))
+    return crypto.seal(key, pack(obj, attachments), _frame_context(direction, key_id, session))
 
 
 def open_frame(master, key_id, direction, session, blob, limit=MAX_PLAIN, containers=None):
     key = crypto.direction_key(master, direction)
     _, _, plain = crypto.open_sealed(key, blob, _frame_context(direction, key_id, session))
-    return decompress(plain, limit, containers)
+    return unpack(plain, limit, containers)

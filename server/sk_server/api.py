@@ -6,10 +6,10 @@ import time
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from sk import PROTOCOL_VERSION, crypto, wire
-from sk.event import Event, EventError, check_stamped, dumps
+from sk import PROTOCOL_VERSION, crypto, sealed, wire
+from sk.event import dumps
 
-from .store import StoreError, StoreUnavailable
+from .store import Batch, StoreError, StoreUnavailable
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -159,7 +159,7 @@ def _check_request(endpoint, admit):
                                       f" {key.retired_why or 'retired'} on {key.retired};"
                                       " use the device's new key")
     try:
-        body = wire.decompress(plain, containers=wire.MAX_CONTAINERS)
+        body = wire.unpack(plain, containers=wire.MAX_CONTAINERS)
     except wire.WireError as e:
         raise Refused(e.status, e.code, str(e)) from None
     ticket = (key_id, key.device, nonce, ts + 2 * wire.MAX_CLOCK_SKEW_MS)
@@ -174,8 +174,8 @@ def _replay():
     return Refused(400, "replay", "request nonce was seen before: replayed request refused")
 
 
-def _sealed(key, endpoint, nonce, obj):
-    blob = wire.seal_response(key.master, key.key_id, endpoint, nonce, obj)
+def _sealed(key, endpoint, nonce, obj, attachments=()):
+    blob = wire.seal_response(key.master, key.key_id, endpoint, nonce, obj, attachments)
     return Response(blob, status=200, content_type=wire.CONTENT_TYPE)
 
 
@@ -190,48 +190,57 @@ def hello():
 @api.post("/api/push")
 def push():
     key, nonce, body, ticket = _authenticate("push", admit=False)
-    events = body.get("events")
-    if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
+    try:
+        batch, relay = parse_batch(body)
+    except Refused:
         if not _store().admit(*ticket):   # refused for its content, but seen all the same
-            raise _replay()
-        if not isinstance(events, list):
-            raise Refused(400, "malformed", "push body must have an 'events' list")
+            raise _replay() from None
+        raise
+    known = parse_known(body.get("known"))
+    return _sealed(key, "push", nonce, push_batch(key, batch, relay, ticket, known))
+
+
+def parse_batch(body):
+    """The sealed Batch of a push (or reseal) body, and the manifest indexes of the
+    events it relays: {"epoch", "writer", "events": manifest, "relay"} and the
+    sealed content as its one attachment."""
+    events, attachments = body.get("events"), body.get("attachments")
+    if isinstance(events, list) and len(events) > wire.MAX_BATCH:
         raise Refused(413, "too_large", f"{len(events)} events in one push; the limit is"
                                         f" {wire.MAX_BATCH}")
-    known = parse_known(body.get("known"))
-    return _sealed(key, "push", nonce, push_events(key, events, ticket, known))
+    epoch, writer, relay = body.get("epoch"), body.get("writer"), body.get("relay", [])
+    try:
+        if type(epoch) is not int or not 1 <= epoch < 2 ** 31:
+            raise sealed.SealedError("'epoch' must be a key epoch (an integer from 1)")
+        if writer is not None and not isinstance(writer, dict):
+            raise sealed.SealedError("'writer' must be {\"seq\", \"chain\"} or null")
+        manifest, point = sealed.check_manifest(
+            events, None if writer is None else (writer.get("seq"), writer.get("chain", "")))
+        if not isinstance(attachments, list) or len(attachments) != 1:
+            raise sealed.SealedError("a push carries its sealed batch as its one attachment")
+        if not isinstance(relay, list) or any(type(i) is not int or not 0 <= i < len(manifest)
+                                              for i in relay):
+            raise sealed.SealedError("'relay' must list indexes of the manifest")
+    except sealed.SealedError as e:
+        raise Refused(400, "malformed", str(e)) from None
+    return Batch(epoch, manifest, point, attachments[0]), set(relay)
 
 
-def push_events(key, events, ticket=None, known=None):
-    """Validate and store a batch for device `key`; the answer: per-event results
-    in order and the log's new (head, chain), or why the device's known point is
-    not on this log (then nothing is stored). The REST push (with its request's
-    ticket) and the WebSocket push come here."""
-    results, rows, where, relay = [None] * len(events), [], [], set()
-    for i, ev in enumerate(events):
-        eid = ev.get("event_id") if isinstance(ev, dict) else None
-        if not isinstance(eid, str) or len(eid) > 64 or not eid.isprintable() or not eid.isascii():
-            eid = None  # echo back only what the response can carry
-        try:
-            rows.append(check_stamped({k: v for k, v in ev.items() if k != "relay"}))
-            where.append(i)
-            if ev.get("relay") is True:   # another device's event, given back after a restore
-                relay.add(rows[-1].event_id)
-        except (EventError, AttributeError) as e:
-            results[i] = {"event_id": eid, "status": "rejected",
-                          "reason": str(e) if isinstance(e, EventError) else "not an object"}
-    stored = _store().push(key.team, key.device, rows, ticket, known, relay)
+def push_batch(key, batch, relay=(), ticket=None, known=None):
+    """Store a sealed batch for device `key`; the answer: per-event results in
+    order and the log's new (head, chain), or why nothing was stored (diverged,
+    node_taken, rekey). The REST push (with its request's ticket) and the
+    WebSocket push come here."""
+    stored = _store().push(key.team, key.device, batch, ticket, known, relay)
     if stored is None:
         raise _replay()
-    if stored.diverged:
-        return {"diverged": stored.diverged, "head": stored.head, "team": key.team}
-    if stored.node_taken:
-        return {"node_taken": stored.node_taken, "head": stored.head, "team": key.team}
-    for i, (status, reason) in zip(where, stored.results):
-        results[i] = {"event_id": events[i]["event_id"], "status": status}
-        if reason:
-            results[i]["reason"] = reason
-    if rows:
+    for why in ("diverged", "node_taken", "rekey"):
+        if getattr(stored, why):
+            return {why: getattr(stored, why), "head": stored.head, "team": key.team}
+    results = []
+    for (eid, _, _), (status, reason) in zip(batch.manifest, stored.results):
+        results.append({"event_id": eid, "status": status, **({"reason": reason} if reason else {})})
+    if any(r["status"] == "accepted" for r in results):
         notify = current_app.extensions.get("sk_notify")
         if notify:
             notify(key.team)
@@ -263,8 +272,6 @@ def parse_skip(skip, device):
     return device, skip["node_id"], skip["upto"]
 
 
-
-
 @api.post("/api/pull")
 def pull():
     key, nonce, body = _authenticate("pull")
@@ -275,21 +282,112 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     page = _store().pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
                          parse_known(body.get("known")))
-    return _sealed(key, "pull", nonce, page_out(page, team=key.team))
+    text, attachments = page_out(page, team=key.team)
+    return _sealed(key, "pull", nonce, text, attachments)
 
 
 def page_out(page, **fields):
-    """A store Page as the JSON text of the wire's pull answer (REST) or events
-    frame (WebSocket, which adds its own fields): each event is written around its
-    stored payload text, which is never parsed here."""
+    """A store Page as the wire's pull answer (REST) or events frame (WebSocket,
+    which adds its own fields): (JSON text, attachments). rows are [seq, batch
+    index, manifest index] for a sealed event, [seq, null, event_id] for one the
+    puller pushed itself, [seq, "legacy", [event_id, node_id, lamport_clock,
+    event_type, aggregate_type, aggregate_id, payload, timestamp]] for one from
+    before end-to-end encryption; batches [{"epoch", "manifest", "device"}] in the
+    order of the attachments that hold their sealed content. Stored text is never
+    parsed here."""
     head = "".join(f"{dumps(k)}:{dumps(v)}," for k, v in fields.items())
     if page.diverged:
-        return (f'{{{head}"diverged":{dumps(page.diverged)},"events":[],'
-                f'"next":{int(page.next)},"more":false}}')
-    events = ",".join(Event(*r[1:]).to_json()[:-1] + f',"seq":{int(r[0])}}}' for r in page.rows)
+        return (f'{{{head}"diverged":{dumps(page.diverged)},"rows":[],"batches":[],'
+                f'"next":{int(page.next)},"more":false}}'), ()
+    order = {b: i for i, b in enumerate(sorted(page.batches))}
+    rows = []
+    for seq, eid, batch, idx in page.rows:
+        if batch is not None:
+            rows.append(f"[{int(seq)},{order[batch]},{int(idx)}]")
+        elif seq in page.legacy:
+            node, clock, etype, atype, aid, payload, ts = page.legacy[seq]
+            rows.append(f'[{int(seq)},"legacy",[{dumps(eid)},{dumps(node)},{int(clock)},'
+                        f"{dumps(etype)},{dumps(atype)},{dumps(aid)},{payload},{dumps(ts)}]]")
+        else:
+            rows.append(f"[{int(seq)},null,{dumps(eid)}]")
+    batches, attachments = [], []
+    for b in sorted(page.batches):
+        epoch, manifest, blob, device = page.batches[b]
+        batches.append(f'{{"epoch":{int(epoch)},"manifest":{dumps(manifest.decode())},'
+                       f'"device":{dumps(device)}}}')
+        attachments.append(blob)
     chain = f',"chain":"{page.chain.hex()}"' if page.chain is not None else ""
-    return (f'{{{head}"events":[{events}],"next":{int(page.next)},'
-            f'"more":{"true" if page.more else "false"}{chain}}}')
+    return (f'{{{head}"rows":[{",".join(rows)}],"batches":[{",".join(batches)}],'
+            f'"next":{int(page.next)},"more":{"true" if page.more else "false"}{chain}}}',
+            attachments)
+
+
+@api.post("/api/keys")
+def keys():
+    """The team key's state for this device, after storing what it sends: its
+    identity (if the server has none), a new epoch with its grants, grants for
+    others, the approval mode, approvals. Nothing here is readable by the server:
+    grants are sealed to each device's identity."""
+    key, nonce, body = _authenticate("keys")
+    try:
+        identity = _hex(body.get("identity"), 32, "identity")
+        epoch = body.get("epoch")
+        grants = [(g["epoch"], g["device"], _hex(g["recipient"], 32, "recipient"),
+                   _hex(g["sealed"], crypto.GRANT_LEN, "grant"))
+                  for g in body.get("grants", [])]
+        approvals = [(a["device"], _hex(a["identity"], 32, "identity"),
+                      _hex(a["record"], 32, "approval")) for a in body.get("approvals", [])]
+        if epoch is not None and (type(epoch) is not int or not 1 <= epoch < 2 ** 31):
+            raise ValueError("'epoch' must be an integer from 1")
+        if any(type(g[0]) is not int or not isinstance(g[1], str) for g in grants):
+            raise ValueError("a grant is {\"epoch\", \"device\", \"recipient\", \"sealed\"}")
+        if len(grants) > 10_000 or len(approvals) > 1000:
+            raise ValueError("too many grants or approvals in one request")
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise Refused(400, "malformed", f"malformed keys request: {e}") from None
+    store = _store()
+    refused = store.put_keys(key.team, key.device, identity, epoch, grants,
+                             body.get("approval") is True, approvals)
+    state = keys_out(store.keys(key.team, key.device))
+    if refused:
+        state["refused"] = refused
+    return _sealed(key, "keys", nonce, {**state, "team": key.team, "device": key.device})
+
+
+def _hex(value, size, what):
+    if value is None:
+        return None
+    raw = bytes.fromhex(value)
+    if len(raw) != size:
+        raise ValueError(f"{what} must be {size} bytes")
+    return raw
+
+
+def keys_out(state):
+    """The store's key state with its bytes as hex, for the wire."""
+    def h(b):
+        return b.hex() if b is not None else None
+    return {**state, "identity": h(state["identity"]),
+            "grants": [{**g, "sealed": h(g["sealed"]), "granter": h(g["granter"])}
+                       for g in state["grants"]],
+            "members": [{**m, "identity": h(m["identity"]), "approval": h(m["approval"])}
+                        for m in state["members"]]}
+
+
+@api.post("/api/reseal")
+def reseal():
+    """A member seals events the server still holds in plaintext (from before end-
+    to-end encryption): the plaintext is replaced and deleted."""
+    key, nonce, body = _authenticate("reseal")
+    batch, _ = parse_batch(body)
+    first = body.get("first")
+    if type(first) is not int or first < 1:
+        raise Refused(400, "malformed", "'first' must be the seq of the first event sealed")
+    try:
+        n = _store().reseal(key.team, key.device, first, batch)
+    except StoreError as e:
+        raise Refused(409, "conflict", str(e)) from None
+    return _sealed(key, "reseal", nonce, {"sealed": n, "team": key.team})
 
 
 @api.post("/api/ws-token")

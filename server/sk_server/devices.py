@@ -15,19 +15,28 @@ def _check_name(what, value):
                          " starting with a letter or digit")
 
 
+def _identity(api_key):
+    """The public half of the identity the key's holder derives (crypto): what the
+    team's members seal the team key to. The private half is computed here only to
+    take its public half, and kept nowhere."""
+    return crypto.identity_public(crypto.identity_secret(api_key))
+
+
 def register(store, name, team="default"):
-    """Create device `name` in `team`; return its new API key (shown once)."""
+    """Create device `name` in `team`; return its new API key (shown once). The
+    server keeps key material derived from it and its identity's public half."""
     _check_name("device name", name)
     _check_name("team name", team)
     key_id, api_key = crypto.new_api_key()
-    store.create_device(name, team, key_id, crypto.derive_master(api_key))
+    store.create_device(name, team, key_id, crypto.derive_master(api_key), _identity(api_key))
     return api_key
 
 
 def rotate(store, name):
-    """Give device `name` a new key; the old one is refused from now on."""
+    """Give device `name` a new key; the old one is refused from now on, and the
+    team's next write waits for a new key epoch."""
     key_id, api_key = crypto.new_api_key()
-    store.rotate_key(name, key_id, crypto.derive_master(api_key))
+    store.rotate_key(name, key_id, crypto.derive_master(api_key), _identity(api_key))
     return api_key
 
 

@@ -4,7 +4,7 @@ A session is one thread (flask-sock under gunicorn's gthread worker) that is the
 connection's only writer. It opens with a single-use token from POST
 /api/ws-token, reads the client's sealed hello (its pull cursor), sends what the
 device missed (catch-up), then live events as they are stored, and stores the
-device's pushed batches exactly as a REST push does (api.push_events).
+device's pushed batches exactly as a REST push does (api.push_batch).
 
 The team's log in the store is the only truth. The in-process Hub wakes this
 process's sessions when a push lands here, or when the store tells of events
@@ -28,7 +28,7 @@ from flask import Blueprint, current_app, g, request
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
-from .api import Refused, page_out, parse_known, parse_skip, push_events
+from .api import Refused, page_out, parse_batch, parse_known, parse_skip, push_batch
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -114,15 +114,16 @@ class Session:
         self.dirty.set()
         self.ws.event.set()
 
-    def send(self, obj):
+    def send(self, obj, attachments=()):
         """Send a frame: an object, or the JSON text of one (page_out's), to which
-        the frame counter n is added."""
+        the frame counter n is added, and its attachments."""
         self.n_out += 1
         if isinstance(obj, str):
             obj = f'{{"n":{self.n_out},' + obj[1:]
         else:
             obj["n"] = self.n_out
-        self.ws.send(wire.seal_frame(self.key.master, self.key.key_id, S2C, self.sid, obj))
+        self.ws.send(wire.seal_frame(self.key.master, self.key.key_id, S2C, self.sid, obj,
+                                     attachments))
 
     def _take(self):
         """The next received message, or None (never blocks)."""
@@ -174,7 +175,7 @@ class Session:
                 self.known = (page.next, page.chain)
             if not page.rows and page.next == cursor:
                 return cursor
-            self.send(page_out(page, t="events", catchup=catchup))
+            self.send(*page_out(page, t="events", catchup=catchup))
             cursor = page.next
             if not page.more:
                 return cursor
@@ -192,11 +193,12 @@ class Session:
     def handle(self, msg):
         if msg.get("t") != "push":
             raise Closed(4400, f"unknown frame type {str(msg.get('t'))[:20]!r}")
-        events = msg.get("events")
-        if not isinstance(events, list) or len(events) > wire.MAX_BATCH:
-            raise Closed(4400, f"push frame needs an 'events' list of at most {wire.MAX_BATCH}")
+        try:
+            batch, relay = parse_batch(msg)
+        except Refused as e:
+            raise Closed(4400, f"push frame: {e.message}") from None
         self.check_key()
-        answer = push_events(self.key, events, known=self.known)
+        answer = push_batch(self.key, batch, relay, known=self.known)
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:

@@ -88,7 +88,7 @@ class Context:
 
     def __init__(self, args, needs=()):
         self.args, self.needs = args, set(needs)
-        self._cfg = self._store = self._client = None
+        self._cfg = self._store = self._client = self._keyring = None
 
     @property
     def cfg(self):
@@ -102,6 +102,13 @@ class Context:
             from ..store import open_store
             self._store = open_store(self.cfg, create="log" not in self.needs)
         return self._store
+
+    @property
+    def keyring(self):
+        if self._keyring is None:
+            from ..keyring import Keyring
+            self._keyring = Keyring(self.store, self.cfg.api_key)
+        return self._keyring
 
     @property
     def client(self):
@@ -140,6 +147,8 @@ def run(prog, get_parser, body, argv=None):
             if "track" in ctx.needs:
                 from ..sync import tracked
                 stack.enter_context(tracked(ctx.store))
+            if "keys" in ctx.needs:
+                ctx.keyring.ensure(ctx.client)
             code = body(args, ctx)
         sys.stdout.flush()
         return code or 0

@@ -45,7 +45,7 @@ def _body(args, ctx):
                   f"{ev.aggregate_id}", file=sys.stderr)
 
     bar = Progress("pull", None, quiet=args.quiet)
-    counts = pull(ctx.store, ctx.client, args.since, on_event, bar, args.page_size)
+    counts = pull(ctx.store, ctx.client, ctx.keyring, args.since, on_event, bar, args.page_size)
     bar.close()
     if args.json and not args.print_events:
         _common.emit(counts)

@@ -43,7 +43,7 @@ def _body(args, ctx):
         _common.say(args, f"queued {n} rejected event(s) again")
     bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None,
                    quiet=args.quiet)
-    counts = push(store, ctx.client, args.max, args.all, on_event, bar)
+    counts = push(store, ctx.client, ctx.keyring, args.max, args.all, on_event, bar)
     bar.close()
     healed = counts.get("healed")
     if healed:

@@ -59,11 +59,18 @@ def chain_next(prev, event_id):
 # and so stop everybody from stamping: a jump this far ahead is refused.
 MAX_LAMPORT_JUMP = 2 ** 32
 
-Pushed = namedtuple("Pushed", "results head chain diverged node_taken", defaults=(None,))
-Pushed.__doc__ = """What a push did: [(status, reason)] per row, the team's (head, chain)
-after it; and why nothing was stored, if nothing was: the device's known point is
-not on this log (diverged), or a node id of its events is not its own
-(node_taken)."""
+Pushed = namedtuple("Pushed", "results head chain diverged node_taken rekey",
+                    defaults=(None, None))
+Pushed.__doc__ = """What a push did: [(status, reason)] per event of the batch, the
+team's (head, chain) after it; and why nothing was stored, if nothing was: the
+device's known point is not on this log (diverged), a node id of its events is
+not its own (node_taken), or the batch is not sealed under the team's current key
+epoch, or a new epoch must begin first (rekey: {"epoch", "rotate"})."""
+
+Batch = namedtuple("Batch", "epoch manifest writer sealed")
+Batch.__doc__ = """A sealed batch as a device pushes it (sk.sealed): its key epoch, the
+manifest [(event_id, node_id, lamport_clock)], the writer's point (seq, chain hex),
+and the sealed content, which the server keeps and cannot read."""
 
 
 def node_taken(node, owner, device, clock=None):
@@ -76,9 +83,13 @@ def node_taken(node, owner, device, clock=None):
         why = (f"node id {node} stamped another event at Lamport clock {clock} already: two"
                " homes share this node id (a copied or restored home?)")
     return {"node_id": node, "device": owner, "reason": why}
-Page = namedtuple("Page", "rows next more chain diverged")
-Page.__doc__ = """One pull page: rows [(seq, *EVENT_COLUMNS)], the next cursor and its
-chain value, whether more follow, and the divergence reason (None if none)."""
+Page = namedtuple("Page", "rows batches legacy next more chain diverged")
+Page.__doc__ = """One pull page: rows [(seq, event_id, batch, idx)] (batch None for an
+event the puller pushed itself and is left out, or one still in legacy), the
+batches they are in {batch: (epoch, canonical manifest, sealed, device)}, the
+legacy events among them {seq: (node_id, lamport_clock, event_type, aggregate_type,
+aggregate_id, payload, timestamp)}, the next cursor and its chain value, whether more follow, and the
+divergence reason (None if none)."""
 
 
 def check_known(known, head, chain_at, after=0):
@@ -100,38 +111,47 @@ def check_known(known, head, chain_at, after=0):
     return None
 
 
-def page_of(rows, limit, head, chain, max_bytes=wire.MAX_BATCH_BYTES):
-    """A pull Page from rows (seq, *EVENT_COLUMNS, chain) in seq order, read in the
-    snapshot where the team's log had `head` events ending in `chain`. A page holds
-    at most `limit` events and `max_bytes` of them (wire.event_cost), but always at
-    least one, so no event can block a pull; it reads no row past what it needs.
-    If more follow, the page ends at its last row, else at the head."""
-    out, size = [], 0
+ROW_BYTES = 64   # what a page row costs on the wire, beside its batch
+
+
+def cut_page(rows, limit, max_bytes=wire.MAX_BATCH_BYTES):
+    """The rows a page takes from rows (seq, event_id, batch, idx, chain, cost) in
+    seq order, read lazily: at most `limit` and `max_bytes` (each batch counted
+    once, at the first of its rows; cost is its size, or a legacy event's), but
+    always at least one, so nothing that was accepted can block a pull. Returns
+    (rows taken, more follow)."""
+    out, size, seen = [], 0, set()
     for r in rows:
-        size += wire.event_cost(r[7])
-        if out and (len(out) == limit or size > max_bytes):
-            last = out[-1]
-            return Page([x[:-1] for x in out], last[0], True, bytes(last[-1]), None)
+        cost = ROW_BYTES
+        if r[2] is None or r[2] not in seen:
+            cost += r[5] or 0
+        if out and (len(out) == limit or size + cost > max_bytes):
+            return out, True
+        size += cost
+        if r[2] is not None:
+            seen.add(r[2])
         out.append(r)
-    return Page([x[:-1] for x in out], head, False, bytes(chain), None)
+    return out, False
 
 
-def plan_push(rows, existing, lamport):
-    """The merge rule of a push: which rows are new, duplicates or refused.
-    existing maps event_id -> stored row (EVENT_COLUMNS order). Returns
-    ([(status, reason)], [new rows], team's new lamport)."""
+def plan_push(manifest, existing, lamport):
+    """The merge rule of a push, on what the server can see: which events of a
+    batch's manifest [(event_id, node_id, lamport_clock)] are new, duplicates or
+    refused. existing maps event_id -> the stored (event_id, node_id,
+    lamport_clock). Returns ([(status, reason)], [(idx, entry)] new, the team's new
+    lamport)."""
     results, new = [], []
-    for row in rows:
-        old = existing.get(row[0])
-        if old is None and row[4] > lamport + MAX_LAMPORT_JUMP:
+    for i, entry in enumerate(manifest):
+        old = existing.get(entry[0])
+        if old is None and entry[2] > lamport + MAX_LAMPORT_JUMP:
             results.append(("rejected", "lamport_clock jumps more than 2^32 past the"
                                         " team's highest clock"))
         elif old is None:
-            lamport = max(lamport, row[4])
-            new.append(row)
-            existing[row[0]] = row
+            lamport = max(lamport, entry[2])
+            new.append((i, entry))
+            existing[entry[0]] = entry
             results.append(("accepted", None))
-        elif tuple(old) == tuple(row):
+        elif tuple(old) == tuple(entry):
             results.append(("duplicate", None))
         else:
             results.append(("rejected", "event_id already used by a different event"))
@@ -139,32 +159,38 @@ def plan_push(rows, existing, lamport):
 
 
 def number(new, head, chain):
-    """Give new rows their dense sequence numbers and chain values, in order:
-    [(seq, chain, row)], and the team's new (head, chain)."""
+    """Give new events [(idx, entry)] their dense sequence numbers and chain
+    values, in order: [(seq, chain, idx, entry)], and the team's new (head, chain)."""
     out = []
-    for row in new:
+    for idx, entry in new:
         head += 1
-        chain = chain_next(chain, row[0])
-        out.append((head, chain, row))
+        chain = chain_next(chain, entry[0])
+        out.append((head, chain, idx, entry))
     return out, head, chain
 
 
 def follow(team, head, lamport, chain, rows):
     """Check that exported rows (STORED_COLUMNS) continue a team's log at (head,
-    chain): dense seq and the chain recomputed (a row an sk 0.2.0 server wrote has
-    none yet: it is given its own). Returns the new (head, lamport, chain) and the
-    rows to store."""
-    out = []
+    chain): dense seq and the chain recomputed. Returns the new (head, lamport,
+    chain)."""
     for r in rows:
-        seq, eid, row_chain = r[0], r[1], bytes(r[9])
+        seq, eid = r[0], r[1]
         chain = chain_next(chain, eid)
-        if seq != head + 1 or row_chain not in (chain, b""):
+        if seq != head + 1 or bytes(r[6]) != chain:
             raise StoreError(f"team '{team}': event {seq} of the source does not follow event"
                              f" {head} of the target's log, which is not the start of the"
                              " source's")
-        head, lamport = seq, max(lamport, r[5])
-        out.append((*r[:9], chain, *r[10:]))
-    return head, lamport, chain, out
+        head, lamport = seq, max(lamport, r[3])
+    return head, lamport, chain
+
+
+def rekey_needed(team_row, epoch):
+    """Why a batch sealed under `epoch` may not be written to a team whose row is
+    (current epoch, rekey flag), or None: the answer a device needs to go on."""
+    current, rekey = team_row
+    if current == 0 or rekey or epoch != current:
+        return {"epoch": current, "rotate": bool(rekey) or current == 0}
+    return None
 
 
 def secret_check(secret):
@@ -228,22 +254,34 @@ class Store(abc.ABC):
     def admit(self, key_id, device, nonce, expires_ms):
         """Record a request nonce; False if already seen (a replay)."""
     @abc.abstractmethod
-    def push(self, team, device, rows, ticket=None, known=None, relay=()):
-        """Store rows (EVENT_COLUMNS order) as one transaction, durable before it
+    def push(self, team, device, batch, ticket=None, known=None, relay=()):
+        """Store a sealed Batch's new events as one transaction, durable before it
         returns: a Pushed. ticket=(key_id, device, nonce, expires_ms) admits the
         request in the same transaction; None (and nothing stored) if that nonce
         was seen before. known=(seq, chain): the device's last point of the log;
         if it is not on this log nothing is stored and Pushed.diverged says why.
-        Each node id belongs to the device that first pushed under it: events
-        under another device's node id, or under a (node, clock) stamp another
-        event has, store nothing (Pushed.node_taken), except those in `relay` (the
-        event ids of others' events a device gives back to a restored server)."""
+        A batch sealed under another than the team's current key epoch, or while a
+        new epoch must begin, stores nothing (Pushed.rekey). Each node id belongs
+        to the device that first pushed under it: events under another device's
+        node id, or under a (node, clock) stamp another event has, store nothing
+        (Pushed.node_taken), except those at the manifest indexes in `relay` (the
+        events of others a device gives back to a restored server)."""
     @abc.abstractmethod
     def pull(self, team, after, limit, skip=None, known=None):
         """A Page after cursor `after`, from one consistent snapshot.
-        skip=(device, node_id, upto) leaves out the events that device pushed
-        under that node stamped at or below upto (the cursor still moves past
-        them); known as for push."""
+        skip=(device, node_id, upto) leaves the bodies out of the events that
+        device pushed under that node, stamped at or below upto (the page still
+        lists them, and the cursor moves past them); known as for push."""
+    @abc.abstractmethod
+    def keys(self, team, device):
+        """The team key's state for a device (see SQLStore.keys)."""
+    @abc.abstractmethod
+    def put_keys(self, team, device, identity=None, epoch=None, grants=(), approval=None,
+                 approvals=()):
+        """Store a member's identity, new epoch, grants and approvals; why not, or None."""
+    @abc.abstractmethod
+    def reseal(self, team, device, first, batch):
+        """Seal legacy events in place; how many."""
     @abc.abstractmethod
     def seen(self, key_id, nonce):
         """True if the request nonce was admitted before (a replay)."""

@@ -177,7 +177,9 @@ class PostgresDialect:
                 time.sleep(1)
 
     # -- schema and upkeep -------------------------------------------------------
-    def create_schema(self, db, statements):
+    def create_schema(self, db, statements, upgrade):
+        if self.columns(db, "events"):
+            upgrade()
         for stmt in statements:
             db.execute(stmt)
         version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -186,6 +188,16 @@ class PostgresDialect:
                              f" sk server ({SCHEMA_VERSION}): upgrade sk")
         db.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT (key) DO UPDATE"
                    " SET value = EXCLUDED.value", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def columns(db, table):
+        return {r[0] for r in db.execute("SELECT column_name FROM information_schema.columns"
+                                         " WHERE table_name = ? AND table_schema = current_schema()",
+                                         (table,))}
+
+    def scrub(self):
+        """PostgreSQL keeps deleted rows until VACUUM: run `VACUUM FULL legacy, events`
+        once a team's legacy events are sealed (sk-admin status shows how many are left)."""
 
     def backup(self, path):
         raise StoreError("sk-admin backup copies a SQLite server; for PostgreSQL use pg_dump"

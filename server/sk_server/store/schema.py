@@ -1,27 +1,51 @@
 """The server's schema, once, in words each dialect fills in ({blob}, {bigint},
 {without_rowid}); and the column lists the SQL is built from."""
 
-from sk.event import FIELDS as EVENT_COLUMNS
+SCHEMA_VERSION = 4
+# an event as the server keeps it: no type, aggregate, payload or time, only what
+# routes and de-duplicates it; its body is entry `idx` of a sealed batch
+EVENT_COLUMNS = ("event_id", "node_id", "lamport_clock")
+STORED_COLUMNS = ("seq", *EVENT_COLUMNS, "batch", "idx", "chain", "device", "received")
+BATCH_COLUMNS = ("batch", "epoch", "manifest", "sealed", "size", "device", "received")
+LEGACY_COLUMNS = ("seq", "event_type", "aggregate_type", "aggregate_id", "payload", "timestamp")
+DEVICE_COLUMNS = ("name", "team", "created", "last_seen", "revoked", "identity", "approval")
 
-SCHEMA_VERSION = 3
-STORED_COLUMNS = ("seq", *EVENT_COLUMNS, "chain", "device", "received")
-DEVICE_COLUMNS = ("name", "team", "created", "last_seen", "revoked")
+EVENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS events (
+    team          TEXT NOT NULL,
+    seq           {bigint} NOT NULL,
+    event_id      TEXT NOT NULL,
+    node_id       TEXT NOT NULL,
+    lamport_clock {bigint} NOT NULL,
+    batch         {bigint},           -- the sealed batch that holds it (NULL: in legacy)
+    idx           {bigint},           -- its place in that batch's manifest
+    chain         {blob} NOT NULL,
+    device        TEXT NOT NULL,      -- the device that pushed it
+    received      TEXT NOT NULL,
+    PRIMARY KEY (team, seq)
+){without_rowid}"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS teams (
-    team    TEXT PRIMARY KEY,
-    head    {bigint} NOT NULL DEFAULT 0,   -- last seq: dense, in commit order
-    lamport {bigint} NOT NULL DEFAULT 0,   -- highest Lamport clock stored
-    chain   {blob} NOT NULL,               -- hash chain value after event `head`
-    created TEXT NOT NULL
+    team     TEXT PRIMARY KEY,
+    head     {bigint} NOT NULL DEFAULT 0,   -- last seq: dense, in commit order
+    lamport  {bigint} NOT NULL DEFAULT 0,   -- highest Lamport clock stored
+    chain    {blob} NOT NULL,               -- hash chain value after event `head`
+    created  TEXT NOT NULL,
+    epoch    {bigint} NOT NULL DEFAULT 0,   -- the team key's current epoch (0: none yet)
+    rekey    {bigint} NOT NULL DEFAULT 0,   -- 1: a device was revoked or rotated, so nothing
+                                            -- is written until a member starts an epoch
+    approval {bigint} NOT NULL DEFAULT 0    -- 1: members grant only approved devices
 );
 CREATE TABLE IF NOT EXISTS devices (
     name      TEXT PRIMARY KEY,
     team      TEXT NOT NULL REFERENCES teams(team),
     created   TEXT NOT NULL,
     last_seen TEXT,
-    revoked   TEXT
+    revoked   TEXT,
+    identity  {blob},        -- its X25519 public key (the private half never leaves it)
+    approval  {blob}         -- a member's approval of that key, MAC'd under the team key
 );
 CREATE TABLE IF NOT EXISTS keys (
     key_id      TEXT PRIMARY KEY,
@@ -30,25 +54,51 @@ CREATE TABLE IF NOT EXISTS keys (
     created     TEXT NOT NULL,
     retired     TEXT,
     retired_why TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
+);"""+EVENTS_TABLE+""";
+CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events(team, event_id);
+CREATE INDEX IF NOT EXISTS events_stamp ON events(team, node_id, lamport_clock);
+CREATE TABLE IF NOT EXISTS batches (
+    team     TEXT NOT NULL,
+    batch    {bigint} NOT NULL,
+    epoch    {bigint} NOT NULL,
+    manifest {blob} NOT NULL,      -- the canonical manifest (sk.sealed), as the device sent it
+    sealed   {blob} NOT NULL,      -- the sealed content: nothing the server can read
+    size     {bigint} NOT NULL,
+    device   TEXT NOT NULL,
+    received TEXT NOT NULL,
+    PRIMARY KEY (team, batch)
+){without_rowid};
+-- what a team's devices pushed before end-to-end encryption, until a member seals it
+CREATE TABLE IF NOT EXISTS legacy (
     team           TEXT NOT NULL,
     seq            {bigint} NOT NULL,
-    event_id       TEXT NOT NULL,
     event_type     TEXT NOT NULL,
     aggregate_type TEXT NOT NULL,
     aggregate_id   TEXT NOT NULL,
-    lamport_clock  {bigint} NOT NULL,
-    node_id        TEXT NOT NULL,
     payload        TEXT NOT NULL,
     timestamp      TEXT NOT NULL,
-    chain          {blob} NOT NULL,
-    device         TEXT NOT NULL,
-    received       TEXT NOT NULL,
     PRIMARY KEY (team, seq)
 ){without_rowid};
-CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events(team, event_id);
-CREATE INDEX IF NOT EXISTS events_stamp ON events(team, node_id, lamport_clock);
+CREATE TABLE IF NOT EXISTS epochs (
+    team       TEXT NOT NULL,
+    epoch      {bigint} NOT NULL,
+    created_by TEXT NOT NULL,
+    start_seq  {bigint} NOT NULL,     -- the team's head when the epoch began
+    created    TEXT NOT NULL,
+    PRIMARY KEY (team, epoch)
+){without_rowid};
+-- a team key sealed to one device's identity by a member (the server cannot open it)
+CREATE TABLE IF NOT EXISTS grants (
+    team       TEXT NOT NULL,
+    epoch      {bigint} NOT NULL,
+    device     TEXT NOT NULL,
+    recipient  {blob} NOT NULL,      -- the identity it is sealed to
+    sealed     {blob} NOT NULL,
+    granted_by TEXT NOT NULL,
+    granter    {blob} NOT NULL,      -- the identity of the device that sealed it
+    created    TEXT NOT NULL,
+    PRIMARY KEY (team, epoch, device, recipient)
+){without_rowid};
 -- each node id belongs to the device that first pushed events under it
 CREATE TABLE IF NOT EXISTS nodes (
     team    TEXT NOT NULL,
@@ -80,3 +130,30 @@ CREATE TABLE IF NOT EXISTS ws_tokens (
 def statements(words):
     """The schema's statements in a dialect's words."""
     return [s.strip() for s in SCHEMA.format(**words).split(";") if s.strip()]
+
+
+def upgrade(db, words, columns):
+    """Bring a database of schema 2 or 3 (sk 0.3.0: events in plaintext) to 4:
+    the events keep their seq, id, node, clock and chain, and what the server can
+    no longer keep moves to `legacy`, until a member device seals it (see
+    SQLStore.reseal). `columns(table)` lists a table's columns; runs inside the
+    schema transaction, before statements()."""
+    if "payload" not in columns("events"):
+        return False
+    db.execute("ALTER TABLE events RENAME TO events_plain")
+    db.execute(EVENTS_TABLE.format(**words))
+    db.execute("INSERT INTO events (team, seq, event_id, node_id, lamport_clock, chain, device,"
+               " received) SELECT team, seq, event_id, node_id, lamport_clock, chain, device,"
+               " received FROM events_plain")
+    db.execute([s for s in statements(words) if "TABLE IF NOT EXISTS legacy" in s][0])
+    db.execute("INSERT INTO legacy (team, " + ", ".join(LEGACY_COLUMNS) + ") SELECT team, "
+               + ", ".join(LEGACY_COLUMNS) + " FROM events_plain")
+    db.execute("DROP TABLE events_plain")
+    for table, column, kind in (("teams", "epoch", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "rekey", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "approval", "{bigint} NOT NULL DEFAULT 0"),
+                                ("devices", "identity", "{blob}"),
+                                ("devices", "approval", "{blob}")):
+        if column not in columns(table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind.format(**words)}")
+    return True

@@ -9,12 +9,21 @@ consistent snapshot.
 
 from sk import crypto
 
-from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, check_known,
-                   follow, node_taken, now_ms, number, page_of, plan_push, secret_check,
-                   token_refusal, unwrap, usable_key, utc_now)
-from .schema import DEVICE_COLUMNS, EVENT_COLUMNS, STORED_COLUMNS, statements
+from sk import sealed
 
-SELECT_EVENTS = "SELECT seq, " + ", ".join(EVENT_COLUMNS) + ", chain FROM events"
+from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, check_known,
+                   cut_page, follow, node_taken, now_ms, number, plan_push, rekey_needed,
+                   secret_check, token_refusal, unwrap, usable_key, utc_now)
+from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUMNS, statements,
+                     upgrade)
+
+# a page's rows: the event, its batch and what it costs there, or its legacy payload's
+SELECT_PAGE = ("SELECT e.seq, e.event_id, e.batch, e.idx, e.chain, b.size, length(l.payload),"
+               " e.device, e.node_id, e.lamport_clock FROM events e"
+               " LEFT JOIN batches b ON b.team = e.team AND b.batch = e.batch"
+               " LEFT JOIN legacy l ON l.team = e.team AND l.seq = e.seq"
+               " WHERE e.team = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
+LEGACY_COST = 300                  # a legacy event's envelope, beside its payload
 SELECT_KEY = ("SELECT k.key_id, k.device, d.team, k.master, k.retired, k.retired_why, d.revoked"
               " FROM keys k JOIN devices d ON d.name = k.device WHERE k.key_id = ?")
 TOKEN_GRACE_MS = 3600_000          # used tokens are kept an hour past their expiry
@@ -27,7 +36,8 @@ class SQLStore(Store):
         self.d = dialect
         self._pruned = 0
         with self.d.write(schema=True) as db:
-            self.d.create_schema(db, statements(self.d.words))
+            self.d.create_schema(db, statements(self.d.words),
+                                 lambda: upgrade(db, self.d.words, lambda t: self.d.columns(db, t)))
             has_keys = db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
         if secret is None:
             from ..secret import SecretError, load_secret
@@ -60,15 +70,15 @@ class SQLStore(Store):
         return crypto.wrap_key(self._secret, key_id, master)
 
     # -- devices ---------------------------------------------------------------
-    def create_device(self, name, team, key_id, master):
+    def create_device(self, name, team, key_id, master, identity=None):
         now = utc_now()
         with self.d.write() as db:
             if db.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
                 raise StoreError(f"device '{name}' already exists (use --rotate for a new key)")
             db.execute("INSERT INTO teams(team, head, chain, created) VALUES (?, 0, ?, ?)"
                        " ON CONFLICT DO NOTHING", (team, GENESIS, now))
-            db.execute("INSERT INTO devices(name, team, created) VALUES (?, ?, ?)",
-                       (name, team, now))
+            db.execute("INSERT INTO devices(name, team, created, identity) VALUES (?, ?, ?, ?)",
+                       (name, team, now, identity))
             db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
                        (key_id, name, self._wrap(key_id, master), now))
 
@@ -79,7 +89,9 @@ class SQLStore(Store):
             raise StoreError(f"no device named '{name}'")
         return row[0]
 
-    def rotate_key(self, name, key_id, master):
+    def rotate_key(self, name, key_id, master, identity=None):
+        """A new key (and identity) for a device; the old ones may have leaked, so the
+        team writes nothing more until a member starts a new key epoch."""
         now = utc_now()
         with self.d.write() as db:
             if self._revoked(db, name):
@@ -88,8 +100,13 @@ class SQLStore(Store):
                        " AND retired IS NULL", (now, name))
             db.execute("INSERT INTO keys(key_id, device, master, created) VALUES (?, ?, ?, ?)",
                        (key_id, name, self._wrap(key_id, master), now))
+            db.execute("UPDATE devices SET identity = ?, approval = NULL WHERE name = ?",
+                       (identity, name))
+            self._rekey(db, name)
 
     def revoke_device(self, name):
+        """Refuse the device's key at once; the team writes nothing more until a
+        member starts a new key epoch, which the revoked device never gets."""
         now = utc_now()
         with self.d.write() as db:
             if self._revoked(db, name):
@@ -97,6 +114,12 @@ class SQLStore(Store):
             db.execute("UPDATE devices SET revoked = ? WHERE name = ?", (now, name))
             db.execute("UPDATE keys SET retired = ?, retired_why = 'revoked' WHERE device = ?"
                        " AND retired IS NULL", (now, name))
+            self._rekey(db, name)
+
+    @staticmethod
+    def _rekey(db, name):
+        db.execute("UPDATE teams SET rekey = 1 WHERE epoch > 0 AND team = (SELECT team FROM"
+                   " devices WHERE name = ?)", (name,))
 
     def list_devices(self):
         with self.d.read() as db:
@@ -137,49 +160,60 @@ class SQLStore(Store):
         return lambda seq: bytes((db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
                                              (team, seq)).fetchone() or (b"",))[0])
 
-    def push(self, team, device, rows, ticket=None, known=None, relay=()):
+    def push(self, team, device, batch, ticket=None, known=None, relay=()):
         self._maybe_prune()
         now = utc_now()
+        manifest, writer = batch.manifest, batch.writer
         with self.d.write() as db:
             if ticket is not None and not self._admit(db, *ticket):
                 return None
             # the team's row, held to the commit, orders this team's commits
-            head, lamport, chain = db.execute(
-                "SELECT head, lamport, chain FROM teams WHERE team = ?" + self.d.for_update,
-                (team,)).fetchone()
+            head, lamport, chain, epoch, rekey = db.execute(
+                "SELECT head, lamport, chain, epoch, rekey FROM teams WHERE team = ?"
+                + self.d.for_update, (team,)).fetchone()
             chain = bytes(chain)
             diverged = check_known(known, head, self._chain_at(db, team))
             if diverged:
                 return Pushed([], head, chain, diverged)
-            existing = {r[0]: r for r in self.d.events_by_id(db, team, [r[0] for r in rows])}
-            results, new, lamport = plan_push(rows, existing, lamport)
-            own = [r for r in new if r.event_id not in relay]
-            taken = self._node_taken(db, team, device, own)
+            wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
+            if wrong_epoch:
+                return Pushed([], head, chain, None, None, wrong_epoch)
+            existing = {r[0]: tuple(r) for r in
+                        self.d.events_by_id(db, team, [e[0] for e in manifest])}
+            results, new, lamport = plan_push(manifest, existing, lamport)
+            taken = self._node_taken(db, team, device,
+                                     [e for i, e in new if i not in relay])
             if taken:
                 return Pushed([], head, chain, None, taken)
             if new:
+                number_ = db.execute("SELECT coalesce(max(batch), 0) + 1 FROM batches"
+                                     " WHERE team = ?", (team,)).fetchone()[0]
+                text = sealed.canonical(manifest, writer)
+                self.d.insert_many(db, "batches", ("team", *BATCH_COLUMNS), [(
+                    team, number_, batch.epoch, text, batch.sealed,
+                    len(text) + len(batch.sealed), device, now)])
                 numbered, head, chain = number(new, head, chain)
-                self.d.insert_many(db, "events", ("team", "seq", *EVENT_COLUMNS, "chain",
-                                                  "device", "received"),
-                                   [(team, seq, *row, c, device, now) for seq, c, row in numbered])
+                self.d.insert_many(db, "events", ("team", *STORED_COLUMNS), [
+                    (team, seq, e[0], e[1], e[2], number_, idx, c, device, now)
+                    for seq, c, idx, e in numbered])
                 db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
                            (head, lamport, chain, team))
                 self.d.notify(db, team)
         return Pushed(results, head, chain, None)
 
-    def _node_taken(self, db, team, device, rows):
-        """Why the node ids of new events of `device` (not relayed) are not its
-        own, or None: a node id bound to another device, or a (node, Lamport clock)
-        stamp already given to another event (a copied home). Unbound node ids are
-        bound to `device` here."""
-        nodes = sorted({r.node_id for r in rows})
+    def _node_taken(self, db, team, device, entries):
+        """Why the node ids of new events (event_id, node_id, clock) of `device`,
+        not relayed, are not its own, or None: a node id bound to another device,
+        or a (node, clock) stamp already given to another event (a copied home).
+        Unbound node ids are bound to `device` here."""
+        nodes = sorted({e[1] for e in entries})
         if not nodes:
             return None
         bound = dict(db.execute("SELECT node_id, device FROM nodes WHERE team = ? AND node_id IN ("
                                 + ",".join("?" * len(nodes)) + ")", (team, *nodes)).fetchall())
         stamps = {}
-        for r in rows:
-            stamps.setdefault(r.node_id, {})[r.lamport_clock] = r.event_id
+        for eid, node, clock in entries:
+            stamps.setdefault(node, {})[clock] = eid
         for node in nodes:
             owner = bound.get(node)
             if owner is not None and owner != device:
@@ -201,13 +235,151 @@ class SQLStore(Store):
             head, chain = row if row else (0, GENESIS)
             diverged = check_known(known, head, self._chain_at(db, team), after)
             if diverged:
-                return Page([], after, False, None, diverged)
-            sql, args = SELECT_EVENTS + " WHERE team = ? AND seq > ?", [team, after]
-            if skip is not None:   # (device, node, upto): what the puller pushed itself
-                sql += " AND NOT (device = ? AND node_id = ? AND lamport_clock <= ?)"
-                args += skip
-            rows = self.d.iter_rows(db, sql + " ORDER BY seq LIMIT ?", (*args, limit + 1))
-            return page_of(rows, limit, head, chain)
+                return Page([], {}, {}, after, False, None, diverged)
+
+            def rows():   # (seq, event_id, batch, idx, chain, cost); left out: no batch
+                for seq, eid, batch, idx, c, size, legacy, dev, node, clock in self.d.iter_rows(
+                        db, SELECT_PAGE, (team, after, limit + 1)):
+                    if skip is not None and (dev, node) == skip[:2] and clock <= skip[2]:
+                        yield seq, eid, None, None, c, 0
+                    elif batch is None:
+                        yield seq, eid, None, None, c, (legacy or 0) + LEGACY_COST
+                    else:
+                        yield seq, eid, batch, idx, c, size
+            taken, more = cut_page(rows(), limit)
+            batches, legacy = {}, {}
+            ids = sorted({r[2] for r in taken if r[2] is not None})
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                for b, epoch, manifest, blob, dev in db.execute(
+                        "SELECT batch, epoch, manifest, sealed, device FROM batches WHERE team = ?"
+                        " AND batch IN (" + ",".join("?" * len(chunk)) + ")", (team, *chunk)):
+                    batches[b] = (epoch, bytes(manifest), bytes(blob), dev)
+            plain = [r[0] for r in taken if r[2] is None and r[5]]
+            for i in range(0, len(plain), 500):
+                chunk = plain[i:i + 500]
+                for row in db.execute(
+                        "SELECT l.seq, e.node_id, e.lamport_clock, l.event_type, l.aggregate_type,"
+                        " l.aggregate_id, l.payload, l.timestamp FROM legacy l JOIN events e"
+                        " ON e.team = l.team AND e.seq = l.seq WHERE l.team = ? AND l.seq IN ("
+                        + ",".join("?" * len(chunk)) + ")", (team, *chunk)):
+                    legacy[row[0]] = tuple(row[1:])
+        out = [(r[0], r[1], r[2], r[3]) for r in taken]
+        if more:
+            return Page(out, batches, legacy, taken[-1][0], True, bytes(taken[-1][4]), None)
+        return Page(out, batches, legacy, head, False, bytes(chain), None)
+
+    # -- team keys (the server keeps them sealed to each device's identity) -----------
+    def keys(self, team, device):
+        """What a device of `team` needs to hold and share the team key: the current
+        epoch, whether a new one must begin (rekey), the approval mode, the epochs,
+        the grants sealed to this device's identity, every member (identity,
+        revoked, approval, the epochs granted to its identity), and how many events
+        are still in legacy."""
+        with self.d.read(snapshot=True) as db:
+            epoch, rekey, approval, head = db.execute(
+                "SELECT epoch, rekey, approval, head FROM teams WHERE team = ?", (team,)).fetchone()
+            mine = db.execute("SELECT identity FROM devices WHERE name = ?", (device,)).fetchone()
+            members = []
+            for name, identity, revoked, appr in db.execute(
+                    "SELECT name, identity, revoked, approval FROM devices WHERE team = ?"
+                    " ORDER BY name", (team,)).fetchall():
+                granted = [r[0] for r in db.execute(
+                    "SELECT epoch FROM grants WHERE team = ? AND device = ? AND recipient = ?"
+                    " ORDER BY epoch", (team, name, identity))] if identity else []
+                members.append({"device": name, "identity": identity and bytes(identity),
+                                "revoked": revoked, "approval": appr and bytes(appr),
+                                "granted": granted})
+            grants = [{"epoch": e, "sealed": bytes(g), "granted_by": by, "granter": bytes(gi)}
+                      for e, g, by, gi in db.execute(
+                          "SELECT epoch, sealed, granted_by, granter FROM grants WHERE team = ?"
+                          " AND device = ? AND recipient = ? ORDER BY epoch",
+                          (team, device, mine[0] if mine else None))]
+            epochs = [{"epoch": e, "created_by": by, "start_seq": st} for e, by, st in db.execute(
+                "SELECT epoch, created_by, start_seq FROM epochs WHERE team = ? ORDER BY epoch",
+                (team,))]
+            legacy = db.execute("SELECT count(*) FROM legacy WHERE team = ?", (team,)).fetchone()[0]
+        return {"epoch": epoch, "rekey": bool(rekey), "approval": bool(approval), "head": head,
+                "identity": mine[0] and bytes(mine[0]) if mine else None, "epochs": epochs,
+                "grants": grants, "members": members, "legacy": legacy}
+
+    def put_keys(self, team, device, identity=None, epoch=None, grants=(), approval=None,
+                 approvals=()):
+        """Store what a member device sends of the team key, all in one transaction:
+        its identity (only if the server has none for it, as for a device registered
+        before protocol 2), a new epoch (only the next one: of two devices starting
+        one at once, one wins and the other learns it), grants [(epoch, device,
+        recipient identity, sealed)], the team's approval mode (once on, it stays),
+        approvals [(device, identity, record)]. Returns why something was refused,
+        or None."""
+        now = utc_now()
+        with self.d.write() as db:
+            current, head = db.execute("SELECT epoch, head FROM teams WHERE team = ?"
+                                       + self.d.for_update, (team,)).fetchone()
+            if identity is not None:
+                db.execute("UPDATE devices SET identity = ? WHERE name = ? AND identity IS NULL",
+                           (identity, device))
+            mine = db.execute("SELECT identity FROM devices WHERE name = ?", (device,)).fetchone()[0]
+            if (epoch is not None or grants or approvals) and mine is None:
+                return "this device has no identity on the server yet"
+            if epoch is not None:
+                if epoch != current + 1:
+                    return (f"epoch {epoch} cannot begin: the team's key is at epoch {current}"
+                            " (another device began one first)")
+                db.execute("UPDATE teams SET epoch = ?, rekey = 0 WHERE team = ?", (epoch, team))
+                db.execute("INSERT INTO epochs(team, epoch, created_by, start_seq, created)"
+                           " VALUES (?, ?, ?, ?, ?)", (team, epoch, device, head, now))
+                current = epoch
+            members = {n for (n,) in db.execute("SELECT name FROM devices WHERE team = ? AND"
+                                                " revoked IS NULL", (team,))}
+            for e, to, recipient, blob in grants:
+                if not 1 <= e <= current or to not in members:
+                    return f"no grant of epoch {e} to '{to}' can be stored"
+            self.d.many(db, "INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by,"
+                            " granter, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                            " ON CONFLICT DO NOTHING",
+                        [(team, e, to, recipient, blob, device, mine, now)
+                         for e, to, recipient, blob in grants])
+            if approval:
+                db.execute("UPDATE teams SET approval = 1 WHERE team = ?", (team,))
+            for to, ident, record in approvals:
+                if to not in members:
+                    return f"no device '{to}' in the team to approve"
+                db.execute("UPDATE devices SET approval = ? WHERE name = ? AND identity = ?",
+                           (record, to, ident))
+        return None
+
+    def reseal(self, team, device, first, batch):
+        """Put a sealed batch in place of the legacy (plaintext) events at seq first,
+        first + 1, ...: the manifest must be exactly theirs (id, node, clock) in seq
+        order. The plaintext is deleted. Returns how many events were sealed."""
+        manifest, now = batch.manifest, utc_now()
+        with self.d.write() as db:
+            epoch, rekey = db.execute("SELECT epoch, rekey FROM teams WHERE team = ?"
+                                      + self.d.for_update, (team,)).fetchone()
+            if rekey_needed((epoch, rekey), batch.epoch):
+                raise StoreError(f"a reseal must be sealed under the team's epoch {epoch}")
+            rows = db.execute("SELECT e.seq, e.event_id, e.node_id, e.lamport_clock FROM events e"
+                              " JOIN legacy l ON l.team = e.team AND l.seq = e.seq"
+                              " WHERE e.team = ? AND e.seq >= ? AND e.seq < ? ORDER BY e.seq",
+                              (team, first, first + len(manifest))).fetchall()
+            if [(r[1], r[2], r[3]) for r in rows] != [tuple(e) for e in manifest] or [
+                    r[0] for r in rows] != list(range(first, first + len(manifest))):
+                raise StoreError(f"the batch does not match the legacy events from seq {first}")
+            number_ = db.execute("SELECT coalesce(max(batch), 0) + 1 FROM batches WHERE team = ?",
+                                 (team,)).fetchone()[0]
+            text = sealed.canonical(manifest, batch.writer)
+            self.d.insert_many(db, "batches", ("team", *BATCH_COLUMNS), [(
+                team, number_, batch.epoch, text, batch.sealed, len(text) + len(batch.sealed),
+                device, now)])
+            self.d.many(db, "UPDATE events SET batch = ?, idx = ? WHERE team = ? AND seq = ?",
+                        [(number_, i, team, first + i) for i in range(len(manifest))])
+            db.execute("DELETE FROM legacy WHERE team = ? AND seq >= ? AND seq < ?",
+                       (team, first, first + len(manifest)))
+            left = db.execute("SELECT count(*) FROM legacy WHERE team = ?", (team,)).fetchone()[0]
+        if not left:
+            self.d.scrub()
+        return len(manifest)
 
     def seen(self, key_id, nonce):
         with self.d.read() as db:
@@ -280,7 +452,7 @@ class SQLStore(Store):
     def stats(self):
         with self.d.read(snapshot=True) as db:
             return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                    for t in ("teams", "devices", "events")}
+                    for t in ("teams", "devices", "events", "batches", "legacy")}
 
     def backup(self, path):
         self.d.backup(path)
@@ -290,22 +462,31 @@ class SQLStore(Store):
             keys = [(k[0], k[1], unwrap(self._secret, k[0], k[2]), *k[3:]) for k in db.execute(
                 "SELECT key_id, device, master, created, retired, retired_why FROM keys")]
             return {
-                "teams": [(t, h, la, bytes(c), cr) for t, h, la, c, cr in db.execute(
-                    "SELECT team, head, lamport, chain, created FROM teams ORDER BY team")],
-                "devices": db.execute("SELECT " + ", ".join(DEVICE_COLUMNS) + " FROM devices"
-                                      " ORDER BY name").fetchall(),
+                "teams": [(t, h, la, bytes(c), cr, ep, rk, ap) for t, h, la, c, cr, ep, rk, ap
+                          in db.execute("SELECT team, head, lamport, chain, created, epoch, rekey,"
+                                        " approval FROM teams ORDER BY team")],
+                "devices": [tuple(d) for d in db.execute(
+                    "SELECT " + ", ".join(DEVICE_COLUMNS) + " FROM devices ORDER BY name")],
                 "keys": keys,
                 "nonces": db.execute("SELECT key_id, nonce, expires FROM nonces"
                                      " WHERE expires >= ?", (now_ms(),)).fetchall(),
+                "epochs": db.execute("SELECT team, epoch, created_by, start_seq, created"
+                                     " FROM epochs").fetchall(),
+                "grants": db.execute("SELECT team, epoch, device, recipient, sealed, granted_by,"
+                                     " granter, created FROM grants").fetchall(),
+                "nodes": db.execute("SELECT team, node_id, device FROM nodes").fetchall(),
             }
 
     def import_meta(self, meta):
         with self.d.write() as db:
             many = self.d.many
-            many(db, "INSERT INTO teams(team, head, lamport, chain, created) VALUES (?, 0, 0, ?, ?)"
-                     " ON CONFLICT DO NOTHING", [(t[0], GENESIS, t[4]) for t in meta["teams"]])
+            many(db, "INSERT INTO teams(team, head, lamport, chain, created, epoch, rekey,"
+                     " approval) VALUES (?, 0, 0, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 [(t[0], GENESIS, t[4], t[5], t[6], t[7]) for t in meta["teams"]])
+            many(db, "UPDATE teams SET epoch = ?, rekey = ?, approval = ? WHERE team = ?"
+                     " AND epoch < ?", [(t[5], t[6], t[7], t[0], t[5]) for t in meta["teams"]])
             many(db, "INSERT INTO devices(" + ", ".join(DEVICE_COLUMNS) + ") VALUES"
-                     " (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", meta["devices"])
+                     " (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", meta["devices"])
             many(db, "UPDATE devices SET revoked = ? WHERE name = ? AND revoked IS NULL",
                  [(d[4], d[0]) for d in meta["devices"] if d[4]])
             many(db, "INSERT INTO keys(key_id, device, master, created, retired, retired_why)"
@@ -315,28 +496,54 @@ class SQLStore(Store):
                      " AND retired IS NULL", [(k[4], k[5], k[0]) for k in meta["keys"] if k[4]])
             many(db, "INSERT INTO nonces(key_id, nonce, expires) VALUES (?, ?, ?)"
                      " ON CONFLICT DO NOTHING", meta["nonces"])
+            many(db, "INSERT INTO epochs(team, epoch, created_by, start_seq, created)"
+                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", meta.get("epochs", []))
+            many(db, "INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by,"
+                     " granter, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                 meta.get("grants", []))
+            many(db, "INSERT INTO nodes(team, node_id, device) VALUES (?, ?, ?)"
+                     " ON CONFLICT DO NOTHING", meta.get("nodes", []))
 
     def export_events(self, team, after, limit):
-        with self.d.read() as db:
-            return db.execute("SELECT " + ", ".join(STORED_COLUMNS) + " FROM events"
+        """{"events": up to limit rows (STORED_COLUMNS) after seq `after`, "batches":
+        the batches they are in (BATCH_COLUMNS), "legacy": their legacy rows}."""
+        with self.d.read(snapshot=True) as db:
+            rows = db.execute("SELECT " + ", ".join(STORED_COLUMNS) + " FROM events"
                               " WHERE team = ? AND seq > ? ORDER BY seq LIMIT ?",
                               (team, after, limit)).fetchall()
+            if not rows:
+                return {"events": [], "batches": [], "legacy": []}
+            lo, hi = rows[0][0], rows[-1][0]
+            batches = db.execute("SELECT " + ", ".join(BATCH_COLUMNS) + " FROM batches WHERE"
+                                 " team = ? AND batch IN (SELECT DISTINCT batch FROM events"
+                                 " WHERE team = ? AND seq BETWEEN ? AND ?)",
+                                 (team, team, lo, hi)).fetchall()
+            legacy = db.execute("SELECT " + ", ".join(LEGACY_COLUMNS) + " FROM legacy WHERE"
+                                " team = ? AND seq BETWEEN ? AND ?", (team, lo, hi)).fetchall()
+        return {"events": rows, "batches": batches, "legacy": legacy}
 
-    def import_events(self, team, rows):
+    def import_events(self, team, chunk):
         try:
-            self._import_events(team, rows)
+            self._import_events(team, chunk)
         except self.d.data_error as e:
+            rows = chunk["events"]
             raise StoreError(f"team '{team}': events {rows[0][0]}-{rows[-1][0]} hold text"
                              f" this database cannot store: {str(e).strip().splitlines()[0]}"
                              " (a NUL character, which sk 0.2.0 let through)") from None
 
-    def _import_events(self, team, rows):
+    def _import_events(self, team, chunk):
         with self.d.write() as db:
             head, lamport, chain = db.execute(
                 "SELECT head, lamport, chain FROM teams WHERE team = ?" + self.d.for_update,
                 (team,)).fetchone()
-            head, lamport, chain, rows = follow(team, head, lamport, bytes(chain), rows)
-            self.d.insert_many(db, "events", ("team", *STORED_COLUMNS), [(team, *r) for r in rows])
+            head, lamport, chain = follow(team, head, lamport, bytes(chain), chunk["events"])
+            self.d.many(db, "INSERT INTO batches(team, " + ", ".join(BATCH_COLUMNS) + ") VALUES"
+                            " (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        [(team, *b) for b in chunk["batches"]])
+            self.d.insert_many(db, "legacy", ("team", *LEGACY_COLUMNS),
+                               [(team, *r) for r in chunk["legacy"]])
+            self.d.insert_many(db, "events", ("team", *STORED_COLUMNS),
+                               [(team, *r) for r in chunk["events"]])
             db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
                        (head, lamport, chain, team))
             self.d.notify(db, team)

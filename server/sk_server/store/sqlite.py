@@ -8,6 +8,7 @@ import sqlite3
 import threading
 
 from .base import GENESIS, StoreError, chain_next
+from .schema import EVENT_COLUMNS
 from .schema import SCHEMA_VERSION
 
 
@@ -34,6 +35,7 @@ class SQLiteDialect:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute("PRAGMA busy_timeout=60000")
+                db.execute("PRAGMA secure_delete=ON")   # what is deleted is overwritten
             except sqlite3.Error as e:
                 raise StoreError(f"cannot open server database '{self.path}': {e}") from None
             self._local.db = db
@@ -78,7 +80,6 @@ class SQLiteDialect:
         """The stored events (EVENT_COLUMNS) among `ids` of a team. INDEXED BY: left
         to itself the planner walks the whole team by primary key, and every push
         gets slower as the log grows (quadratic in all)."""
-        from .schema import EVENT_COLUMNS
         out = []
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
@@ -93,7 +94,7 @@ class SQLiteDialect:
     def listen(self, callback):
         return False
 
-    def create_schema(self, db, statements):
+    def create_schema(self, db, statements, upgrade):
         version = None
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
             version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -103,10 +104,21 @@ class SQLiteDialect:
         if version and int(version[0]) == 1:   # sk 0.2.0: no hash chain yet
             db.execute("ALTER TABLE teams ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
             db.execute("ALTER TABLE events ADD COLUMN chain BLOB NOT NULL DEFAULT x''")
+        if version:
+            upgrade()
         for stmt in statements:
             db.execute(stmt)
         _mend_chains(db)
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def columns(db, table):
+        return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+    def scrub(self):
+        """After plaintext was deleted (secure_delete overwrote it in the pages):
+        leave none of it in the write-ahead log either."""
+        self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def backup(self, path):
         """A consistent copy of the live database (SQLite online backup API)."""

@@ -1,0 +1,166 @@
+"""The team key on a device: the epochs it holds, how it gets them (a grant sealed
+to its identity by another member) and how it shares them (grants it seals for
+members that lack them), so that a device needs only its URL and API key.
+
+Every network run begins with `ensure()`: one sealed request (POST /api/keys) that
+returns the team key's state. The device opens the grants sealed to it, starts
+epoch 1 if its team has no key yet, starts the next epoch if a device was revoked
+or rotated (rekey), and seals for each member the epochs it lacks, the whole
+history included. Until it holds the current epoch it cannot push or read: it
+says so and exits 1 (WaitingForKey).
+
+Teams that do not trust the server host require approval: then a member shares
+the key only with devices a member approved (`sk team approve NAME`, which shows
+both fingerprints), an approval being a MAC under the team key, which the server
+cannot make. A device that has seen approval required never accepts it turned off.
+"""
+
+import hashlib
+import hmac
+
+from . import crypto
+from .errors import IntegrityError, SkError
+
+
+class WaitingForKey(SkError):
+    """This device holds no key of its team's current epoch yet (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, team, epoch, device=None, approval=False):
+        how = (f"run 'sk team approve {device}' on any device that has it" if approval
+               else "run 'sk sync' on any device that has it")
+        super().__init__(f"waiting for a member of team '{team}' to share the team key"
+                         f"{f' (epoch {epoch})' if epoch > 1 else ''}; {how}")
+        self.team, self.epoch = team, epoch
+
+
+def approval_record(team_key, team, device, identity):
+    """A member's approval of a device's identity: HMAC-SHA256 under a key derived
+    from the team key, which the server does not have."""
+    key = crypto.data_key(team_key, team, "approval")
+    return hmac.new(key, f"approve|{team}|{device}|".encode() + bytes(identity),
+                    hashlib.sha256).digest()
+
+
+class Keyring:
+    """The team keys this device holds, in its local store (table team_keys)."""
+
+    def __init__(self, store, api_key):
+        self.store = store
+        self.private = crypto.identity_secret(api_key)
+        self.public = crypto.identity_public(self.private)
+        self.team = store.meta("team")
+        self._keys = None
+
+    def keys(self):
+        if self._keys is None:
+            self._keys = dict(self.store.team_keys(self.team)) if self.team else {}
+        return self._keys
+
+    def get(self, epoch):
+        return self.keys().get(epoch)
+
+    def current(self):
+        """(epoch, key) of the newest epoch held, or (0, None)."""
+        keys = self.keys()
+        if not keys:
+            return 0, None
+        epoch = max(keys)
+        return epoch, keys[epoch]
+
+    def add(self, epoch, key, granted_by):
+        self.store.add_team_key(self.team, epoch, key, granted_by)
+        self.keys()[epoch] = key
+
+    # -- the key step of every network run ----------------------------------------------
+    def ensure(self, client, need=True):
+        """Bring this device's team keys up to date with the server and share them;
+        returns the key state. WaitingForKey (if need) when the current epoch is
+        not held."""
+        state = client.call("keys", {"identity": self.public.hex()})
+        for _ in range(4):
+            state = self._take(state)
+            body, pending = self._duties(state)
+            if not body:
+                break
+            state = client.call("keys", body)
+            if pending and not state.get("refused") and state["epoch"] == pending[0]:
+                self.add(*pending, "this device")
+            # refused: another member began that epoch first; the next turn takes theirs
+        if need and not self.get(state["epoch"]):
+            raise WaitingForKey(state["team"], state["epoch"], state.get("device"),
+                                bool(state.get("approval")))
+        return state
+
+    def _take(self, state):
+        """Note the team, check the approval pin and our identity, open our grants."""
+        if state.get("team") != self.team:
+            self.store.switch_team(state["team"])
+            self.team, self._keys = state["team"], None
+        if state.get("identity") not in (None, self.public.hex()):
+            raise IntegrityError("the server holds another identity for this device than its"
+                                 " key's: it is not the server this key was registered on, or"
+                                 " it was tampered with")
+        if self.store.meta("approval") == "1" and not state.get("approval"):
+            raise IntegrityError(f"team '{self.team}' requires approval, but the server says it"
+                                 " does not: refusing to share the team key")
+        if state.get("approval"):
+            self.store.set_meta(approval=1)
+        for g in state.get("grants", []):
+            if self.get(g["epoch"]) is not None:
+                continue
+            try:
+                key = crypto.open_grant(self.team, g["epoch"], bytes.fromhex(g["sealed"]),
+                                        self.private, bytes.fromhex(g["granter"]))
+            except (crypto.CryptoError, ValueError):
+                continue   # not for this identity, or forged: worthless either way
+            self.add(g["epoch"], key, g["granted_by"])
+        return state
+
+    def eligible(self, state):
+        """The members this device shares the team key with: not revoked, with an
+        identity, and (where approval is required) approved by a member."""
+        out = []
+        for m in state["members"]:
+            if m["revoked"] or not m["identity"]:
+                continue
+            ident = bytes.fromhex(m["identity"])
+            if state.get("approval") and ident != self.public and not self._approved(m, ident):
+                continue
+            out.append((m, ident))
+        return out
+
+    def _approved(self, member, identity):
+        record = member.get("approval")
+        if not record:
+            return False
+        return any(hmac.compare_digest(bytes.fromhex(record),
+                                       approval_record(key, self.team, member["device"], identity))
+                   for key in self.keys().values())
+
+    def _duties(self, state):
+        """What this device must send, and the epoch it begins (epoch, key) or None:
+        epoch 1 for a team with no key, the next epoch after a revocation or
+        rotation, and grants for each member (itself too: another home with its key
+        reads through them) of the epochs it holds and the member lacks.
+        ({}, None) when there is nothing to do."""
+        epoch = state["epoch"]
+        pending = None
+        if epoch == 0 or (state.get("rekey") and self.get(epoch) is not None):
+            pending = (epoch + 1, crypto.new_team_key())
+        held = dict(self.keys())
+        if pending:
+            held[pending[0]] = pending[1]
+        grants = []
+        for m, ident in self.eligible(state):
+            for e in sorted(set(held) - set(m["granted"])):
+                grants.append({"epoch": e, "device": m["device"], "recipient": ident.hex(),
+                               "sealed": crypto.seal_grant(self.team, e, held[e], self.private,
+                                                           ident).hex()})
+        if pending is None and not grants:
+            return {}, None
+        body = {"grants": grants}
+        if pending:
+            body["epoch"] = pending[0]
+        return body, pending

@@ -1,0 +1,139 @@
+"""The sealed data format (protocol 2): what the server stores and can neither read
+nor forge. One description, here; PROTOCOL.md says the same for other clients.
+
+A batch is the events of one push, sealed together under the team's key of one
+epoch (compress before encrypt, one AES-GCM call a batch):
+
+manifest   what the server needs to route and de-duplicate, in the clear: for each
+           event, in order, [event_id, node_id, lamport_clock]; and the writer's
+           point, the (seq, chain) of the team's log the writing device had seen
+           when it sealed them (seq 0 and no chain if none).
+content    gzip(JSON {"events": [[event_type, aggregate_type, aggregate_id, payload,
+           timestamp, extra], ...]}), in the manifest's order; extra is an object
+           (keys it does not know are kept out of the state, never an error).
+blob       crypto.seal_data(data_key(team key, team, "events"), content, ad)
+ad         "sk/2 batch|<team>|<epoch>|" + hex SHA-256 of the canonical manifest:
+           "sk/2 manifest\\n<writer seq>\\t<writer chain hex>\\n" then for each event
+           "<event_id>\\t<node_id>\\t<lamport_clock>\\n".
+
+So a body cannot move to another team (its key and its ad name the team), epoch,
+event id, node or clock (the manifest is authenticated), and a reader can check
+that the server placed each event after its writer's point, never before.
+"""
+
+import hashlib
+import re
+import zlib
+
+from .crypto import data_key, open_data, seal_data
+from .event import MAX_LAMPORT, Event, EventError, check_stamped, dumps, loads
+
+_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
+MAX_CONTENT = 8 * 1024 * 1024    # a batch's content inflates to at most this (wire.MAX_PLAIN)
+
+
+class SealedError(ValueError):
+    """A sealed batch that does not authenticate, or whose clear part is malformed."""
+
+
+class Unauthentic(SealedError):
+    """It does not authenticate under this team's key with this manifest: it was
+    altered, or moved, or it is not what the server says it is."""
+
+
+class Invalid(SealedError):
+    """It authenticates, so a member sealed it, but what it holds is not valid
+    events (a bad or broken client)."""
+
+
+def check_manifest(manifest, writer):
+    """Validate a manifest [[event_id, node_id, lamport]] and writer (seq, chain hex
+    or "") from the wire; returns them as tuples. SealedError if malformed."""
+    if not isinstance(manifest, list) or not manifest:
+        raise SealedError("a batch's manifest must be a non-empty list")
+    out = []
+    for entry in manifest:
+        if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
+                or not _ID_RE.fullmatch(entry[0]) or not isinstance(entry[1], str)
+                or not _NODE_RE.fullmatch(entry[1]) or type(entry[2]) is not int
+                or not 1 <= entry[2] <= MAX_LAMPORT):
+            raise SealedError(f"malformed manifest entry {str(entry)[:120]}")
+        out.append((entry[0], entry[1], entry[2]))
+    seq, chain = writer if writer is not None else (0, "")
+    if (type(seq) is not int or not 0 <= seq < 2 ** 63 or not isinstance(chain, str)
+            or (chain and not re.fullmatch(r"[0-9a-f]{64}", chain))):
+        raise SealedError("malformed writer point")
+    return out, (seq, chain)
+
+
+def canonical(manifest, writer):
+    seq, chain = writer
+    return ("sk/2 manifest\n" + f"{int(seq)}\t{chain}\n"
+            + "".join(f"{e}\t{n}\t{int(c)}\n" for e, n, c in manifest)).encode("utf-8")
+
+
+def batch_ad(team, epoch, manifest, writer):
+    digest = hashlib.sha256(canonical(manifest, writer)).hexdigest()
+    return f"sk/2 batch|{team}|{int(epoch)}|{digest}".encode("utf-8")
+
+
+def _content(events, extras):
+    """The content JSON text, built around each event's stored payload text."""
+    parts = []
+    for ev, extra in zip(events, extras):
+        parts.append(f"[{dumps(ev.event_type)},{dumps(ev.aggregate_type)},"
+                     f"{dumps(ev.aggregate_id)},{ev.payload},{dumps(ev.timestamp)},"
+                     f"{dumps(extra or {})}]")
+    return '{"events":[' + ",".join(parts) + "]}"
+
+
+def seal_batch(team, epoch, team_key, events, writer=None, extras=None, nonce=None):
+    """Seal Events: (manifest [[id, node, clock]], writer (seq, chain), blob)."""
+    manifest = [(ev.event_id, ev.node_id, ev.lamport_clock) for ev in events]
+    writer = writer or (0, "")
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    content = c.compress(_content(events, extras or [None] * len(events)).encode()) + c.flush()
+    blob = seal_data(data_key(team_key, team, "events"), content,
+                     batch_ad(team, epoch, manifest, writer), nonce)
+    return [list(m) for m in manifest], writer, blob
+
+
+def open_batch(team, epoch, team_key, manifest, writer, blob):
+    """The events of a sealed batch, in the manifest's order: [(Event, extra)].
+    SealedError if it does not authenticate under this team's key of `epoch` with
+    this manifest, or if what it holds is not valid events."""
+    from .crypto import CryptoError
+    try:
+        content = open_data(data_key(team_key, team, "events"), blob,
+                            batch_ad(team, epoch, manifest, writer), "sealed batch")
+    except CryptoError as e:
+        raise Unauthentic(str(e)) from None
+    d = zlib.decompressobj(31)
+    try:
+        text = d.decompress(content, MAX_CONTENT)
+        if d.unconsumed_tail or not d.eof:
+            raise Invalid("a sealed batch's content is too large or truncated")
+        rows = loads(text)["events"]
+    except (zlib.error, ValueError, KeyError, TypeError, RecursionError) as e:
+        if isinstance(e, SealedError):
+            raise
+        raise Invalid(f"a sealed batch's content is not what it should be: {e}") from None
+    if not isinstance(rows, list) or len(rows) != len(manifest):
+        raise Invalid("a sealed batch holds another number of events than its manifest")
+    out = []
+    for (eid, node, clock), row in zip(manifest, rows):
+        if not isinstance(row, list) or len(row) != 6 or not isinstance(row[5], dict):
+            raise Invalid(f"event {eid} in a sealed batch is malformed")
+        try:
+            ev = check_stamped({"event_id": eid, "event_type": row[0], "aggregate_type": row[1],
+                                "aggregate_id": row[2], "lamport_clock": clock, "node_id": node,
+                                "payload": row[3], "timestamp": row[4]}, new=False)
+        except EventError as e:
+            raise Invalid(f"event {eid} in a sealed batch is invalid: {e}") from None
+        out.append((ev, row[5]))
+    return out
+
+
+__all__ = ["Event", "Invalid", "SealedError", "Unauthentic", "batch_ad", "canonical",
+           "check_manifest", "open_batch", "seal_batch"]
