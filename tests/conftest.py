@@ -178,6 +178,7 @@ class ServerProcess:
         self.log = Path(log)
         self.extra = list(extra)
         self.proc = None
+        self.homes, self.teams = [], {}
 
     def start(self, timeout=20):
         self._log = open(self.log, "ab")
@@ -244,8 +245,103 @@ def device(tmp_path, server):
         home = tmp_path / f"dev-{name}"
         key = server.register(name, team)
         sk("sk", "sync", "setup", "--server", server.url, "--key", key, home=home, check=0)
+        share_key(server, team)
+        server.homes.append(home)   # a member's keys open what the server holds (opened_log)
+        server.teams[home] = team
         return home
     return make
+
+
+def share_key(server, team):
+    """A member of `team` (a device made by `device`) that holds the team key shares
+    it, as its next sync would: `sk team members` runs the key step alone."""
+    for home in server.homes:
+        if server.teams.get(home) == team and (home / "sk.db").exists() and query(
+                home / "sk.db", "SELECT 1 FROM team_keys LIMIT 1"):
+            sk("sk", "team", "members", "-q", home=home, check=0)
+            return
+
+
+def member_push(home, events, **body):
+    """Push event dicts (complete and stamped) as the device of `home` would, sealed
+    under its team key: the server's answer. For events sk-stamp would never make."""
+    from sk.config import Config
+    from sk.event import check_stamped
+    from sk.keyring import Keyring
+    from sk.protocol import known_out, push_body
+    from sk.store import open_store
+    from sk.sync import open_client
+    cfg = Config(home)
+    store, client = open_store(cfg), open_client(cfg)
+    try:
+        ring = Keyring(store, cfg.api_key)
+        ring.ensure(client)
+        batch = [(0, check_stamped(ev, new=False), False) for ev in events]
+        request, attachments = push_body(batch, ring, known_out(store))
+        return client.call("push", {**request, **body}, attachments)
+    finally:
+        client.close()
+        store.close()
+
+
+# -- sealed batches, as a member seals them (for tests below the commands) --------------
+def team_key(team, epoch=1):
+    """A team key for tests that speak to a store or an app directly: the server
+    never sees one, so any key a test's members share will do."""
+    import hashlib
+    return hashlib.sha256(f"test team key|{team}|{epoch}".encode()).digest()
+
+
+def sealed_batch(team, events, epoch=1, writer=None, key=None, extras=None):
+    """A store Batch of event dicts (complete, stamped) or Events, sealed under the
+    team's key of `epoch` as a member device would seal them."""
+    from sk.event import Event, check_stamped
+    from sk.sealed import seal_batch
+    from sk_server.store import Batch
+    evs = [e if isinstance(e, Event) else check_stamped(e, new=False) for e in events]
+    manifest, point, blob = seal_batch(team, epoch, key or team_key(team, epoch), evs, writer,
+                                       extras)
+    return Batch(epoch, [tuple(m) for m in manifest], point, blob)
+
+
+def push_request(team, events, epoch=1, writer=None, key=None, relay=(), known=None):
+    """(body, attachments) of a push of event dicts, sealed as a member would."""
+    b = sealed_batch(team, events, epoch, writer, key)
+    body = {"epoch": b.epoch, "events": [list(m) for m in b.manifest], "relay": list(relay),
+            "writer": {"seq": b.writer[0], "chain": b.writer[1]} if writer else None}
+    if known is not None:
+        body["known"] = known
+    return body, [b.sealed]
+
+
+def begin_epoch(store, team, device, epoch=1):
+    """Begin the team's key epoch in a store, as its first member's sync does (the
+    key itself is the test's: team_key)."""
+    why = store.put_keys(team, device, epoch=epoch)
+    assert why is None, why
+
+
+def open_page(page, team, keys=None):
+    """The events of a pull answer or events frame, opened: [event dict + "seq"]
+    (rows of the puller's own events, left out, as {"seq", "event_id", "own": True})."""
+    from sk.protocol import _manifest
+    from sk.sealed import open_batch
+    opened = []
+    for b, blob in zip(page["batches"], page.get("attachments", [])):
+        key = (keys or {}).get(b["epoch"]) or team_key(team, b["epoch"])
+        opened.append(open_batch(team, b["epoch"], key, *_manifest(b["manifest"]), blob))
+    out = []
+    for seq, where, what in page["rows"]:
+        if where is None:
+            out.append({"seq": seq, "event_id": what, "own": True})
+        elif where == "legacy":
+            keys_ = ("event_id", "node_id", "lamport_clock", "event_type", "aggregate_type",
+                     "aggregate_id", "payload", "timestamp")
+            out.append({**dict(zip(keys_, what)), "seq": seq, "legacy": True})
+        else:
+            ev, _ = opened[where][what]
+            out.append({**ev.to_dict(), "seq": seq})
+    return out
 
 
 def have(tool):
@@ -304,8 +400,51 @@ def unstamped_count(home):
         return c.execute("SELECT count(*) FROM unstamped").fetchone()[0]
 
 
-def server_rows(server, sql="SELECT aggregate_type, aggregate_id, event_id FROM events"):
-    return query(server.db, sql)
+def opened_log(server, homes=None):
+    """The server's log as a member reads it: every stored event, its sealed batch
+    opened with the team keys the member homes hold (the server cannot), or its
+    legacy plaintext. [{"team", "seq", "event_id", "event_type", ...}] by team, seq."""
+    from sk.sealed import open_batch
+    from sk.protocol import _manifest
+    keys = {}
+    for home in homes if homes is not None else getattr(server, "homes", []):
+        db = Path(home) / "sk.db"
+        if db.exists():
+            for team, epoch, key in query(db, "SELECT team, epoch, key FROM team_keys"):
+                keys[(team, epoch)] = bytes(key)
+    batches = {(t, b): (e, bytes(m).decode(), bytes(x)) for t, b, e, m, x in query(
+        server.db, "SELECT team, batch, epoch, manifest, sealed FROM batches")}
+    legacy = {(r[0], r[1]): r[2:] for r in query(
+        server.db, "SELECT team, seq, event_type, aggregate_type, aggregate_id, payload,"
+                   " timestamp FROM legacy")}
+    opened, out = {}, []
+    for team, seq, eid, node, clock, batch, idx in query(
+            server.db, "SELECT team, seq, event_id, node_id, lamport_clock, batch, idx FROM events"
+                       " ORDER BY team, seq"):
+        row = {"team": team, "seq": seq, "event_id": eid, "node_id": node, "lamport_clock": clock}
+        if batch is None:
+            etype, atype, aid, payload, ts = legacy[(team, seq)]
+            row.update(event_type=etype, aggregate_type=atype, aggregate_id=aid,
+                       payload=json.loads(payload), timestamp=ts)
+        else:
+            if (team, batch) not in opened:
+                epoch, text, blob = batches[(team, batch)]
+                assert (team, epoch) in keys, f"no member home holds team {team}'s epoch {epoch}"
+                opened[(team, batch)] = open_batch(team, epoch, keys[(team, epoch)],
+                                                   *_manifest(text), blob)
+            ev, extra = opened[(team, batch)][idx]
+            assert ev.event_id == eid, (team, seq)
+            row.update(ev.to_dict(), extra=extra)
+        out.append(row)
+    return out
+
+
+def server_rows(server, sql=None):
+    """What the server holds: rows of `sql` on its database, or (aggregate_type,
+    aggregate_id, event_id) of every event, opened as a member reads it."""
+    if sql is not None:
+        return query(server.db, sql)
+    return [(e["aggregate_type"], e["aggregate_id"], e["event_id"]) for e in opened_log(server)]
 
 
 def server_count(server):

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import (append, check_server_log, counts_line, ev, is_pg, log, query, run,
+from conftest import (append, opened_log, check_server_log, counts_line, ev, is_pg, log, query, run,
                       server_count, server_rows, state, status, sync, unstamped_count)
 
 KEY_RE = re.compile(r"^sk1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}$")
@@ -412,12 +412,12 @@ def test_register_list_and_team_isolation(server, device, tmp_path):
     for home in (a, c):
         assert {e["aggregate_id"] for e in log(home)} == {"RED-1", "RED-2"}
     assert {e["aggregate_id"] for e in log(b)} == {"BLUE-1"}
-    teams = dict(server_rows(server, "SELECT aggregate_id, team FROM events"))
+    teams = {e["aggregate_id"]: e["team"] for e in opened_log(server)}
     assert teams == {"RED-1": "red", "RED-2": "red", "BLUE-1": "blue"}
 
     run("sk-register", "--revoke", "c", "--db", server.db)
     lines = run("sk-register", "--list", "--db", server.db).stdout.splitlines()
-    assert lines[0].split() == ["name", "team", "created", "last_seen", "revoked"]
+    assert lines[0].split() == ["name", "team", "created", "last_seen", "revoked", "fingerprint"]
     rows = {r.split()[0]: r.split() for r in lines[1:]}
     assert set(rows) == {"solo", "a", "b", "c"}
     assert rows["a"][1] == "red" and rows["b"][1] == "blue" and rows["solo"][1] == "green"

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from conftest import ServerProcess, free_port
-from conftest import (append, check_server_log, ev, log, run, server_rows, state, status,
+from conftest import (append, member_push, check_server_log, ev, log, run, server_rows, state, status,
                       sync)
 
 FAKE_KEY = "sk1.0123456789abcdef." + "A" * 43
@@ -386,19 +386,14 @@ def test_server_on_a_port_in_use_says_so(tmp_path):
 # -- 11. revoked key, wrong seal ---------------------------------------------------------------
 # -- 12. a Lamport clock at the limit ----------------------------------------------------------
 def test_lamport_clock_at_the_limit_is_rejected(server, device):
-    from sk.client import Client
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", "feature:F-1", {"n": 1})])
     sync(a)
-    key = server.register("evil")
+    evil = device("evil")
     bad = {"event_id": str(uuid.uuid4()), "event_type": "feature_updated",
            "aggregate_type": "feature", "aggregate_id": "F-1", "lamport_clock": 2 ** 63 - 1,
            "node_id": "evil-node", "payload": {"n": 666}, "timestamp": "2026-01-31T12:00:00Z"}
-    c = Client(server.url, key, timeout=20)
-    try:
-        answer = c.push([bad])
-    finally:
-        c.close()
+    answer = member_push(evil, [bad])
     [res] = answer["results"]
     assert res["event_id"] == bad["event_id"] and res["status"] == "rejected", res
     assert "2^32" in res["reason"], res

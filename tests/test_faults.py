@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import command, query, sk, wait_until
+from conftest import command, opened_log, query, sk, wait_until
 from conftest import run as _run
 
 SEED = 20240917
@@ -52,8 +52,9 @@ def append(home, tag, n, stamp=False):
 
 
 def server_events(server):
-    """[(aggregate_id, event_id)] of every event in the server's table."""
-    return query(server.db, "SELECT aggregate_id, event_id FROM events")
+    """[(aggregate_id, event_id)] of every event the server holds, opened with the
+    team key its member devices hold (the server itself cannot read them)."""
+    return [(e["aggregate_id"], e["event_id"]) for e in opened_log(server)]
 
 
 def server_count(server):

@@ -13,12 +13,13 @@ import sqlite3
 import subprocess
 import threading
 import time
+import struct
 import uuid
 import zlib
 
 import pytest
 
-from conftest import (HTTPServerThread, QuietHandler, append, command, log, run, server_count, state, status, sync,
+from conftest import (HTTPServerThread, begin_epoch, member_push, push_request, query, QuietHandler, append, command, log, run, server_count, state, status, sync,
                       wait_until)
 from sk import crypto, wire
 
@@ -102,7 +103,6 @@ def test_a_copied_home_with_the_same_key_is_detected(server, device, tmp_path):
 
 
 def test_a_device_cannot_push_under_another_devices_node_id(server, device):
-    from sk.client import Client
     a, b = device("a"), device("b")
     append(a, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "1"}])
     sync(a)
@@ -110,8 +110,7 @@ def test_a_device_cannot_push_under_another_devices_node_id(server, device):
     forged = {"event_id": str(uuid.uuid4()), "event_type": "x_set", "aggregate_type": "x",
               "aggregate_id": "1", "lamport_clock": 999, "node_id": node,
               "payload": {"forged": True}, "timestamp": "2026-01-31T12:00:00Z"}
-    b_key = (b / ".env").read_text().split("SK_API_KEY='")[1].split("'")[0]
-    answer = Client(server.url, b_key).push([forged])
+    answer = member_push(b, [forged])
     assert answer["node_taken"]["device"] == "a" and "results" not in answer
     assert server_count(server) == 1
 
@@ -159,22 +158,28 @@ def test_a_deep_event_the_server_stored_long_ago_blocks_no_one(server, device, w
     a, b = device("a"), device("b")
     sync(a)
     text = '{"v":' * 976 + "1" + "}" * 976
-    with sqlite3.connect(server.db) as db:
+    with sqlite3.connect(server.db) as db:   # as 0.3.0 stored it: in plaintext (legacy now)
         head, chain = db.execute("SELECT head, chain FROM teams WHERE team = 'default'").fetchone()
         eid = str(uuid.uuid4())
         import hashlib
         new_chain = hashlib.sha256(chain + eid.encode()).digest()
-        db.execute("INSERT INTO events(team, seq, event_id, event_type, aggregate_type,"
-                   " aggregate_id, lamport_clock, node_id, payload, timestamp, chain, device,"
-                   " received) VALUES ('default', ?, ?, 'x_set', 'x', 'deep', 5, 'old-node',"
-                   " ?, '2026-01-31T12:00:00Z', ?, 'a', '2026-01-31T12:00:00Z')",
-                   (head + 1, eid, text, new_chain))
+        db.execute("INSERT INTO events(team, seq, event_id, node_id, lamport_clock, chain, device,"
+                   " received) VALUES ('default', ?, ?, 'old-node', 5, ?, 'a',"
+                   " '2026-01-31T12:00:00Z')", (head + 1, eid, new_chain))
+        db.execute("INSERT INTO legacy(team, seq, event_type, aggregate_type, aggregate_id,"
+                   " payload, timestamp) VALUES ('default', ?, 'x_set', 'x', 'deep', ?,"
+                   " '2026-01-31T12:00:00Z')", (head + 1, text))
         db.execute("UPDATE teams SET head = ?, chain = ? WHERE team = 'default'",
                    (head + 1, new_chain))
+    for home in (a, b):   # devices that synced with that 0.3.0 server read its plaintext
+        with sqlite3.connect(home / "sk.db") as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('legacy_trust', '1')")
     w = watch(b)
     # (the test reads sk-log's text: this process's own JSON parser stops short of 976 levels)
     wait_until(lambda: eid in run("sk-log", home=b).stdout, 30, "the watcher to take it")
     assert "Traceback" not in server.log.read_text(errors="replace")
+    sync(a)   # a member that read it in plaintext seals it: no plaintext left on the server
+    assert query(server.db, "SELECT count(*) FROM legacy") == [(0,)]
     c = device("c")
     sync(c)
     assert eid in run("sk-log", home=c).stdout
@@ -402,18 +407,20 @@ def test_a_replay_is_refused_right_after_the_seal(tmp_path, monkeypatch):
     from sk_server import create_app, devices
     app = create_app({"DB": str(tmp_path / "s.db"), "AUTH_FAIL_LIMIT": 5})
     key = devices.register(app.extensions["sk_store"], "a")
+    begin_epoch(app.extensions["sk_store"], "default", "a")
     key_id, _ = crypto.parse_api_key(key)
     master = crypto.derive_master(key)
     events = [{"event_id": str(uuid.uuid4()), "event_type": "x_set", "aggregate_type": "x",
                "aggregate_id": f"{i}", "lamport_clock": i + 1, "node_id": "n",
                "payload": {"v": i}, "timestamp": "2026-01-31T12:00:00Z"} for i in range(1000)]
-    blob, _ = wire.seal_request(master, key_id, "push", {"events": events})
+    blob, _ = wire.seal_request(master, key_id, "push", *push_request("default", events))
     client = app.test_client()
-    headers = {wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id}
+    headers = {wire.PROTOCOL_HEADER: "2", wire.KEY_HEADER: key_id}
     assert client.post("/api/push", data=blob, headers=headers).status_code == 200
     inflated = []
     real = wire.decompress
     monkeypatch.setattr(wire, "decompress", lambda *a, **k: inflated.append(1) or real(*a, **k))
+    monkeypatch.setattr(wire, "unpack", lambda *a, **k: inflated.append(1) or real(*a, **k))
     codes = [client.post("/api/push", data=blob, headers=headers).status_code for _ in range(7)]
     assert codes == [400] * 5 + [429] * 2
     assert inflated == []
@@ -433,7 +440,8 @@ def test_a_push_bomb_costs_the_server_little_memory(server, device):
     for n in (22 << 20, 2 << 20):   # 64 MiB of {}: over the size; 6 MiB: over the shape
         z = zlib.compressobj(9, zlib.DEFLATED, 31)
         gz = z.compress(b'{"events":[' + b"{}," * n) + z.compress(b"{}]}") + z.flush()
-        blob = crypto.seal(crypto.direction_key(master, crypto.C2S), gz,
+        framed = struct.pack(">II", 0, len(gz)) + gz      # wire.pack's frame, no attachment
+        blob = crypto.seal(crypto.direction_key(master, crypto.C2S), framed,
                            wire._context(crypto.C2S, key_id, "push"))
         assert len(blob) < 200_000
         st, _, _, data = c.transport.post("/api/push", c.headers, blob, 30, wire.MAX_BODY)

@@ -27,7 +27,8 @@ import requests
 import websocket
 from websocket import ABNF
 
-from conftest import BACKENDS, ROOT, ServerProcess, new_server_db, query, run, wait_until
+from conftest import (BACKENDS, ROOT, ServerProcess, member_push, new_server_db, opened_log,
+                      push_request, query, run, wait_until)
 from sk import PROTOCOL_VERSION, crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -144,6 +145,20 @@ def log_ids(home):
 def local_log(home):
     """How many events a device's local log holds."""
     return query(home / "sk.db", "SELECT count(*) FROM events")[0][0]
+
+
+def begin_epoch(client, api_key):
+    """Begin the team's first key epoch as its first member would (keys endpoint),
+    so that a test may push batches sealed under conftest.team_key: the server
+    never checks what they are sealed with."""
+    identity = crypto.identity_public(crypto.identity_secret(api_key)).hex()
+    state = client.call("keys", {"identity": identity, "epoch": 1})
+    assert "refused" not in state and state["epoch"] == 1 and not state["rekey"], state
+
+
+def rest_push(client, team, events):
+    """A REST push of `events`, sealed as a member seals them: the server's answer."""
+    return client.call("push", *push_request(team, events))
 
 
 def raw_post(url, endpoint, key_id, blob):
@@ -270,10 +285,11 @@ def test_request_replayed_to_another_server_is_refused(cluster3):
     team = f"replay-{t}"
     key = cluster3.register(f"r-{t}", team)
     client = Client(cluster3.url, key)
+    begin_epoch(client, key)
     a, *others = [s.url for s in cluster3.servers]
 
     ev = new_event(f"node-{t}", 0)
-    blob, _ = wire.seal_request(client.master, client.key_id, "push", {"events": [ev]})
+    blob, _ = wire.seal_request(client.master, client.key_id, "push", *push_request(team, [ev]))
     r = raw_post(a, "push", client.key_id, blob)
     assert r.status_code == 200, r.text
     for url in others:
@@ -290,7 +306,8 @@ def test_request_replayed_to_another_server_is_refused(cluster3):
     urls = [s.url for s in cluster3.servers]
     for i in range(1, 6):
         ev = new_event(f"node-{t}", i)
-        blob, _ = wire.seal_request(client.master, client.key_id, "push", {"events": [ev]})
+        blob, _ = wire.seal_request(client.master, client.key_id, "push",
+                                    *push_request(team, [ev]))
         gate = threading.Barrier(len(urls))
 
         def send(url, blob=blob, gate=gate):
@@ -310,7 +327,7 @@ def test_request_replayed_to_another_server_is_refused(cluster3):
 
         def push(url, evs=evs, gate=gate):
             gate.wait(TIMEOUT)
-            return [r["status"] for r in Client(url, key).push(evs)["results"]]
+            return [r["status"] for r in rest_push(Client(url, key), team, evs)["results"]]
         with ThreadPoolExecutor(len(urls)) as pool:
             answers = list(pool.map(push, urls))
         for j in range(len(evs)):
@@ -364,6 +381,8 @@ def test_revoked_key_is_refused_by_every_server_at_once(cluster3, tmp_path):
     home, key = cluster3.device(tmp_path, f"rv-{t}", team)
     keep_home, _ = cluster3.device(tmp_path, f"keep-{t}", team)
     urls = [s.url for s in cluster3.servers]
+    for h in (home, keep_home):   # both hold the team's key (epoch 1) before the revocation
+        run("sk", "sync", "-q", home=h)
     for url in urls:
         check(home, url, 0)
 
@@ -380,6 +399,15 @@ def test_revoked_key_is_refused_by_every_server_at_once(cluster3, tmp_path):
     mine = append(keep_home, 3, "kept")
     run("sk", "sync", "-q", home=keep_home)
     assert server_log(cluster3.db, team) == mine
+    # its sync began the next key epoch (the revocation asked for one), not sealed to the
+    # revoked device, and what it pushed is sealed under it
+    assert query(cluster3.db, "SELECT epoch, rekey FROM teams WHERE team = ?", (team,)) == [(2, 0)]
+    granted = query(cluster3.db, "SELECT DISTINCT device FROM grants WHERE team = ? AND epoch = 2",
+                    (team,))
+    assert (f"rv-{t}",) not in granted, granted
+    assert query(cluster3.db, "SELECT DISTINCT b.epoch FROM events e JOIN batches b ON"
+                              " b.team = e.team AND b.batch = e.batch WHERE e.team = ?",
+                 (team,)) == [(2,)]
     for url in urls:
         check(keep_home, url, 0)
 
@@ -392,7 +420,8 @@ def test_watcher_on_one_server_gets_events_pushed_through_another_at_once(cluste
     team = f"live-{t}"
     s1, s2 = cluster3.servers[0], cluster3.servers[1]
     home, _ = cluster3.device(tmp_path, f"w-{t}", team, server=s1.url)
-    pusher = Client(s2.url, cluster3.register(f"pusher-{t}", team))
+    pusher, _ = cluster3.device(tmp_path, f"pusher-{t}", team, server=s2.url)
+    run("sk", "sync", "-q", home=home)     # the team's key: begun, and sealed to the pusher
     db = str(home / "sk.db")
     w = Watcher(home, tmp_path)
     try:
@@ -401,7 +430,7 @@ def test_watcher_on_one_server_gets_events_pushed_through_another_at_once(cluste
         for i in range(20):
             ev = new_event(f"node-{t}", i)
             t0 = time.monotonic()
-            assert pusher.push([ev])["results"][0]["status"] == "accepted"
+            assert member_push(pusher, [ev])["results"][0]["status"] == "accepted"
             wait_until(lambda: query(db, "SELECT 1 FROM events WHERE event_id = ?",
                                      (ev["event_id"],)), 5, f"event {i} at the watcher",
                        interval=0.003)
@@ -410,7 +439,6 @@ def test_watcher_on_one_server_gets_events_pushed_through_another_at_once(cluste
         assert w.proc.poll() is None, w.text()
     finally:
         w.kill()
-        pusher.close()
     med = statistics.median(latencies)
     print(f"\nwatcher on server 1, pushes through server 2: median {med * 1000:.0f} ms,"
           f" max {max(latencies) * 1000:.0f} ms over {len(latencies)} events")
@@ -518,8 +546,9 @@ def test_migrate_sqlite_server_to_two_postgresql_servers(request, tmp_path):
         for s in servers:
             s.stop()
 
-    rows = query(url, "SELECT seq, event_id, lamport_clock, node_id, aggregate_id FROM events"
-                      " WHERE team = 'core' ORDER BY seq")
+    # what the server holds, as a member reads it: every sealed batch moved and opens
+    rows = [(e["seq"], e["event_id"], e["lamport_clock"], e["node_id"], e["aggregate_id"])
+            for e in opened_log(servers[0], homes.values()) if e["team"] == "core"]
     assert [r[0] for r in rows] == list(range(1, head + 501)), "sequence not dense"
     stored = {r[1:] for r in rows}
     assert len(stored) == len(rows) == len({r[1] for r in rows}), "an event is twice on the server"

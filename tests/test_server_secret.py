@@ -8,7 +8,7 @@ from contextlib import closing
 
 import pytest
 
-from sk import crypto, wire
+from sk import PROTOCOL_VERSION, crypto, wire
 from sk.client import Client
 from sk.errors import AuthError, Unreachable
 from sk_server import create_app, devices
@@ -16,6 +16,8 @@ from sk_server.secret import SecretError, load_secret
 from sk_server.store import StoreError, open_store, sqlite_store
 
 from conftest import BACKENDS, ServerProcess, new_server_db, query, sk
+
+VERSION = str(PROTOCOL_VERSION)   # the protocol header every request carries
 
 
 def test_secret_is_created_beside_a_new_database_with_mode_600(tmp_path):
@@ -34,6 +36,41 @@ def test_key_material_is_wrapped_not_the_plain_master(server_db):
     master = crypto.derive_master(key)
     assert master not in stored and len(stored) == 1 + 12 + 32 + 16
     assert store.get_key(key_id).master == master
+
+
+def test_the_server_keeps_only_the_public_half_of_an_identity(server_db):
+    """A device's identity private key (what the team key is sealed to) and its API
+    key's secret are nowhere on the server: not in any table, not in the SQLite
+    file, not even unwrapped with the server secret; only the public half is kept."""
+    store = open_store(server_db)
+    key = devices.register(store, "a")
+    key_id, secret = crypto.parse_api_key(key)
+    private = crypto.identity_secret(key)
+    public = crypto.identity_public(private)
+    assert [bytes(r[0]) for r in query(server_db, "SELECT identity FROM devices")] == [public]
+    assert store.keys("default", "a")["identity"] == public
+    master = store.get_key(key_id).master   # all that the secret unwraps
+    assert master == crypto.derive_master(key) and master != private
+    store.close()
+    tables = [r[0] for r in query(server_db, "SELECT table_name FROM information_schema.tables"
+                                             " WHERE table_schema = current_schema()"
+                                  if str(server_db).startswith("postgresql://") else
+                                  "SELECT name FROM sqlite_master WHERE type = 'table'")]
+    assert {"devices", "keys", "grants"} <= set(tables)
+    cells = [c for t in tables for r in query(server_db, f"SELECT * FROM {t}") for c in r]
+    blobs = [bytes(c) for c in cells if isinstance(c, (bytes, memoryview))]
+    texts = [c for c in cells if isinstance(c, str)]
+    assert any(public in b for b in blobs)   # the search finds what is there
+    for sought in (private, master, secret):
+        assert not any(sought in b for b in blobs)
+        assert not any(sought.hex() in t for t in texts)
+    assert not any(key.split(".")[2] in t for t in texts)
+    if not str(server_db).startswith("postgresql://"):
+        with open(server_db, "rb") as f:
+            data = f.read()
+        assert public in data
+        for sought in (private, master, secret, key.split(".")[2].encode()):
+            assert sought not in data
 
 
 def test_a_copied_database_alone_cannot_impersonate(tmp_path):
@@ -144,13 +181,13 @@ def test_failed_authentication_is_slowed_down_per_address(server_db):
     def attempt(master, addr="10.0.0.1"):
         blob, _ = wire.seal_request(master, key_id, "hello", {})
         return client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": addr},
-                           headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+                           headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id})
 
     codes = [attempt(wrong).status_code for _ in range(7)]
     assert codes == [401] * 5 + [429] * 2
     blob, nonce = wire.seal_request(wrong, key_id, "hello", {})
     r = client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
-                    headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+                    headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id})
     assert r.status_code == 429 and r.headers["Retry-After"] == "60"
     # sealed for the key the server holds under that key id, as every answer past the key lookup
     answer = wire.open_response(crypto.derive_master(good), key_id, "hello", nonce, r.data)
@@ -161,16 +198,16 @@ def test_failed_authentication_is_slowed_down_per_address(server_db):
     # unknown key ids count too, and so do replays
     blob, _ = wire.seal_request(crypto.derive_master(good), key_id, "hello", {})
     first = client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.3"},
-                        headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+                        headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id})
     again = [client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.3"},
-                         headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id}).status_code
+                         headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id}).status_code
              for _ in range(6)]
     assert first.status_code == 200 and again == [400] * 5 + [429]
     # the count lives in the store: a second app on the same database sees it
     other = create_app({"DB": server_db, "AUTH_FAIL_LIMIT": 5})
     blob, _ = wire.seal_request(wrong, key_id, "hello", {})
     r = other.test_client().post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.0.0.1"},
-                                 headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id})
+                                 headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id})
     assert r.status_code == 429
 
 
@@ -208,7 +245,7 @@ def test_behind_a_proxy_the_slow_down_is_per_forwarded_client(server_db):
     def attempt(master, client_addr):
         blob, _ = wire.seal_request(master, key_id, "hello", {})
         return client.post("/api/hello", data=blob, environ_base={"REMOTE_ADDR": "10.9.9.9"},
-                           headers={wire.PROTOCOL_HEADER: "1", wire.KEY_HEADER: key_id,
+                           headers={wire.PROTOCOL_HEADER: VERSION, wire.KEY_HEADER: key_id,
                                     "X-Forwarded-For": client_addr})
 
     assert [attempt(wrong, "192.0.2.1").status_code for _ in range(6)] == [401] * 5 + [429]

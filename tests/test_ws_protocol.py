@@ -5,6 +5,7 @@ Every refusal test also shows that the refused attempt stored nothing and that
 the server still serves a correct session afterwards."""
 
 import secrets
+import struct
 import time
 import uuid
 
@@ -12,7 +13,7 @@ import pytest
 import websocket
 from websocket import ABNF
 
-from conftest import query
+from conftest import open_page, push_request, query
 from sk import crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -28,6 +29,13 @@ def new_event(tag, i=0):
             "timestamp": "2026-01-31T12:00:00Z"}
 
 
+def push_frame(team, events, id=1, t="push"):
+    """(frame, attachments) of a push of `events`, sealed under the test's team key
+    as a member would seal them (the server never reads them)."""
+    body, attachments = push_request(team, events)
+    return {"t": t, "id": id, **body}, attachments
+
+
 def server_events(server, team):
     """The event ids the server stored for `team`, in sequence order."""
     return [r[0] for r in query(server.db, "SELECT event_id FROM events WHERE team = ?"
@@ -37,7 +45,8 @@ def server_events(server, team):
 class Session:
     """A client-side sealed session over one WebSocket connection."""
 
-    def __init__(self, server, key, token):
+    def __init__(self, server, key, token, team):
+        self.team = team
         self.client = Client(server.url, key)
         self.master, self.key_id = self.client.master, self.client.key_id
         self.sid = wire.token_hash(token)
@@ -46,15 +55,25 @@ class Session:
             timeout=TIMEOUT)
         self.n_out = self.n_in = 0
 
-    def seal(self, obj, n=None, master=None, sid=None):
+    def seal(self, obj, n=None, master=None, sid=None, attachments=()):
         if n is None:
             self.n_out += 1
             n = self.n_out
         obj = dict(obj, n=n)
-        return wire.seal_frame(master or self.master, self.key_id, C2S, sid or self.sid, obj)
+        return wire.seal_frame(master or self.master, self.key_id, C2S, sid or self.sid, obj,
+                               attachments)
 
-    def send(self, obj, **kw):
-        self.ws.send_binary(self.seal(obj, **kw))
+    def send(self, obj, attachments=(), **kw):
+        self.ws.send_binary(self.seal(obj, attachments=attachments, **kw))
+
+    def send_push(self, events, id=None, **kw):
+        """Send a push frame of `events` (a sealed batch, as a member seals it)."""
+        frame, attachments = push_frame(self.team, events, self.n_out + 1 if id is None else id)
+        self.send(frame, attachments, **kw)
+
+    def events(self, msg):
+        """The events of an events frame, opened as a member of the team opens them."""
+        return open_page(msg, self.team)
 
     def recv(self):
         """The next opened frame from the server; ('closed', code, reason) on close."""
@@ -81,11 +100,11 @@ class Session:
             if msg["t"] == "live":
                 return got, msg
             assert msg["t"] == "events" and msg["catchup"] is True, msg
-            got.extend(msg["events"])
+            got.extend(self.events(msg))
         raise AssertionError("no 'live' frame after 50 catch-up frames")
 
     def push(self, events):
-        self.send({"t": "push", "id": self.n_out + 1, "events": events})
+        self.send_push(events)
         for _ in range(20):
             msg = self.recv()
             assert isinstance(msg, dict), f"session closed instead of answering a push: {msg}"
@@ -126,13 +145,22 @@ class Device:
         self.client = Client(server.url, self.key)
         self.sessions = []
 
+    def begin_epoch(self):
+        """Begin the team's first key epoch, as a team's first member does before it
+        pushes (the key itself is the test's, conftest.team_key: the server never
+        sees one)."""
+        identity = crypto.identity_public(crypto.identity_secret(self.key)).hex()
+        state = self.client.call("keys", {"identity": identity, "epoch": 1})
+        assert "refused" not in state and state["epoch"] == 1 and not state["rekey"], state
+
     def token(self):
         tok = self.client.call("ws-token", {})["token"]
         assert isinstance(tok, str) and len(tok) >= 32
         return tok
 
     def connect(self, token=None):
-        s = Session(self.server, self.key, token if token is not None else self.token())
+        s = Session(self.server, self.key, token if token is not None else self.token(),
+                    self.team)
         self.sessions.append(s)
         return s
 
@@ -170,11 +198,14 @@ def server(module_server):
 def devices(server):
     """A factory: devices(name, team) -> a registered Device; names and teams are
     made unique to the test, so tests sharing the server cannot see each other."""
-    made, tag = [], uuid.uuid4().hex[:8]
+    made, tag, begun = [], uuid.uuid4().hex[:8], set()
 
     def make(name, team="proto"):
         d = Device(server, f"{name}-{tag}", f"{team}-{tag}")
         made.append(d)
+        if d.team not in begun:   # the team's first device begins its key epoch
+            d.begin_epoch()
+            begun.add(d.team)
         return d
     yield make
     for d in made:
@@ -210,8 +241,9 @@ def test_valid_token_opens_session_push_is_stored_and_sent_to_the_team(server, d
     # b's live session gets them without asking, sealed for b's session
     msg = sb.recv()
     assert msg["t"] == "events" and msg["catchup"] is False
-    assert [e["event_id"] for e in msg["events"]] == [e["event_id"] for e in evs]
-    assert msg["events"][0]["payload"] == {"tag": "ok", "i": 0} and msg["next"] == 3
+    got = sb.events(msg)
+    assert [e["event_id"] for e in got] == [e["event_id"] for e in evs]
+    assert got[0]["payload"] == {"tag": "ok", "i": 0} and msg["next"] == 3
 
 
 # -- tokens -----------------------------------------------------------------------
@@ -241,7 +273,7 @@ def test_reused_token_session_cannot_speak(server, devices):
     s2 = a.connect(tok)
     try:
         s2.send({"t": "hello", "cursor": 0})
-        s2.send({"t": "push", "id": 1, "events": [new_event("reuse")]})
+        s2.send_push([new_event("reuse")], id=1)
     except (websocket.WebSocketException, OSError):
         pass  # the server may have gone already
     s2.expect_closed({4401}, allow_reset=True)
@@ -302,7 +334,7 @@ def test_revoked_during_session_push_refused(server, devices):
     s = a.connect()
     s.hello(0)
     server.admin("sk-register", "--revoke", a.name)
-    s.send({"t": "push", "id": 1, "events": [new_event("revoked")]})
+    s.send_push([new_event("revoked")], id=1)
     s.expect_closed({4401})
     assert server_events(server, a.team) == []
 
@@ -321,15 +353,15 @@ def test_frame_with_wrong_key_closes_session_nothing_stored(server, devices, cas
         s.send({"t": "hello", "cursor": 0}, master=wrong[case[len("hello-"):]])
     else:
         s.hello(0)
-        frame = {"t": "push", "id": 1, "events": [ev]}
+        frame, attachments = push_frame(a.team, [ev])
         if case == "push-other-session":
-            s.send(frame, sid=wire.token_hash(a.token()))
+            s.send(frame, attachments, sid=wire.token_hash(a.token()))
         elif case == "push-tampered":
-            blob = bytearray(s.seal(frame))
+            blob = bytearray(s.seal(frame, attachments=attachments))
             blob[-20] ^= 0x01
             s.ws.send_binary(bytes(blob))
         else:
-            s.send(frame, master=wrong[case[len("push-"):]])
+            s.send(frame, attachments, master=wrong[case[len("push-"):]])
     code = s.expect_closed({4400, 4401})[1]
     assert code == 4401, f"a frame failing authentication should close with 4401, got {code}"
     assert server_events(server, a.team) == []
@@ -343,23 +375,23 @@ def test_frame_out_of_order_closes_session_nothing_stored(server, devices, case)
     s.hello(0)                                  # n=1
     stored = []
     ev = new_event("order")
-    frame = {"t": "push", "id": 1, "events": [ev]}
+    frame, attachments = push_frame(a.team, [ev])
     if case == "skipped":
-        s.send(frame, n=3)
+        s.send(frame, attachments, n=3)
     elif case == "repeated":
-        s.send(frame, n=1)
+        s.send(frame, attachments, n=1)
     elif case == "zero":
-        s.send(frame, n=0)
+        s.send(frame, attachments, n=0)
     elif case == "missing":
-        s.ws.send_binary(wire.seal_frame(s.master, s.key_id, C2S, s.sid, frame))
+        s.ws.send_binary(wire.seal_frame(s.master, s.key_id, C2S, s.sid, frame, attachments))
     else:
-        blob = s.seal(frame)                    # n=2: accepted once
+        blob = s.seal(frame, attachments=attachments)   # n=2: accepted once
         s.ws.send_binary(blob)
         msg = s.recv()
         assert msg["t"] == "result" and msg["results"][0]["status"] == "accepted"
         stored = [ev["event_id"]]
         s.ws.send_binary(blob)                  # the same sealed frame again
-        s.send({"t": "push", "id": 2, "events": [new_event("after-replay")]}, n=3)
+        s.send_push([new_event("after-replay")], id=2, n=3)
     s.expect_closed({4400, 4401})
     assert server_events(server, a.team) == stored
     assert_server_serves(a, stored)
@@ -373,18 +405,19 @@ def test_malformed_frames_close_session_nothing_stored(server, devices, case):
     if case == "text-frame":
         s.ws.send('{"t": "hello", "cursor": 0, "n": 1}')
     elif case == "push-before-hello":
-        s.send({"t": "push", "id": 1, "events": [new_event("early")]})
+        s.send_push([new_event("early")], id=1)
     elif case == "bad-hello":
         s.send({"t": "hello", "cursor": "0"})
     elif case == "bad-hello-skip":
         s.send({"t": "hello", "cursor": 0, "skip": {"node_id": 5, "upto": "x"}})
-    elif case == "not-gzip":
+    elif case == "not-gzip":   # framed as a body is (no attachments), its JSON part not gzip
         key = crypto.direction_key(s.master, C2S)
-        s.ws.send_binary(crypto.seal(key, b"not gzip at all",
+        junk = b"not gzip at all"
+        s.ws.send_binary(crypto.seal(key, struct.pack(">II", 0, len(junk)) + junk,
                                      wire._frame_context(C2S, s.key_id, s.sid)))
-    else:
+    else:   # a well-formed push body under a frame type the server does not know
         s.hello(0)
-        s.send({"t": "pull", "id": 1, "events": [new_event("unknown")]})
+        s.send(*push_frame(a.team, [new_event("unknown")], t="pull"))
     s.expect_closed({4400, 4401})
     assert server_events(server, a.team) == []
     assert_server_serves(a, [])
@@ -469,7 +502,8 @@ def test_a_frame_that_inflates_to_a_bomb_is_refused_cheaply(server, devices):
     text = '{"t":"push","id":1,"n":' + str(s.n_out + 1) + ',"events":[' + ",".join(["{}"] * 400_000) + "]}"
     s.n_out += 1
     key = crypto.direction_key(s.master, C2S)
-    blob = crypto.seal(key, wire.compress(text), wire._frame_context(C2S, s.key_id, s.sid))
+    blob = crypto.seal(key, wire.pack(text), wire._frame_context(C2S, s.key_id, s.sid))
     s.ws.send_binary(blob)
-    s.expect_closed((4400, 1009))
+    _, code, reason = s.expect_closed((4400, 1009))
+    assert code == 1009 or "JSON objects and arrays" in reason, reason   # refused by shape
     assert_server_serves(a, [])

@@ -25,6 +25,10 @@ COMMANDS = (
             "stamp, push, pull and resolve; status; setup; watch",
             # sk sync takes its own lock and tracks itself: a dry run must do neither
             {"now": "store client", "status": "", "setup": "", "watch": "store client"}),
+    Command("team", "porcelain", "sk.cmd.team",
+            "the team key's members; approve a device; require approval",
+            {"members": "store client lock", "approve": "store client lock",
+             "require-approval": "store client lock"}),
     Command("server", "porcelain", "sk_server.cmd.server",
             "run the sk server under a production WSGI server", ""),
     Command("append", "plumbing", "sk.cmd.append",

@@ -61,6 +61,14 @@ class Keyring:
     def get(self, epoch):
         return self.keys().get(epoch)
 
+    def starts(self):
+        """{epoch: the seq at which it began}, as this device first learned it."""
+        if getattr(self, "_starts", None) is None:
+            import json
+            self._starts = {int(k): v for k, v in json.loads(
+                self.store.meta("epoch_starts") or "{}").items()}
+        return self._starts
+
     def current(self):
         """(epoch, key) of the newest epoch held, or (0, None)."""
         keys = self.keys()
@@ -107,6 +115,14 @@ class Keyring:
                                  " does not: refusing to share the team key")
         if state.get("approval"):
             self.store.set_meta(approval=1)
+        starts = self.starts()
+        seen = {e["epoch"]: e["start_seq"] for e in state.get("epochs", [])
+                if isinstance(e, dict) and type(e.get("start_seq")) is int}
+        if any(e not in starts for e in seen):   # pinned as first seen: the server cannot
+            import json                           # move an epoch's start later
+            self.store.set_meta(epoch_starts=json.dumps({**{str(k): v for k, v in seen.items()},
+                                                        **{str(k): v for k, v in starts.items()}}))
+            self._starts = None
         for g in state.get("grants", []):
             if self.get(g["epoch"]) is not None:
                 continue

@@ -292,6 +292,12 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             if writer[0] >= seq:
                 raise IntegrityError(f"event {eid} (seq {seq}) is placed before its writer's"
                                      f" point (seq {writer[0]}): moved on the server")
+            epoch = batches[row[1]]["epoch"]
+            later = keyring.starts().get(epoch + 1)
+            if later is not None and seq > later:
+                raise IntegrityError(f"event {eid} (seq {seq}) is sealed under key epoch {epoch},"
+                                     f" which ended at seq {later} (a revoked device's key?):"
+                                     " refused")
             if isinstance(got, Exception):
                 if warn:
                     warn(f"event {eid} (seq {seq}) authenticates but is invalid, skipped: {got}")

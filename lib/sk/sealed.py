@@ -56,15 +56,23 @@ def check_manifest(manifest, writer):
     for entry in manifest:
         if (not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str)
                 or not _ID_RE.fullmatch(entry[0]) or not isinstance(entry[1], str)
-                or not _NODE_RE.fullmatch(entry[1]) or type(entry[2]) is not int
-                or not 1 <= entry[2] <= MAX_LAMPORT):
-            raise SealedError(f"malformed manifest entry {str(entry)[:120]}")
+                or not _NODE_RE.fullmatch(entry[1]) or not _utf8(entry[1])
+                or type(entry[2]) is not int or not 1 <= entry[2] <= MAX_LAMPORT):
+            raise SealedError(f"malformed manifest entry {ascii(entry)[:120]}")
         out.append((entry[0], entry[1], entry[2]))
     seq, chain = writer if writer is not None else (0, "")
     if (type(seq) is not int or not 0 <= seq < 2 ** 63 or not isinstance(chain, str)
             or (chain and not re.fullmatch(r"[0-9a-f]{64}", chain))):
         raise SealedError("malformed writer point")
     return out, (seq, chain)
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")    # a lone surrogate is not text
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def canonical(manifest, writer):

@@ -32,7 +32,8 @@ PING_INTERVAL = 20.0
 DEAD_AFTER = 2 * PING_INTERVAL + 10    # no frame or pong for this long: reconnect
 LOCAL_POLL = 0.005                     # seconds between looks at the local file
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
-SHARE_INTERVAL = 30.0                  # seconds between looks for members lacking the key
+# seconds between looks for members lacking the team key (SK_WATCH_SHARE_INTERVAL)
+SHARE_INTERVAL = float(os.environ.get("SK_WATCH_SHARE_INTERVAL") or 30)
 
 
 class Dropped(Exception):

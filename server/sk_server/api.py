@@ -107,6 +107,10 @@ COUNTED = ("unknown_key", "bad_key", "replay", "stale")
 def _body():
     """The request body, read whole (within MAX_CONTENT_LENGTH); a body that does
     not arrive as HTTP says (malformed chunks, a client gone) is a 400."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        from .worker import BODY_TIMEOUT
+        sock.settimeout(BODY_TIMEOUT)
     try:
         return request.get_data(cache=False)
     except HTTPException:
@@ -192,11 +196,11 @@ def push():
     key, nonce, body, ticket = _authenticate("push", admit=False)
     try:
         batch, relay = parse_batch(body)
+        known = parse_known(body.get("known"))
     except Refused:
         if not _store().admit(*ticket):   # refused for its content, but seen all the same
             raise _replay() from None
         raise
-    known = parse_known(body.get("known"))
     return _sealed(key, "push", nonce, push_batch(key, batch, relay, ticket, known))
 
 
@@ -218,6 +222,8 @@ def parse_batch(body):
             events, None if writer is None else (writer.get("seq"), writer.get("chain", "")))
         if not isinstance(attachments, list) or len(attachments) != 1:
             raise sealed.SealedError("a push carries its sealed batch as its one attachment")
+        if len(attachments[0]) < 1 + 12 + crypto.TAG_LEN or attachments[0][0] != crypto.DATA_VERSION:
+            raise sealed.SealedError("the attachment is not sealed data of version 2")
         if not isinstance(relay, list) or any(type(i) is not int or not 0 <= i < len(manifest)
                                               for i in relay):
             raise sealed.SealedError("'relay' must list indexes of the manifest")

@@ -9,7 +9,7 @@ source only ever grows, so running it again after the old server has stopped
 copies what arrived during the first run.
 """
 
-from .store import GENESIS, StoreError
+from .store import GENESIS, STORED_COLUMNS, StoreError
 
 CHUNK = 5000
 
@@ -22,10 +22,10 @@ def chain_at(store, team, seq):
     """The chain value after event `seq` of `team` in `store`."""
     if seq == 0:
         return GENESIS
-    rows = store.export_events(team, seq - 1, 1)
+    rows = store.export_events(team, seq - 1, 1)["events"]
     if not rows or rows[0][0] != seq:
         return None
-    return bytes(rows[0][9])
+    return bytes(rows[0][STORED_COLUMNS.index("chain")])
 
 
 def plan(source, target, force=False):
@@ -65,10 +65,11 @@ def migrate(source, target, meta, work, progress=None, chunk=CHUNK):
     copied = 0
     for team, after, head in work:
         while after < head:
-            rows = source.export_events(team, after, chunk)
+            part = source.export_events(team, after, chunk)   # events, their batches, legacy
+            rows = part["events"]
             if not rows:
                 break
-            target.import_events(team, rows)
+            target.import_events(team, part)
             after = rows[-1][0]
             copied += len(rows)
             if progress:

@@ -3,16 +3,23 @@
 gthread waits for a first byte before it gives a connection a thread, but once a
 byte has come it reads the request with no timeout: a few dozen connections that
 send half a header and stall hold every thread. Here a connection's socket times
-out after READ_TIMEOUT seconds without a byte, while headers or a body are read
-(the WebSocket view takes the timeout off its upgraded socket: its session pings).
+out after HEADER_TIMEOUT seconds without a byte while its headers are read (an
+honest client sends them at once); the app gives the body BODY_TIMEOUT a byte
+(api._body), and the WebSocket view takes the timeout off its upgraded socket
+(its session pings).
 """
 
 import errno
+import queue
 import socket
+import threading
+import time
 
+from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-READ_TIMEOUT = 10.0
+HEADER_TIMEOUT = 3.0
+BODY_TIMEOUT = 10.0
 
 
 class _TimedSocket(socket.socket):
@@ -23,20 +30,88 @@ class _TimedSocket(socket.socket):
 
     def setblocking(self, flag):
         if flag:
-            self.settimeout(READ_TIMEOUT)
+            self.settimeout(HEADER_TIMEOUT)
         else:
             super().setblocking(False)
+
+    # a client that stalls is a client gone: gthread then closes the connection and
+    # logs one debug line, not a traceback
+    def recv(self, *args):
+        try:
+            return super().recv(*args)
+        except socket.timeout:
+            raise ConnectionResetError(errno.ECONNRESET, "client stalled") from None
+
+    def recv_into(self, *args):
+        try:
+            return super().recv_into(*args)
+        except socket.timeout:
+            raise ConnectionResetError(errno.ECONNRESET, "client stalled") from None
+
+
+class _Conn(TConn):
+    """gthread closes a connection "gracefully" on its main thread: it lingers up to
+    2 s reading what the client still sends, and a few dozen clients that never
+    close would stall every connection of the worker, one after the other. Here
+    the lingering is done by one thread of its own."""
+
+    def close(self, graceful=False):
+        if not graceful:
+            return super().close()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return util.close(self.sock)
+        _lingering().put((time.monotonic() + 2.0, self.sock))
+
+
+_linger_queue = None
+_linger_lock = threading.Lock()
+
+
+def _lingering():
+    global _linger_queue
+    with _linger_lock:
+        if _linger_queue is None:
+            _linger_queue = queue.Queue()
+            threading.Thread(target=_linger, args=(_linger_queue,), name="sk-linger",
+                             daemon=True).start()
+    return _linger_queue
+
+
+def _linger(q):
+    """Drain each closing socket until its client closes or its time is up."""
+    while True:
+        deadline, sock = q.get()
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                socket.socket.settimeout(sock, min(left, 0.2))
+                try:
+                    if not socket.socket.recv(sock, 4096):
+                        break
+                except socket.timeout:
+                    if q.qsize():   # others wait: come back to this one later
+                        q.put((deadline, sock))
+                        sock = None
+                        break
+        except OSError:
+            pass
+        if sock is not None:
+            util.close(sock)
 
 
 class Worker(ThreadWorker):
     def accept(self, listener):
-        """gthread's accept, with a timed socket."""
+        """gthread's accept, with a timed socket and a connection that lingers apart."""
         try:
             client_sock, client_addr = listener.accept()
             client_sock.__class__ = _TimedSocket
             self.nr_conns += 1
             client_sock.setblocking(True)
-            conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
+            conn = _Conn(self.cfg, client_sock, client_addr, listener.getsockname())
             self.enqueue_req(conn)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):

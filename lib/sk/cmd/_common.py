@@ -133,6 +133,9 @@ def run(prog, get_parser, body, argv=None):
     from ..errors import SkError
     args = get_parser(prog).parse_args(argv)
     args.prog = prog
+    # events a server accepted before nesting was bounded (sk 0.3.0 let 976 levels in)
+    # must still parse wherever they arrive, inside a page or a batch
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
     entry = by_module(body.__module__)
     ctx = Context(args, needs(entry, getattr(args, "action", None)) if entry else ())
     try:

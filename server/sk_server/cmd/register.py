@@ -45,11 +45,15 @@ def _body(args, ctx):
 
 
 def _list(args, rows):
+    from sk.crypto import fingerprint
+    rows = [{**{k: v for k, v in r.items() if k not in ("identity", "approval")},
+             "fingerprint": fingerprint(r["identity"]) if r["identity"] else None,
+             "approved": r["approval"] is not None} for r in rows]
     if args.json:
         for r in rows:
             _common.emit(r)
         return
-    cols = ("name", "team", "created", "last_seen", "revoked")
+    cols = ("name", "team", "created", "last_seen", "revoked", "fingerprint")
     table = [cols] + [tuple(r[c] or "-" for c in cols) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
     for row in table:

@@ -123,9 +123,10 @@ def cut_page(rows, limit, max_bytes=wire.MAX_BATCH_BYTES):
     out, size, seen = [], 0, set()
     for r in rows:
         cost = ROW_BYTES
-        if r[2] is None or r[2] not in seen:
+        fresh = r[2] is None or r[2] not in seen   # a row that brings a body of its own
+        if fresh:
             cost += r[5] or 0
-        if out and (len(out) == limit or size + cost > max_bytes):
+        if out and (len(out) == limit or (fresh and size + cost > max_bytes)):
             return out, True
         size += cost
         if r[2] is not None:

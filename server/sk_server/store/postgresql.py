@@ -129,6 +129,11 @@ class PostgresDialect:
         return cur
 
     @staticmethod
+    def octets(column):
+        """SQL for the bytes (not characters) of a text column."""
+        return f"octet_length({column})"
+
+    @staticmethod
     def many(db, sql, rows):
         with db.c.cursor() as cur:
             cur.executemany(_sql(sql), rows)

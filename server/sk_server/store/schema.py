@@ -149,6 +149,17 @@ def upgrade(db, words, columns):
     db.execute("INSERT INTO legacy (team, " + ", ".join(LEGACY_COLUMNS) + ") SELECT team, "
                + ", ".join(LEGACY_COLUMNS) + " FROM events_plain")
     db.execute("DROP TABLE events_plain")
+    # each node id is bound to the device that first pushed under it (schema 3 did this
+    # as events came; an older log binds its nodes here, in the order it holds them)
+    nodes = [s for s in statements(words) if "TABLE IF NOT EXISTS nodes" in s][0]
+    db.execute(nodes)
+    first = {}
+    for team, node, device in db.execute("SELECT team, node_id, device FROM events"
+                                         " ORDER BY team, seq").fetchall():
+        first.setdefault((team, node), device)
+    for (team, node), device in first.items():
+        db.execute("INSERT INTO nodes (team, node_id, device) VALUES (?, ?, ?)"
+                   " ON CONFLICT DO NOTHING", (team, node, device))
     for table, column, kind in (("teams", "epoch", "{bigint} NOT NULL DEFAULT 0"),
                                 ("teams", "rekey", "{bigint} NOT NULL DEFAULT 0"),
                                 ("teams", "approval", "{bigint} NOT NULL DEFAULT 0"),

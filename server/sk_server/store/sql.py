@@ -18,11 +18,15 @@ from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUM
                      upgrade)
 
 # a page's rows: the event, its batch and what it costs there, or its legacy payload's
-SELECT_PAGE = ("SELECT e.seq, e.event_id, e.batch, e.idx, e.chain, b.size, length(l.payload),"
+SELECT_PAGE = ("SELECT e.seq, e.event_id, e.batch, e.idx, e.chain, b.size, {octets},"
                " e.device, e.node_id, e.lamport_clock FROM events e"
                " LEFT JOIN batches b ON b.team = e.team AND b.batch = e.batch"
                " LEFT JOIN legacy l ON l.team = e.team AND l.seq = e.seq"
                " WHERE e.team = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
+
+
+class _Refused(Exception):
+    """Raised inside a transaction to roll all of it back, and say why."""
 LEGACY_COST = 300                  # a legacy event's envelope, beside its payload
 SELECT_KEY = ("SELECT k.key_id, k.device, d.team, k.master, k.retired, k.retired_why, d.revoked"
               " FROM keys k JOIN devices d ON d.name = k.device WHERE k.key_id = ?")
@@ -35,6 +39,7 @@ class SQLStore(Store):
     def __init__(self, dialect, secret=None):
         self.d = dialect
         self._pruned = 0
+        self._select_page = SELECT_PAGE.format(octets=dialect.octets("l.payload"))
         with self.d.write(schema=True) as db:
             self.d.create_schema(db, statements(self.d.words),
                                  lambda: upgrade(db, self.d.words, lambda t: self.d.columns(db, t)))
@@ -213,7 +218,9 @@ class SQLStore(Store):
                                 + ",".join("?" * len(nodes)) + ")", (team, *nodes)).fetchall())
         stamps = {}
         for eid, node, clock in entries:
-            stamps.setdefault(node, {})[clock] = eid
+            mine = stamps.setdefault(node, {})
+            if mine.setdefault(clock, eid) != eid:   # one stamp twice in this very push
+                return node_taken(node, bound.get(node) or device, device, clock)
         for node in nodes:
             owner = bound.get(node)
             if owner is not None and owner != device:
@@ -239,7 +246,7 @@ class SQLStore(Store):
 
             def rows():   # (seq, event_id, batch, idx, chain, cost); left out: no batch
                 for seq, eid, batch, idx, c, size, legacy, dev, node, clock in self.d.iter_rows(
-                        db, SELECT_PAGE, (team, after, limit + 1)):
+                        db, self._select_page, (team, after, limit + 1)):
                     if skip is not None and (dev, node) == skip[:2] and clock <= skip[2]:
                         yield seq, eid, None, None, c, 0
                     elif batch is None:
@@ -310,8 +317,15 @@ class SQLStore(Store):
         before protocol 2), a new epoch (only the next one: of two devices starting
         one at once, one wins and the other learns it), grants [(epoch, device,
         recipient identity, sealed)], the team's approval mode (once on, it stays),
-        approvals [(device, identity, record)]. Returns why something was refused,
-        or None."""
+        approvals [(device, identity, record)]. Returns why something was refused
+        (and then nothing is stored), or None."""
+        try:
+            self._put_keys(team, device, identity, epoch, grants, approval, approvals)
+        except _Refused as e:
+            return str(e)
+        return None
+
+    def _put_keys(self, team, device, identity, epoch, grants, approval, approvals):
         now = utc_now()
         with self.d.write() as db:
             current, head = db.execute("SELECT epoch, head FROM teams WHERE team = ?"
@@ -321,11 +335,11 @@ class SQLStore(Store):
                            (identity, device))
             mine = db.execute("SELECT identity FROM devices WHERE name = ?", (device,)).fetchone()[0]
             if (epoch is not None or grants or approvals) and mine is None:
-                return "this device has no identity on the server yet"
+                raise _Refused("this device has no identity on the server yet")
             if epoch is not None:
                 if epoch != current + 1:
-                    return (f"epoch {epoch} cannot begin: the team's key is at epoch {current}"
-                            " (another device began one first)")
+                    raise _Refused(f"epoch {epoch} cannot begin: the team's key is at epoch"
+                                   f" {current} (another device began one first)")
                 db.execute("UPDATE teams SET epoch = ?, rekey = 0 WHERE team = ?", (epoch, team))
                 db.execute("INSERT INTO epochs(team, epoch, created_by, start_seq, created)"
                            " VALUES (?, ?, ?, ?, ?)", (team, epoch, device, head, now))
@@ -334,7 +348,7 @@ class SQLStore(Store):
                                                 " revoked IS NULL", (team,))}
             for e, to, recipient, blob in grants:
                 if not 1 <= e <= current or to not in members:
-                    return f"no grant of epoch {e} to '{to}' can be stored"
+                    raise _Refused(f"no grant of epoch {e} to '{to}' can be stored")
             self.d.many(db, "INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by,"
                             " granter, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                             " ON CONFLICT DO NOTHING",
@@ -344,10 +358,9 @@ class SQLStore(Store):
                 db.execute("UPDATE teams SET approval = 1 WHERE team = ?", (team,))
             for to, ident, record in approvals:
                 if to not in members:
-                    return f"no device '{to}' in the team to approve"
+                    raise _Refused(f"no device '{to}' in the team to approve")
                 db.execute("UPDATE devices SET approval = ? WHERE name = ? AND identity = ?",
                            (record, to, ident))
-        return None
 
     def reseal(self, team, device, first, batch):
         """Put a sealed batch in place of the legacy (plaintext) events at seq first,

@@ -67,6 +67,11 @@ class SQLiteDialect:
         return db.execute(sql, args)
 
     @staticmethod
+    def octets(column):
+        """SQL for the bytes (not characters) of a text column."""
+        return f"length(CAST({column} AS BLOB))"
+
+    @staticmethod
     def many(db, sql, rows):
         db.executemany(sql, rows)
 
