@@ -120,6 +120,22 @@ def query(db, sql, args=()):
         c.close()
 
 
+def alter(db, sql, args=()):
+    """Change a server or device database behind its back (an attacker with the
+    files): `sql` with ? placeholders, committed."""
+    if is_pg(db):
+        import psycopg
+        with psycopg.connect(str(db), autocommit=True) as c:
+            c.execute(sql.replace("?", "%s"), args)
+        return
+    c = sqlite3.connect(str(db), timeout=60)
+    try:
+        with c:
+            c.execute(sql, args)
+    finally:
+        c.close()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster():
     """One real PostgreSQL for the session (from the pgserver wheel's binaries)."""
@@ -412,15 +428,16 @@ def opened_log(server, homes=None):
         if db.exists():
             for team, epoch, key in query(db, "SELECT team, epoch, key FROM team_keys"):
                 keys[(team, epoch)] = bytes(key)
+    # the events first: a batch a live server commits meanwhile is then in what follows
+    rows = query(server.db, "SELECT team, seq, event_id, node_id, lamport_clock, batch, idx"
+                            " FROM events ORDER BY team, seq")
     batches = {(t, b): (e, bytes(m).decode(), bytes(x)) for t, b, e, m, x in query(
         server.db, "SELECT team, batch, epoch, manifest, sealed FROM batches")}
     legacy = {(r[0], r[1]): r[2:] for r in query(
         server.db, "SELECT team, seq, event_type, aggregate_type, aggregate_id, payload,"
                    " timestamp FROM legacy")}
     opened, out = {}, []
-    for team, seq, eid, node, clock, batch, idx in query(
-            server.db, "SELECT team, seq, event_id, node_id, lamport_clock, batch, idx FROM events"
-                       " ORDER BY team, seq"):
+    for team, seq, eid, node, clock, batch, idx in rows:
         row = {"team": team, "seq": seq, "event_id": eid, "node_id": node, "lamport_clock": clock}
         if batch is None:
             etype, atype, aid, payload, ts = legacy[(team, seq)]

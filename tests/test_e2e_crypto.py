@@ -3,9 +3,7 @@ secret, its traffic) can and cannot see, how the team key reaches a device, what
 revocation and rotation do, approval, a server that alters, moves or replays
 what it stores, and the upgrade from sk 0.3.0 (protocol 1)."""
 
-import json
 import os
-import shutil
 import socket
 import sqlite3
 import subprocess
@@ -15,8 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import (ROOT, ServerProcess, append, ev, is_pg, log, member_push, opened_log,
-                      query, run, sk, state, status, sync, wait_until)
+from conftest import (ROOT, ServerProcess, append, ev, is_pg, log, query, run, state, status, sync, wait_until)
 from sk import crypto
 
 SECRETS = ["TOPSECRET-TITLE-9f3", "aggregate-Zx81", "secret_thing_made"]
@@ -111,7 +108,7 @@ def test_the_server_keeps_nothing_readable_nor_does_its_traffic_carry_any(server
     stamped = [e["timestamp"] for e in log(a)]   # the display times, to the millisecond
     server.stop()   # every file flushed
     kept = server_bytes(server)
-    assert len(kept) > 10_000
+    assert len(kept) > (2_000 if is_pg(server.db) else 10_000)   # rows, or files
     for needle in SECRETS + ["widget"] + stamped:
         assert needle.encode() not in kept, f"{needle!r} is readable on the server"
         assert needle.encode() not in bytes(px.seen), f"{needle!r} crossed the wire readable"

@@ -636,7 +636,7 @@ def test_backup_is_a_consistent_copy(tmp_path, store):
     store.backup(target)
     copy = sqlite_store(target, secret=store._secret)  # a backup needs the server secret
     assert copy.stats() == store.stats() == {"teams": 2, "devices": 3, "events": 10,
-                                             "batches": 2, "legacy": 0}
+                                             "batches": 2, "legacy": 0, "snapshots": 0}
     for team, dev in (("A", "a1"), ("A", "a2"), ("B", "b1")):
         assert copy.pull(team, 0, 100) == store.pull(team, 0, 100)
         assert copy.head(team) == store.head(team)

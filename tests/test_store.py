@@ -210,7 +210,7 @@ def test_never_sync_events_are_local_only(store):
     assert status == {"smtp_password": "local_only", "theme": "queued",
                       "GITHUB_PAT": "local_only"}
     queued = store.queued(100)
-    assert [row[3] for _, row, _ in queued] == ["theme"]
+    assert [row[3] for _, row, *_ in queued] == ["theme"]
     c = store.counts()
     assert (c["local_only"], c["queued"]) == (2, 1)
 
@@ -343,11 +343,11 @@ def _stamp(store_, n):
 def test_queued_pages_in_local_order(store):
     ids = _stamp(store, 7)
     first = store.queued(3)
-    assert [row[0] for _, row, _ in first] == ids[:3]
+    assert [row[0] for _, row, *_ in first] == ids[:3]
     nxt = store.queued(3, after=first[-1][0])
-    assert [row[0] for _, row, _ in nxt] == ids[3:6]
+    assert [row[0] for _, row, *_ in nxt] == ids[3:6]
     assert len(store.queued(100)) == 7
-    seq, row, relay = first[0]
+    seq, row, relay, _ = first[0]
     assert relay is False   # stamped here: not another device's event
     assert len(row) == len(FIELDS)
     assert json.loads(row[6]) == {}
@@ -390,7 +390,7 @@ def test_mark_pushed_only_touches_queued_events(store):
 def test_set_aside_and_requeue(store):
     ids = _stamp(store, 3)
     store.set_aside(ids[1], "413 from proxy")
-    assert [row[0] for _, row, _ in store.queued(10)] == [ids[0], ids[2]]
+    assert [row[0] for _, row, *_ in store.queued(10)] == [ids[0], ids[2]]
     assert events(store, status="rejected")[0]["reason"] == "413 from proxy"
     assert store.requeue_rejected() == 1
     assert len(store.queued(10)) == 3

@@ -162,6 +162,7 @@ class Client:
         self.server = server.rstrip("/")
         self.timeout = timeout
         self.transport = Transport(self.server)
+        self.asked = set()   # what the server asked of this device in an answer (shared by twins)
         self.headers = {
             wire.PROTOCOL_HEADER: str(PROTOCOL_VERSION),
             wire.KEY_HEADER: self.key_id,
@@ -208,7 +209,10 @@ class Client:
                                  " sealed sk answer: is this an sk server?")
         if sealed:
             if status == 200:
-                return self._open(endpoint, nonce, data)
+                answer = self._open(endpoint, nonce, data)
+                if answer.get("snapshot_wanted") is True:
+                    self.asked.add("snapshot")
+                return answer
             try:
                 answer = self._open(endpoint, nonce, data)
             except IntegrityError:

@@ -84,6 +84,22 @@ class Config:
         return value
 
     @property
+    def shallow(self):
+        """SK_SHALLOW=1: a fresh device begins at the newest snapshot and keeps no
+        history before it (a CI job's environment)."""
+        value = (self.get("SK_SHALLOW") or "").strip().lower()
+        if value not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"SK_SHALLOW must be 1 or 0, not '{value}'")
+        return value in ("1", "true", "yes")
+
+    @property
+    def actor(self):
+        """SK_ACTOR: who makes the events appended here (a person, or an agent and the
+        model that drove it), sealed with them."""
+        value = (self.get("SK_ACTOR") or "").strip()
+        return value or None
+
+    @property
     def never_sync_rules(self):
         return [r for r in (self.get("SK_NEVER_SYNC") or "").split(",") if r.strip()]
 

@@ -218,7 +218,8 @@ def _manifest(text):
     return manifest, writer
 
 
-def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, warn=None):
+def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, warn=None,
+                applied=False):
     """Check a pull page or events frame that follows `cursor` and store its
     events, advancing the cursor (if moves_cursor, with its chain value) and the
     known point in the same transaction. Every sealed batch must authenticate
@@ -316,5 +317,5 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
     if chain is None and isinstance(claimed, str) and re.fullmatch(r"[0-9a-f]{64}", claimed):
         chain = bytes.fromhex(claimed)   # (a log from before protocol 2: checked from here on)
     new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
-                        chain)
+                        chain, applied)
     return Accepted(events, new, nxt, more, chain)

@@ -17,7 +17,7 @@ import json
 from .event import dumps, is_deletion
 
 CHUNK = 5000
-STATE_VERSION = "1"
+STATE_VERSION = "2"
 # The state, in the device's file beside the log (sk.store), owned here.
 STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS aggregates (
@@ -46,9 +46,11 @@ def state_tables(store):
     """Create the state tables in the device's file if they are not there yet."""
     if store.meta("state_schema") == STATE_VERSION:
         return
+    from .history import tables
     with store.write() as db:
         for stmt in STATE_SCHEMA.split(";"):
             db.execute(stmt)
+        tables(db)   # the conflicts found, and the aggregates to look at
         store.put("state_schema", STATE_VERSION)
 
 
@@ -156,11 +158,14 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     pairs = [tuple(p) for p in (path_map if path_map is not None
                                 else json.loads(store.meta("path_map", "[]")))]
     if rebuild or store.meta("needs_rebuild") == "1":
+        from .snapshot import restore_base
         with store.write():
             store.put("needs_rebuild", 0)
             db.execute("DELETE FROM aggregates")
             db.execute("DELETE FROM fields")
+            db.execute("DELETE FROM conflicts")
             db.execute("UPDATE events SET applied = 0 WHERE applied = 1")
+            restore_base(store)   # a shallow device starts again from its snapshot
     if path_map is not None and dumps(pairs) != store.meta("path_map", "[]"):
         _remap_all(store, pairs)
     applied = 0
@@ -168,9 +173,11 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
         with store.write():
             rows = db.execute(
                 "SELECT seq, event_type, aggregate_type, aggregate_id, lamport_clock, node_id,"
-                " payload FROM events WHERE applied = 0 ORDER BY seq LIMIT ?", (CHUNK,)).fetchall()
+                " payload, extra FROM events WHERE applied = 0 ORDER BY seq LIMIT ?",
+                (CHUNK,)).fetchall()
             if not rows:
                 break
+            _flag_suspects(db, rows)
             aggs, fields = fold((r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows)
             db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
                                          for (t, i), (live, dead) in aggs.items()])
@@ -182,6 +189,26 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
         if progress:
             progress(len(rows))
     return applied
+
+
+def _flag_suspects(db, rows):
+    """Flag the aggregates of a chunk about to be folded whose writers had not seen
+    what this device holds of them (history.suspects_of): where a write may have
+    been lost to a concurrent one. One lookup per aggregate; sequential writes in
+    order flag nothing."""
+    from .history import suspects_of
+    keys = sorted({(r[2], r[3]) for r in rows if r[7]})
+    before = {}
+    for i in range(0, len(keys), 400):
+        chunk = keys[i:i + 400]
+        for t, a, ll, ln, dl, dn in db.execute(
+                "SELECT aggregate_type, aggregate_id, live_lamport, live_node, del_lamport,"
+                " del_node FROM aggregates WHERE (aggregate_type, aggregate_id) IN (VALUES "
+                + ",".join(["(?, ?)"] * len(chunk)) + ")", [x for k in chunk for x in k]):
+            before[(t, a)] = max((ll, ln), (dl, dn))
+    flagged = suspects_of(((r[2], r[3], r[4], r[5], r[7]) for r in rows), before)
+    if flagged:
+        db.executemany("INSERT OR IGNORE INTO suspects VALUES (?, ?)", sorted(flagged))
 
 
 def _remap_all(store, pairs):

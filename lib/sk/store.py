@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS unstamped (
     aggregate_id   TEXT NOT NULL,
     payload        TEXT NOT NULL DEFAULT '{}',
     timestamp      TEXT,
-    checked        INTEGER NOT NULL DEFAULT 0   -- 1: sk-append validated it (leave it out)
+    checked        INTEGER NOT NULL DEFAULT 0,  -- 1: sk-append validated it (leave it out)
+    actor          TEXT                          -- who made it (optional)
 );
 CREATE TABLE IF NOT EXISTS events (
     seq            INTEGER PRIMARY KEY,
@@ -49,6 +50,8 @@ CREATE INDEX IF NOT EXISTS events_queued ON events(seq) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS events_unapplied ON events(seq) WHERE applied = 0;
 CREATE INDEX IF NOT EXISTS events_local ON events(seq) WHERE status = 'local_only';
 CREATE INDEX IF NOT EXISTS events_aggregate ON events(aggregate_type, aggregate_id);
+-- the event behind a (node, clock) stamp: blame, snapshots
+CREATE INDEX IF NOT EXISTS events_stamp ON events(node_id, lamport_clock);
 -- the team keys this device holds (sk.keyring): whoever reads this file reads the log
 -- anyway, so they are kept as the log is, in a file of mode 600
 CREATE TABLE IF NOT EXISTS team_keys (
@@ -110,6 +113,7 @@ class LocalStore:
         if version == "1":
             for table in ("events", "rejected"):
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN extra TEXT")
+            self.db.execute("ALTER TABLE unstamped ADD COLUMN actor TEXT")
             if int(self.meta("cursor", "0")) > 0:
                 self.put("legacy_trust", 1)
         for stmt in SCHEMA.split(";"):
@@ -248,9 +252,10 @@ class LocalStore:
         return self.node_id(), int(self.meta("stamped_max", "0"))
 
     # -- append and stamp ------------------------------------------------------
-    def append(self, events):
+    def append(self, events, actor=None):
         """Insert validated (see event.check_new) events into `unstamped` in one
-        transaction: if the iterable raises, nothing is appended."""
+        transaction: if the iterable raises, nothing is appended. `actor`: who made
+        them (a person, or an agent and its model), sealed with them."""
         import itertools
         events = iter(events)
         count = 0
@@ -261,8 +266,9 @@ class LocalStore:
                     break
                 db.executemany(
                     "INSERT INTO unstamped(event_id, event_type, aggregate_type, aggregate_id,"
-                    " payload, timestamp, checked) VALUES (:event_id, :event_type,"
-                    " :aggregate_type, :aggregate_id, :payload, :timestamp, 1)", chunk)
+                    " payload, timestamp, checked, actor) VALUES (:event_id, :event_type,"
+                    " :aggregate_type, :aggregate_id, :payload, :timestamp, 1, ?)".replace(
+                        "?", ":actor"), [{**ev, "actor": actor} for ev in chunk])
                 count += len(chunk)
         return count
 
@@ -273,25 +279,29 @@ class LocalStore:
         event_id is already in the log (the same event; dropped), problems a list of
         (unstamped seq, reason) for rows left in place because they break a rule.
         """
+        from .history import WriterView
         node = self.node_id()
         stamped = local_only = duplicates = 0
         problems = []
         with self.write() as db:
+            if db.execute("SELECT 1 FROM unstamped LIMIT 1").fetchone() is None:
+                return 0, 0, 0, []   # (a no-op stamp touches nothing)
             clock = self.clock()
             last = 0
+            view = WriterView(self)
             while True:
                 rows = db.execute(
                     "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, payload,"
-                    " timestamp, checked FROM unstamped WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (last, CHUNK)).fetchall()
+                    " timestamp, checked, actor FROM unstamped WHERE seq > ? ORDER BY seq"
+                    " LIMIT ?", (last, CHUNK)).fetchall()
                 if not rows:
                     break
                 last = rows[-1][0]
                 out, done, dups, clock = self._stamp_chunk(rows, node, clock, never_sync,
-                                                           problems)
+                                                           problems, view)
                 db.executemany(
-                    "INSERT INTO events(" + COLUMNS + ", status, stamped_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)", out)
+                    "INSERT INTO events(" + COLUMNS + ", status, stamped_at, extra)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)", out)
                 if len(done) == len(rows):
                     db.execute("DELETE FROM unstamped WHERE seq <= ?", (last,))
                 else:
@@ -304,15 +314,16 @@ class LocalStore:
                 self.put("stamped_max", clock)
         return stamped, local_only, duplicates, problems
 
-    def _stamp_chunk(self, rows, node, clock, never_sync, problems):
+    def _stamp_chunk(self, rows, node, clock, never_sync, problems, view):
         """Stamp one chunk of unstamped rows: (rows to insert, [(unstamped seq,)]
-        done, duplicates, clock). A row that breaks a rule goes to `problems`."""
-        from .event import MAX_LAMPORT, EventError, new_event_id
+        done, duplicates, clock). A row that breaks a rule goes to `problems`.
+        Each event records what its writer had seen (history.WriterView)."""
+        from .event import MAX_LAMPORT, EventError, dumps, is_deletion, loads, new_event_id
         now = utc_now()
         out, done, dups = [], [], 0
         # ids stamped in earlier chunks are in `events` already (same transaction)
         known = self._known_ids([r[1] for r in rows if isinstance(r[1], str)])
-        for seq, eid, etype, atype, aid, payload, ts, checked in rows:
+        for seq, eid, etype, atype, aid, payload, ts, checked, actor in rows:
             if checked != 1:  # written by another program: every rule applies
                 try:
                     eid, payload, ts = _check_unstamped(eid, etype, atype, aid, payload, ts)
@@ -330,8 +341,10 @@ class LocalStore:
                 raise ConfigError("the Lamport clock reached 2^63-1 (a peer sent an"
                                   " event stamped at the limit); nothing was stamped")
             status = "local_only" if never_sync.matches(atype, aid) else "queued"
+            keys = () if is_deletion(etype) else loads(payload).keys()
+            extra = view.extra(atype, aid, keys, (clock, node), actor)
             out.append((eid or new_event_id(), etype, atype, aid, clock, node, payload,
-                        ts or now, status, now))
+                        ts or now, status, now, dumps(extra)))
             done.append((seq,))
         return out, done, dups, clock
 
@@ -369,13 +382,16 @@ class LocalStore:
 
     # -- push side -------------------------------------------------------------
     def queued(self, limit, after=0):
-        """Up to `limit` queued events after local seq `after`: [(seq, Event, relay)],
-        relay True for an event pulled from another device (queued again to give it
-        back to a restored server)."""
+        """Up to `limit` queued events after local seq `after`: [(seq, Event, relay,
+        extra)], relay True for an event pulled from another device (queued again to
+        give it back to a restored server), extra what its sealed content says beside
+        the envelope (history) or None."""
+        from .event import loads
         rows = self.db.execute(
-            "SELECT seq, " + COLUMNS + ", stamped_at IS NULL FROM events"
+            "SELECT seq, " + COLUMNS + ", stamped_at IS NULL, extra FROM events"
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        return [(r[0], Event(*r[1:9]), bool(r[9])) for r in rows]
+        return [(r[0], Event(*r[1:9]), bool(r[9]), loads(r[10]) if r[10] else None)
+                for r in rows]
 
     def mark_pushed(self, results, point=None):
         """Apply the server's per-event results atomically.
@@ -429,18 +445,19 @@ class LocalStore:
             return moved
 
     # -- pull side -------------------------------------------------------------
-    def receive(self, rows, cursor, point=None, extras=None, chain=None):
+    def receive(self, rows, cursor, point=None, extras=None, chain=None, applied=False):
         """Store pulled events (Events, validated; extras: their JSON extra text or
         None), advance the Lamport clock past them and move the cursor forward to
         `cursor` with its `chain` (never back, so a watcher and a sync on one device
         can't undo each other), and keep `point` (seq, chain) of the server's log,
-        in one transaction. Returns how many were new."""
+        in one transaction. Returns how many were new. applied: the state holds
+        them already (the history before a shallow device's snapshot)."""
         with self.write() as db:
             before = db.total_changes
             db.executemany(
                 "INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
-                " lamport_clock, node_id, payload, timestamp, status, extra)"
-                " VALUES (?,?,?,?,?,?,?,?,'remote',?)",
+                " lamport_clock, node_id, payload, timestamp, status, extra, applied)"
+                f" VALUES (?,?,?,?,?,?,?,?,'remote',?,{int(bool(applied))})",
                 [(*r, x) for r, x in zip(rows, extras or [None] * len(rows))])
             new = db.total_changes - before
             if rows:

@@ -261,14 +261,68 @@ def reseal_legacy(store, client, ring, state):
         after = page["next"]
 
 
+# -- shallow devices --------------------------------------------------------------
+def unshallow(store, client, ring, progress=None):
+    """Fetch the history before the snapshot a shallow device began at (sk-pull
+    --unshallow): every event from the log's start to the snapshot's point, stored
+    as already folded (the snapshot holds them), the chain checked from the
+    genesis to the snapshot's chain, so the state does not change. Returns how
+    many events were fetched (0 on a device that holds its whole history)."""
+    from . import snapshot
+    info = snapshot.shallow_info(store)
+    if info is None:
+        return 0
+    end_seq, want = info["seq"], snapshot.point(store)[1]
+    at, chain, got_n = 0, bytes(32), 0
+    skip = store.own_events()
+    while at < end_seq:
+        page = client.pull(at, min(wire.MAX_PAGE, end_seq - at), skip, known_out(store))
+        try:
+            got = accept_page(store, page, at, ring, False, chain, None, applied=True)
+        except NeedKey as e:
+            ring.ensure(client)
+            if ring.get(e.epoch) is None:
+                raise WaitingForKey(ring.team, e.epoch) from None
+            continue
+        if got.next <= at or (not got.more and got.next < end_seq):
+            raise IntegrityError(f"the server's log ends at seq {got.next}, before the snapshot"
+                                 f" this device began at (seq {end_seq})")
+        at, chain = got.next, got.chain
+        got_n += len(got.events)
+        if progress:
+            progress(len(got.events))
+    if chain.hex() != want:
+        raise IntegrityError(f"the history the server sent does not end on the chain of the"
+                             f" snapshot at seq {end_seq}: the snapshot or the log was altered;"
+                             " the device stays shallow")
+    snapshot.end(store)
+    return got_n
+
+
+def offer_snapshot(store, client, ring, summary):
+    """Build and give the server the snapshot it asked for in an answer of this run
+    (a failure here only says so: the run's work is done)."""
+    if "snapshot" not in client.asked:
+        return
+    client.asked.discard("snapshot")
+    from . import snapshot
+    try:
+        summary["snapshot_offered"] = snapshot.offer(store, client, ring)
+    except SkError as e:
+        summary["snapshot_error"] = str(e)
+
+
 # -- porcelain ----------------------------------------------------------------
-def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None):
-    """`sk sync`: stamp -> team key -> push every batch -> pull every page -> seal
-    what the server still holds in plaintext -> resolve, under the device's lock,
-    its outcome recorded for `sk sync status` (a dry run takes neither and changes
-    nothing)."""
+def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None, shallow=False):
+    """`sk sync`: stamp -> team key -> (a fresh device: the newest snapshot) -> push
+    every batch -> pull every page -> seal what the server still holds in
+    plaintext -> resolve -> (a fresh device, unless shallow: the history before
+    the snapshot), under the device's lock, its outcome recorded for `sk sync
+    status` (a dry run takes neither and changes nothing). A snapshot the server
+    asked for is built and given at the end."""
     if dry_run:
         return _dry_run(store, client)
+    from . import history, snapshot
     from .resolve import resolve
     bar = progress_factory or (lambda label, total: None)
     summary = {}
@@ -277,6 +331,8 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None)
             summary["stamp"] = stamp(store, cfg)
             ring = Keyring(store, cfg.api_key)
             state = ring.ensure(client)
+            summary["began_at"] = snapshot.begin(store, client, ring)
+            before = history.open_ids(store)
             summary["push"] = _with_bar(bar("push", store.counts(totals=False)["queued"]),
                                         push, store, client, ring, all_batches=True,
                                         on_event=on_event)
@@ -298,10 +354,19 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None)
                     resent=summary["push"]["accepted"] + summary["push"]["duplicate"],
                     restored=summary["push"]["accepted"])
             summary["resealed"] = reseal_legacy(store, client, ring, state)
+            summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)
+                                                ["unapplied"]), resolve, store,
+                                            cfg.path_map or None)
+            summary["conflicts"] = len(history.open_ids(store) - before)
+            if summary["began_at"] and not shallow:   # the rest of the history, not folded
+                summary["unshallow"] = _with_bar(bar("history", summary["began_at"]["seq"]),
+                                                 unshallow, store, client, ring)
+            offer_snapshot(store, client, ring, summary)
     finally:
-        # offline or not, this device's own edits show in its state
-        summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)["unapplied"]),
-                                        resolve, store, cfg.path_map or None)
+        if "resolved" not in summary:   # offline or not, this device's own edits show
+            summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)
+                                                ["unapplied"]), resolve, store,
+                                            cfg.path_map or None)
     return summary
 
 
@@ -346,6 +411,9 @@ def status(cfg, check=False):
     info["last_failure"] = meta("last_failure")
     info["last_error"] = meta("last_error") if info["failures_since"] else None
     info["watch"] = _watch_session(store) if store else None
+    from . import history, snapshot
+    info["shallow"] = snapshot.shallow_info(store) if store else None
+    info["open_conflicts"] = history.open_count(store) if store else 0
     if store:
         store.close()
     if check:

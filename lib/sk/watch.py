@@ -142,6 +142,7 @@ class Watch:
                         self._apply(msg)
                     elif t == "live":
                         live = True
+                        self._asked(msg)
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
                     elif t == "diverged":  # restored server: give it back what it lost
@@ -199,6 +200,19 @@ class Watch:
         except TeamChanged:
             pass
 
+    def _asked(self, msg):
+        """The server asked for a snapshot: build it (if this device's state is a
+        point of the log right now) and give it, over REST."""
+        if msg.get("snapshot_wanted") is True and self.resolve_each:
+            from .sync import offer_snapshot
+            self.client.asked.add("snapshot")
+            done = {}
+            offer_snapshot(self.store, self.client, self.ring, done)
+            if done.get("snapshot_offered"):
+                self.log(f"gave the server a snapshot at seq {done['snapshot_offered']}")
+            elif done.get("snapshot_error"):
+                self.log(f"snapshot not given: {done['snapshot_error']}")
+
     def _resolve(self):
         if self.resolve_each:
             from .resolve import resolve
@@ -212,6 +226,7 @@ class Watch:
             self.ring.ensure(self.client)
             return
         self._resolve()  # this device's own events show in its state too
+        self._asked(msg)
         sent, rejected = counts["accepted"] + counts["duplicate"], counts["rejected"]
         self.log(f"pushed {sent} event{'s' if sent != 1 else ''}"
                  + (f", {rejected} rejected (see sk-log --rejected)" if rejected else ""))

@@ -17,6 +17,7 @@ def create_app(config=None):
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_CONTENT_LENGTH=wire.MAX_BODY, JSON_SORT_KEYS=False,
                       AUTH_FAIL_LIMIT=20,   # failed authentications per address a minute
+                      SNAPSHOT_EVERY=_every(os.environ.get("SK_SNAPSHOT_EVERY")),
                       DB=os.environ.get("SK_SERVER_DB") or "sk-server.db")
     app.config.update(config or {})
     store = app.config.get("STORE") or open_store(app.config["DB"])
@@ -31,3 +32,15 @@ def create_app(config=None):
     from . import ws
     ws.init_app(app)
     return app
+
+
+def _every(value):
+    """SK_SNAPSHOT_EVERY: events between snapshots (default 10000; 0: never)."""
+    from sk.errors import ConfigError
+    try:
+        n = int(value) if value not in (None, "") else 10_000
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"SK_SNAPSHOT_EVERY must be a whole number >= 0, not '{value}'")
+    return n

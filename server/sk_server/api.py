@@ -250,7 +250,11 @@ def push_batch(key, batch, relay=(), ticket=None, known=None):
         notify = current_app.extensions.get("sk_notify")
         if notify:
             notify(key.team)
-    return {"results": results, "head": stored.head, "chain": stored.chain.hex(), "team": key.team}
+    answer = {"results": results, "head": stored.head, "chain": stored.chain.hex(),
+              "team": key.team}
+    if wanted(key.team):
+        answer["snapshot_wanted"] = True
+    return answer
 
 
 def parse_known(known):
@@ -288,7 +292,8 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     page = _store().pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
                          parse_known(body.get("known")))
-    text, attachments = page_out(page, team=key.team)
+    extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
+    text, attachments = page_out(page, team=key.team, **extra)
     return _sealed(key, "pull", nonce, text, attachments)
 
 
@@ -394,6 +399,40 @@ def reseal():
     except StoreError as e:
         raise Refused(409, "conflict", str(e)) from None
     return _sealed(key, "reseal", nonce, {"sealed": n, "team": key.team})
+
+
+@api.post("/api/snapshot")
+def snapshot():
+    """A member's sealed snapshot of the team's state as of (seq, chain)."""
+    key, nonce, body = _authenticate("snapshot")
+    seq, chain, epoch = body.get("seq"), body.get("chain"), body.get("epoch")
+    blobs = body.get("attachments", [])
+    try:
+        point = parse_known({"seq": seq, "chain": chain})
+        if type(epoch) is not int or epoch < 1 or len(blobs) != 1:
+            raise Refused(400, "malformed", "a snapshot is {seq, chain, epoch} and its sealed"
+                                            " content as its one attachment")
+        _store().put_snapshot(key.team, key.device, point[0], point[1], epoch, blobs[0])
+    except StoreError as e:
+        raise Refused(409, "conflict", str(e)) from None
+    return _sealed(key, "snapshot", nonce, {"seq": seq, "team": key.team})
+
+
+@api.post("/api/snapshot-get")
+def snapshot_get():
+    """The team's newest snapshot (a shallow device starts from it)."""
+    key, nonce, _ = _authenticate("snapshot-get")
+    snap = _store().snapshot(key.team)
+    if snap is None:
+        return _sealed(key, "snapshot-get", nonce, {"seq": None, "team": key.team})
+    seq, chain, epoch, blob, device = snap
+    return _sealed(key, "snapshot-get", nonce, {"seq": seq, "chain": chain.hex(), "epoch": epoch,
+                                                "device": device, "team": key.team}, [blob])
+
+
+def wanted(team):
+    """Whether to ask the device at hand for a snapshot (SNAPSHOT_EVERY events)."""
+    return _store().snapshot_due(team, current_app.config["SNAPSHOT_EVERY"])
 
 
 @api.post("/api/ws-token")

@@ -6,7 +6,7 @@ REST_THREADS = 8   # threads of a worker that WebSocket sessions never take
 
 
 def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_log=False,
-          control_socket=True, timeout=60, forwarded_for=0):
+          control_socket=True, timeout=60, forwarded_for=0, snapshot_every=None):
     import signal
 
     from gunicorn.app.base import BaseApplication
@@ -18,6 +18,8 @@ def serve(host="127.0.0.1", port=9100, db=None, workers=1, threads=32, access_lo
               "WS_SESSIONS": max(1, threads - min(REST_THREADS, threads // 2))}
     if db:
         config["DB"] = db
+    if snapshot_every is not None:
+        config["SNAPSHOT_EVERY"] = snapshot_every
     app = create_app(config)  # fail here, clearly, on a bad DB
     _check_bind(host, port)
     # a client that hangs up mid-answer must not kill a worker: ignore SIGPIPE

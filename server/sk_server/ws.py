@@ -28,7 +28,8 @@ from flask import Blueprint, current_app, g, request
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
-from .api import Refused, page_out, parse_batch, parse_known, parse_skip, push_batch
+from .api import (Refused, page_out, parse_batch, parse_known, parse_skip, push_batch,
+                  wanted)
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -208,7 +209,8 @@ class Session:
     def run(self, hub):
         cursor, exclude, self.known = self.recv_hello()
         cursor = self.send_new(cursor, exclude, catchup=True)
-        self.send({"t": "live", "cursor": cursor})
+        self.send({"t": "live", "cursor": cursor, **({"snapshot_wanted": True}
+                                                     if wanted(self.key.team) else {})})
         hub.join(self.key.team, self)
         try:
             last_look = last_key = time.monotonic()

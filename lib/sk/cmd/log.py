@@ -10,7 +10,8 @@ aggregate_id, lamport_clock, node_id, payload, timestamp), its local status
 local sequence number seq. Filters combine. --rejected lists the events the
 server refused, set aside out of the log with the reason (sk-push-batch
 --retry-rejected queues them again). The output is NDJSON with or without
---json."""
+--json. On a shallow device (sk sync --shallow) a line on stderr says where its
+history begins."""
 
 STATUSES = ("queued", "sent", "rejected", "local_only", "remote")
 
@@ -37,6 +38,13 @@ def _body(args, ctx):
         atype, sep, rest = args.aggregate.partition(":")
         aid = rest if sep else None
     status = "rejected" if args.rejected else args.status
+    from ..snapshot import shallow_info
+    info = shallow_info(ctx.store)
+    if info and not args.quiet:
+        import sys
+        print(f"{args.prog}: shallow history: it begins after seq {info['seq']} of the team's"
+              " log (a snapshot" + (f" by device '{info['device']}'" if info.get("device") else "")
+              + "); 'sk-pull --unshallow' fetches the rest", file=sys.stderr)
     for ev in ctx.store.log(atype, aid, args.type, status, args.after, args.limit):
         _common.emit(ev)
     return 0

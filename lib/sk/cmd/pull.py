@@ -14,7 +14,11 @@ Every pull shows the server the last point of its log this device saw (a
 sequence number and the log's hash chain there). If the server's log is no
 longer that one (it was restored from an older copy), sk-pull queues every
 event this device holds to push again, pulls the whole log, and exits 1 until
-'sk-push-batch --all' has given the server back what it lost."""
+'sk-push-batch --all' has given the server back what it lost.
+
+--unshallow, on a device that began at a snapshot (sk sync --shallow): fetch
+the history before it, checked against the snapshot's hash chain, without
+changing the state; the device then holds its whole history."""
 
 
 def get_parser(prog="sk-pull"):
@@ -24,6 +28,8 @@ def get_parser(prog="sk-pull"):
     p.add_argument("--since", type=_common.bounded(0, 2 ** 63 - 1, "SEQ"), metavar="SEQ",
                    help="start after server sequence SEQ instead of the stored cursor"
                         " (the cursor moves only if SEQ is not past it)")
+    p.add_argument("--unshallow", action="store_true",
+                   help="fetch the history before the snapshot this device began at")
     p.add_argument("--print", action="store_true", dest="print_events",
                    help="also write every fetched event to stdout as NDJSON")
     p.add_argument("--page-size", type=_common.bounded(1, MAX_PAGE), default=MAX_PAGE,
@@ -44,6 +50,23 @@ def _body(args, ctx):
             print(f"pulled {ev.event_id} {ev.event_type} {ev.aggregate_type}:"
                   f"{ev.aggregate_id}", file=sys.stderr)
 
+    if args.unshallow:
+        if args.since is not None:
+            from ..errors import UsageError
+            raise UsageError("--unshallow fetches from the log's start; leave out --since")
+        from ..snapshot import shallow_seq
+        from ..sync import unshallow
+        was = shallow_seq(ctx.store)
+        bar = Progress("history", was, quiet=args.quiet)
+        n = unshallow(ctx.store, ctx.client, ctx.keyring, bar)
+        bar.close()
+        if args.json:
+            _common.emit({"unshallowed": was is not None, "received": n, "before_seq": was})
+        else:
+            _common.say(args, f"fetched {n} event(s) of the history before seq {was}; the"
+                              " history is complete" if was is not None else
+                              "the history is complete already (not a shallow device)")
+        return 0
     bar = Progress("pull", None, quiet=args.quiet)
     counts = pull(ctx.store, ctx.client, ctx.keyring, args.since, on_event, bar, args.page_size)
     bar.close()

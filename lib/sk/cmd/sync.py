@@ -32,6 +32,9 @@ def _now_flags(p, suppress=False):
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("-n", "--dry-run", action="store_true", default=d(False),
                    help="show what would move; change nothing")
+    p.add_argument("--shallow", action="store_true", default=d(False),
+                   help="a fresh device: begin at the team's newest snapshot and fetch only"
+                        " the events after it (default: SK_SHALLOW)")
 
 
 def get_parser(prog="sk sync"):
@@ -88,7 +91,8 @@ def _now(args, ctx):
 
     summary = run(ctx.cfg, ctx.store, ctx.client, args.dry_run,
                   on_event if args.verbose else None,
-                  lambda label, total: Progress(label, total, quiet=args.quiet))
+                  lambda label, total: Progress(label, total, quiet=args.quiet),
+                  shallow=args.shallow or ctx.cfg.shallow)
     if args.json:
         _common.emit(summary)
     elif args.dry_run:
@@ -104,6 +108,19 @@ def _now(args, ctx):
                 + (f", rejected {pu['rejected']}" if pu["rejected"] else "")
                 + f", pulled {pl['new']}, resolved {summary['resolved']}")
         print(line)
+    began = summary.get("began_at")
+    if began and not args.quiet and not args.json:
+        print(f"{args.prog}: began at the snapshot of seq {began['seq']}"
+              f" ({began['aggregates']} aggregates"
+              + (f", by device '{began['device']}'" if began.get("device") else "") + ")"
+              + ("; history before it not fetched ('sk-pull --unshallow' fetches it)"
+                 if "unshallow" not in summary else
+                 f"; fetched the {summary['unshallow']} events before it"), file=sys.stderr)
+    if summary.get("conflicts") and not args.quiet and not args.json:
+        n = summary["conflicts"]
+        print(f"{n} concurrent edit{'s' if n != 1 else ''}: sk conflicts", file=sys.stderr)
+    if summary.get("snapshot_error") and args.verbose:
+        print(f"{args.prog}: snapshot not given: {summary['snapshot_error']}", file=sys.stderr)
     healed = summary.get("healed")
     if healed and not args.quiet:
         print(f"{args.prog}: {healed.describe()}", file=sys.stderr)
@@ -159,6 +176,13 @@ def _status(args, ctx):
              + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"
                 if info["failures_since"] else "")),
         ]
+        shallow = info["shallow"]
+        rows.append(("history", "complete" if not shallow else
+                     f"shallow: begins after seq {shallow['seq']} (a snapshot"
+                     + (f" by device '{shallow['device']}'" if shallow.get("device") else "")
+                     + "); 'sk-pull --unshallow' fetches the rest"))
+        rows.append(("conflicts", f"{info['open_conflicts']} open"
+                     + (" (sk conflicts)" if info["open_conflicts"] else "")))
         watch = info["watch"]
         rows.append(("watch", "not running" if not watch else
                      f"running (pid {watch['pid']}), {watch['state']} since {watch['since']}"

@@ -21,7 +21,13 @@ PostgreSQL one of the first two is required. Back it up with the database,
 apart from it; several servers on one database share it.
 Repeated failed authentication from one address (20 a minute) is answered with
 429 until the minute is over; behind a proxy or load balancer, give
---forwarded-for so that the address is the client's, not the proxy's."""
+--forwarded-for so that the address is the client's, not the proxy's.
+
+Snapshots: when a team's log has grown --snapshot-every events (default
+10000, or $SK_SNAPSHOT_EVERY; 0: never) past its newest snapshot, the server
+asks the next device that syncs (sk sync, sk sync watch) for one, at most once
+a minute. The device seals it under the team key; the server keeps the newest
+3 per team, and gives the newest to a fresh device (sk sync --shallow)."""
 
 
 def get_parser(prog="sk server"):
@@ -40,6 +46,9 @@ def get_parser(prog="sk server"):
                    help="N trusted proxies (nginx, a load balancer) stand in front: take the"
                         " client's address from X-Forwarded-For (default 0: the peer's"
                         " address), so the failed-authentication slow-down is per client")
+    p.add_argument("--snapshot-every", type=_common.bounded(0, 10 ** 9, "N"), default=None,
+                   metavar="N", help="ask for a snapshot every N events of a team's log"
+                                     " (default $SK_SNAPSHOT_EVERY, else 10000; 0: never)")
     p.add_argument("--no-control-socket", action="store_true",
                    help="do not open gunicorn's control socket (when several servers run)")
     return p
@@ -56,7 +65,8 @@ def _body(args, ctx):
         raise UsageError("--forwarded-for must be from 0 to 10")
     from ..serve import serve
     return serve(args.host, args.port, _server.server_db(args), args.workers, args.threads,
-                 args.access_log, not args.no_control_socket, forwarded_for=args.forwarded_for)
+                 args.access_log, not args.no_control_socket, forwarded_for=args.forwarded_for,
+                 snapshot_every=args.snapshot_every)
 
 
 def main(argv=None, prog="sk server"):

@@ -284,6 +284,15 @@ class Store(abc.ABC):
     def reseal(self, team, device, first, batch):
         """Seal legacy events in place; how many."""
     @abc.abstractmethod
+    def put_snapshot(self, team, device, seq, chain, epoch, blob, keep=3):
+        """Keep a sealed snapshot as of a point of the team's log (the newest `keep`)."""
+    @abc.abstractmethod
+    def snapshot(self, team):
+        """The team's newest snapshot, or None."""
+    @abc.abstractmethod
+    def snapshot_due(self, team, every, wait_ms=60_000):
+        """Whether to ask the device at hand for a snapshot now."""
+    @abc.abstractmethod
     def seen(self, key_id, nonce):
         """True if the request nonce was admitted before (a replay)."""
     @abc.abstractmethod

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS teams (
     epoch    {bigint} NOT NULL DEFAULT 0,   -- the team key's current epoch (0: none yet)
     rekey    {bigint} NOT NULL DEFAULT 0,   -- 1: a device was revoked or rotated, so nothing
                                             -- is written until a member starts an epoch
-    approval {bigint} NOT NULL DEFAULT 0    -- 1: members grant only approved devices
+    approval {bigint} NOT NULL DEFAULT 0,   -- 1: members grant only approved devices
+    asked    {bigint} NOT NULL DEFAULT 0    -- when a device was last asked for a snapshot (ms)
 );
 CREATE TABLE IF NOT EXISTS devices (
     name      TEXT PRIMARY KEY,
@@ -98,6 +99,18 @@ CREATE TABLE IF NOT EXISTS grants (
     granter    {blob} NOT NULL,      -- the identity of the device that sealed it
     created    TEXT NOT NULL,
     PRIMARY KEY (team, epoch, device, recipient)
+){without_rowid};
+-- the newest few snapshots of each team's state, sealed by a member (sk.snapshot)
+CREATE TABLE IF NOT EXISTS snapshots (
+    team     TEXT NOT NULL,
+    seq      {bigint} NOT NULL,
+    chain    {blob} NOT NULL,
+    epoch    {bigint} NOT NULL,
+    sealed   {blob} NOT NULL,
+    size     {bigint} NOT NULL,
+    device   TEXT NOT NULL,
+    created  TEXT NOT NULL,
+    PRIMARY KEY (team, seq)
 ){without_rowid};
 -- each node id belongs to the device that first pushed events under it
 CREATE TABLE IF NOT EXISTS nodes (
@@ -161,6 +174,7 @@ def upgrade(db, words, columns):
         db.execute("INSERT INTO nodes (team, node_id, device) VALUES (?, ?, ?)"
                    " ON CONFLICT DO NOTHING", (team, node, device))
     for table, column, kind in (("teams", "epoch", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "asked", "{bigint} NOT NULL DEFAULT 0"),
                                 ("teams", "rekey", "{bigint} NOT NULL DEFAULT 0"),
                                 ("teams", "approval", "{bigint} NOT NULL DEFAULT 0"),
                                 ("devices", "identity", "{blob}"),

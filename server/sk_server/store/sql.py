@@ -276,6 +276,46 @@ class SQLStore(Store):
             return Page(out, batches, legacy, taken[-1][0], True, bytes(taken[-1][4]), None)
         return Page(out, batches, legacy, head, False, bytes(chain), None)
 
+    # -- snapshots (sealed by members; the server keeps the newest few) -----------------
+    def put_snapshot(self, team, device, seq, chain, epoch, blob, keep=3):
+        """Keep a member's sealed snapshot of the team's state as of (seq, chain);
+        StoreError if that point is not on the team's log."""
+        with self.d.write() as db:
+            head = db.execute("SELECT head FROM teams WHERE team = ?" + self.d.for_update,
+                              (team,)).fetchone()[0]
+            if check_known((seq, chain), head, self._chain_at(db, team)):
+                raise StoreError(f"seq {seq} with that chain is not on this team's log")
+            db.execute("INSERT INTO snapshots (team, seq, chain, epoch, sealed, size, device,"
+                       " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                       (team, seq, chain, epoch, blob, len(blob), device, utc_now()))
+            old = [r[0] for r in db.execute("SELECT seq FROM snapshots WHERE team = ? ORDER BY"
+                                            " seq DESC", (team,)).fetchall()[keep:]]
+            self.d.many(db, "DELETE FROM snapshots WHERE team = ? AND seq = ?",
+                        [(team, q) for q in old])
+
+    def snapshot(self, team):
+        """(seq, chain, epoch, sealed, device) of the team's newest snapshot, or None."""
+        with self.d.read() as db:
+            row = db.execute("SELECT seq, chain, epoch, sealed, device FROM snapshots WHERE"
+                             " team = ? ORDER BY seq DESC LIMIT 1", (team,)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]), row[2], bytes(row[3]), row[4])
+
+    def snapshot_due(self, team, every, wait_ms=60_000):
+        """True (once a minute at most) when the team's log has grown `every` events
+        past its newest snapshot: the device that hears it is asked for one."""
+        with self.d.read() as db:
+            head, asked, epoch = db.execute("SELECT head, asked, epoch FROM teams WHERE team = ?",
+                                            (team,)).fetchone()
+            last = db.execute("SELECT coalesce(max(seq), 0) FROM snapshots WHERE team = ?",
+                              (team,)).fetchone()[0]
+        now = now_ms()
+        if not every or epoch == 0 or head - last < every or now - asked < wait_ms:
+            return False
+        with self.d.write() as db:
+            cur = db.execute("UPDATE teams SET asked = ? WHERE team = ? AND asked = ?",
+                             (now, team, asked))
+            return cur.rowcount == 1
+
     # -- team keys (the server keeps them sealed to each device's identity) -----------
     def keys(self, team, device):
         """What a device of `team` needs to hold and share the team key: the current
@@ -465,7 +505,7 @@ class SQLStore(Store):
     def stats(self):
         with self.d.read(snapshot=True) as db:
             return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                    for t in ("teams", "devices", "events", "batches", "legacy")}
+                    for t in ("teams", "devices", "events", "batches", "legacy", "snapshots")}
 
     def backup(self, path):
         self.d.backup(path)
