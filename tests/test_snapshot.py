@@ -160,3 +160,41 @@ def test_a_tampered_or_misplaced_snapshot_is_refused(tmp_path, snap_server, atta
     alter(db, "DELETE FROM snapshots")
     sync(ci)
     assert state(ci) == state(a)
+
+
+def test_a_shallow_device_heals_with_a_restored_server_as_a_full_one_does(
+        tmp_path, snap_server, request):
+    from test_restore import Snapshot as Backup
+    backup = Backup(snap_server, request, tmp_path)
+    a = make_device(tmp_path, snap_server, "alice")
+    append(a, history(8, 30))
+    sync(a)
+    ci = make_device(tmp_path, snap_server, "ci")   # known to the backup, not synced yet
+    late = make_device(tmp_path, snap_server, "late")
+    backup.take()                                   # seq 30, no snapshot yet
+    append(a, history(8, 60, seed=4))
+    sync(a)
+    assert [r[0] for r in snapshots(snap_server)] == [90]
+    sync(ci, "--shallow")
+    assert status(ci)["shallow"]["seq"] == 90
+    append(ci, [ev("task_updated", "task:t1", {"b": "ci-after-snapshot"})])
+    sync(ci)
+    backup.put_back()                               # the server forgets seq 31.. and the snapshot
+    assert snapshots(snap_server) == []
+    healed_a = sync(a)
+    assert "restored" in healed_a.stderr.lower() or "older copy" in healed_a.stderr.lower()
+    healed_ci = sync(ci)
+    assert healed_ci.returncode == 0
+    sync(a)
+    assert state(ci) == state(a)
+    assert state(ci, "task:t1")["b"] == "ci-after-snapshot"
+    # and whatever is written next reaches both
+    append(a, [ev("task_updated", "task:t2", {"c": "after the restore"})])
+    sync(a)
+    sync(ci)
+    assert state(ci) == state(a)
+    # a device joining now begins at a snapshot of the healed log, or streams it
+    sync(late, "--shallow")
+    assert state(late) == state(a)
+    run("sk-resolve", "--rebuild", home=ci)
+    assert state(ci) == state(a)

@@ -96,8 +96,7 @@ class Config:
     def actor(self):
         """SK_ACTOR: who makes the events appended here (a person, or an agent and the
         model that drove it), sealed with them."""
-        value = (self.get("SK_ACTOR") or "").strip()
-        return value or None
+        return check_actor(self.get("SK_ACTOR"), "SK_ACTOR")
 
     @property
     def never_sync_rules(self):
@@ -163,3 +162,14 @@ def parse_path_map(items):
             raise ConfigError(f"path map {item!r} must look like FROM=TO")
         pairs.append((src.rstrip("/") or "/", dst.rstrip("/") or "/"))
     return sorted(pairs, key=lambda p: -len(p[0]))
+
+
+def check_actor(value, what):
+    """An actor name as given (flag or environment), or None when empty; a
+    ConfigError for one no reader could show on one line."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if len(value) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{what} must be one line of at most 200 characters")
+    return value

@@ -22,7 +22,9 @@ aggregate's events at a time, by index.
 """
 
 import json
+import re
 
+from .errors import PARTIAL, SkError
 from .event import dumps, is_deletion, loads
 
 CONFLICTS_SCHEMA = """
@@ -59,6 +61,7 @@ class WriterView:
         self._aggs = {}
         self._pending = None
         self._tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        self.device = store.meta("device")   # this device's name, as the server said it
 
     def _unapplied(self):
         """The events of the log not folded yet, by aggregate (usually none)."""
@@ -118,6 +121,8 @@ class WriterView:
                "prior": {k: [list(s) for s in fields.get(k, [])] for k in payload_keys}}
         if actor:
             out["actor"] = actor
+        if self.device:
+            out["device"] = self.device
         view[0] = max(last, stamp)
         for k in payload_keys:
             fields[k] = [stamp]
@@ -126,20 +131,33 @@ class WriterView:
 
 # -- flagging at resolve time ----------------------------------------------------------
 def suspects_of(rows, before):
-    """The aggregates of folded rows (atype, aid, lamport, node, extra text) whose
-    writer had not seen what this device had of them: before[(atype, aid)] is the
-    aggregate's newest stamp here before these rows. Sequential writes, delivered
-    in order, are never suspects."""
-    last = dict(before)
+    """The aggregates of rows about to be folded (atype, aid, event_type, lamport,
+    node, payload JSON, extra JSON) where a write may have been lost: a write of a
+    key whose writer did not know the value this device holds for it (its prior
+    lacks the current winner's stamp), one older than that value (it arrived
+    after a write that beat it), or one that knew of losers (it may close their
+    conflict). before[(atype, aid, key)] is the winner's stamp
+    here before these rows. Writes that follow each other, delivered in the order
+    they were made, flag nothing; any order that is not causal flags what it must,
+    so every device finds the same conflicts."""
+    cur = dict(before)
     out = set()
-    for atype, aid, lamport, node, extra in rows:
-        key = (atype, aid)
-        cur = last.get(key, (0, ""))
-        seen = (loads(extra).get("seen") if extra else None)
-        if extra and cur != (0, "") and (seen is None or tuple(seen) != cur):
-            out.add(key)
-        if (lamport, node) > cur:
-            last[key] = (lamport, node)
+    for atype, aid, etype, lamport, node, payload, extra in rows:
+        if is_deletion(etype):
+            continue
+        stamp = (lamport, node)
+        x = loads(extra) if extra else None
+        prior = x.get("prior") if isinstance(x, dict) else None
+        for key in loads(payload):
+            have = cur.get((atype, aid, key))
+            if have is not None and prior is not None:
+                known = prior.get(key) if isinstance(prior, dict) else None
+                # anything but "knew exactly the value it replaces": a possible loss, or
+                # a write that knew of losers (it may close their conflict)
+                if stamp < have or known != [list(have)]:
+                    out.add((atype, aid))
+            if have is None or stamp > have:
+                cur[(atype, aid, key)] = stamp
     return out
 
 
@@ -148,6 +166,7 @@ def _writes(store, atype, aid):
     """Every write of each key of the aggregate: {key: [write]} in stamp order, a
     write being a dict (stamp, value JSON, event, prior or None)."""
     out = {}
+    me, my_name = store.meta("node_id"), store.meta("device")
     for eid, etype, lamport, node, payload, ts, extra, status in store.db.execute(
             "SELECT event_id, event_type, lamport_clock, node_id, payload, timestamp, extra,"
             " status FROM events WHERE aggregate_type = ? AND aggregate_id = ?", (atype, aid)):
@@ -162,7 +181,8 @@ def _writes(store, atype, aid):
             out.setdefault(key, []).append({
                 "stamp": (lamport, node), "value": dumps(value), "event_id": eid,
                 "event_type": etype, "timestamp": ts, "actor": x.get("actor"),
-                "device": x.get("device"), "known": known, "status": status})
+                "device": x.get("device") or (my_name if node == me else None),
+                "known": known, "status": status})
     for writes in out.values():
         writes.sort(key=lambda w: (w["stamp"], w["value"]))
     return out
@@ -281,10 +301,36 @@ def _exists(store, table):
         is not None
 
 
+def deletion(store, atype, aid):
+    """The newest deletion of an aggregate (event_id, event_type, lamport_clock,
+    node_id, timestamp, actor, device), or None."""
+    best = None
+    for eid, etype, lam, node, ts, extra in store.db.execute(
+            "SELECT event_id, event_type, lamport_clock, node_id, timestamp, extra FROM events"
+            " WHERE aggregate_type = ? AND aggregate_id = ? AND event_type LIKE '%\\_deleted'"
+            " ESCAPE '\\'", (atype, aid)):
+        if best is None or (lam, node) > (best["lamport_clock"], best["node_id"]):
+            x = loads(extra) if extra else {}
+            best = {"event_id": eid, "event_type": etype, "lamport_clock": lam, "node_id": node,
+                    "timestamp": ts, "actor": x.get("actor"), "device": x.get("device")}
+    from .snapshot import _base_rows
+    for aggs, _ in _base_rows(store, atype, aid):
+        for live, dead in aggs.values():
+            if dead != (0, "") and (best is None or dead > (best["lamport_clock"],
+                                                            best["node_id"])):
+                best = {"event_id": None, "event_type": None, "lamport_clock": dead[0],
+                        "node_id": dead[1], "timestamp": None, "actor": None, "device": None,
+                        "from_snapshot": True}
+    return best
+
+
 def blame(store, atype, aid):
     """{key: the winning write (value, event_id, event_type, node_id, lamport_clock,
-    timestamp, actor, device)} of an aggregate, from its events; a key whose event
-    this device does not hold (a shallow device) comes from its snapshot, said so."""
+    timestamp, actor, device)} of the keys the aggregate shows (as sk-state does:
+    a key written before the aggregate was deleted and made again is gone; a
+    deleted aggregate shows its last values, as sk-state --deleted does). A key
+    whose event this device does not hold (a shallow device) comes from its
+    snapshot, said so."""
     out = {k: _brief(_register(w)[0]) for k, w in _writes(store, atype, aid).items()}
     from .snapshot import base_fields
     for key, info in base_fields(store, atype, aid).items():
@@ -292,29 +338,120 @@ def blame(store, atype, aid):
         if cur is None or (info["lamport_clock"], info["node_id"]) > (
                 cur["lamport_clock"], cur["node_id"]):
             out[key] = {**info, "from_snapshot": True}
+    gone = deletion(store, atype, aid)
+    if gone is not None:
+        dead = (gone["lamport_clock"], gone["node_id"])
+        live = max([(w["lamport_clock"], w["node_id"]) for w in out.values()], default=(0, ""))
+        live = max(live, _live_stamp(store, atype, aid))
+        if live > dead:
+            out = {k: w for k, w in out.items() if (w["lamport_clock"], w["node_id"]) > dead}
     return dict(sorted(out.items()))
 
 
+def _live_stamp(store, atype, aid):
+    """The newest non-deletion event of an aggregate (an empty payload writes no key)."""
+    row = store.db.execute(
+        "SELECT max(lamport_clock) FROM events WHERE aggregate_type = ? AND aggregate_id = ?"
+        " AND event_type NOT LIKE '%\\_deleted' ESCAPE '\\'", (atype, aid)).fetchone()
+    if not row or row[0] is None:
+        return (0, "")
+    node = store.db.execute(
+        "SELECT max(node_id) FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND"
+        " lamport_clock = ? AND event_type NOT LIKE '%\\_deleted' ESCAPE '\\'",
+        (atype, aid, row[0])).fetchone()[0]
+    return (row[0], node)
+
+
 # -- the state as of then ---------------------------------------------------------------
-def state_at(store, lamport=None, time=None, atype=None, aid=None):
+_WHEN = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(\.\d{1,9})?([Zz]|[+-]\d\d:\d\d)")
+
+
+def time_key(text):
+    """Display timestamps (UTC RFC 3339, any number of fraction digits) as text
+    that sorts as they do."""
+    frac = text[20:].rstrip("Zz").split("+")[0] if len(text) > 20 and text[19] == "." else ""
+    return text[:19] + "." + frac.ljust(9, "0")
+
+
+def parse_when(text):
+    """--at: a Lamport clock (an integer) or an RFC 3339 time with its offset.
+    Returns ("lamport", n) or ("time", key for time_key's order); ValueError else."""
+    text = text.strip()
+    if text.isdigit():
+        return "lamport", int(text)
+    m = _WHEN.fullmatch(text)
+    if not m:
+        raise ValueError(f"--at {text!r} is neither a Lamport clock (an integer) nor an RFC 3339"
+                         " time with its offset, such as 2026-12-01T09:30:00Z")
+    from datetime import datetime, timedelta, timezone
+    day, clock, frac, off = m.groups()
+    try:
+        base = datetime.fromisoformat(f"{day}T{clock}")
+    except ValueError:
+        raise ValueError(f"--at {text!r} is not a real date and time") from None
+    if off not in ("Z", "z"):
+        sign = 1 if off[0] == "+" else -1
+        base -= sign * timedelta(hours=int(off[1:3]), minutes=int(off[4:6]))
+    utc = base.replace(tzinfo=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return "time", utc + "." + (frac or ".")[1:].ljust(9, "0")
+
+
+def state_at(store, when, atype=None, aid=None, include_deleted=False):
     """The state {type: {id: {key: value}}} folded from the events stamped at or
-    before a Lamport clock, or displayed at or before a time (RFC 3339 text)."""
-    from .resolve import fold, view
+    before a Lamport clock, or displayed at or before a time (parse_when's
+    answer), the path map applied as sk-state does. On a shallow device the
+    snapshot it began at comes first, and a point before it is an error: that
+    history is not here (HistoryError)."""
+    from .resolve import fold, remap, view
+    from .snapshot import _base, _base_rows
+    kind, at = when
     where, args = [], []
-    if lamport is not None:
+    if kind == "lamport":
         where.append("lamport_clock <= ?")
-        args.append(lamport)
-    if time is not None:
-        where.append("timestamp <= ?")
-        args.append(time)
+        args.append(at)
     if atype is not None:
         where.append("aggregate_type = ?")
         args.append(atype)
         if aid is not None:
             where.append("aggregate_id = ?")
             args.append(aid)
-    sql = ("SELECT event_type, aggregate_type, aggregate_id, lamport_clock, node_id, payload"
-           " FROM events" + (" WHERE " + " AND ".join(where) if where else ""))
-    aggs, fields = fold((r[0], r[1], r[2], r[3], r[4], loads(r[5]))
-                        for r in store.db.execute(sql, args))
-    return view(aggs, fields)
+    aggs, fields = {}, {}
+    base = _base(store)
+    if base:
+        newest = max([(f[4], f[8] or "") for f in base["fields"]]
+                     + [(a[2], "") for a in base["aggregates"]] + [(a[4], "") for a in
+                                                                    base["aggregates"]],
+                     default=(0, ""))
+        if (kind == "lamport" and at < newest[0]) or (
+                kind == "time" and newest[1] and at < time_key(newest[1])):
+            raise HistoryError("this device's history is shallow: it begins at a snapshot of"
+                               f" seq {base['seq']} (Lamport clock {newest[0]}), after that"
+                               " point; 'sk-pull --unshallow' fetches the rest")
+        if aid is not None:
+            for a, f in _base_rows(store, atype, aid):
+                aggs.update(a)
+                fields.update(f)
+        else:
+            aggs = {(t, i): [(ll, ln), (dl, dn)] for t, i, ll, ln, dl, dn in base["aggregates"]
+                    if atype in (None, t)}
+            fields = {(t, i, k): (lam, node, dumps(v)) for t, i, k, v, lam, node, *_ in
+                      base["fields"] if atype in (None, t)}
+    sql = ("SELECT event_type, aggregate_type, aggregate_id, lamport_clock, node_id, payload,"
+           " timestamp FROM events" + (" WHERE " + " AND ".join(where) if where else ""))
+    rows = store.db.execute(sql, args)
+    fold(((r[0], r[1], r[2], r[3], r[4], loads(r[5])) for r in rows
+          if kind == "lamport" or time_key(r[6]) <= at), aggs, fields)
+    pairs = [tuple(p) for p in json.loads(store.meta("path_map", "[]"))]
+    out = view(aggs, fields, include_deleted)
+    if pairs:
+        for objs in out.values():
+            for obj in objs.values():
+                for k, v in obj.items():
+                    obj[k] = remap(v, pairs)
+    return out
+
+
+class HistoryError(SkError):
+    """What this device's history cannot answer (a shallow device, before its start)."""
+
+    exit_code = PARTIAL

@@ -106,6 +106,9 @@ class Keyring:
         if state.get("team") != self.team:
             self.store.switch_team(state["team"])
             self.team, self._keys = state["team"], None
+        name = state.get("device")
+        if isinstance(name, str) and name and self.store.meta("device") != name:
+            self.store.set_meta(device=name)   # written into what it stamps (blame)
         if state.get("identity") not in (None, self.public.hex()):
             raise IntegrityError("the server holds another identity for this device than its"
                                  " key's: it is not the server this key was registered on, or"

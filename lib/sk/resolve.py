@@ -192,21 +192,21 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
 
 
 def _flag_suspects(db, rows):
-    """Flag the aggregates of a chunk about to be folded whose writers had not seen
-    what this device holds of them (history.suspects_of): where a write may have
-    been lost to a concurrent one. One lookup per aggregate; sequential writes in
-    order flag nothing."""
+    """Flag the aggregates of a chunk about to be folded where a write may have been
+    lost to a concurrent one (history.suspects_of), from the stamps of the values
+    this device holds: one indexed lookup per aggregate; sequential writes in order
+    flag nothing."""
     from .history import suspects_of
     keys = sorted({(r[2], r[3]) for r in rows if r[7]})
     before = {}
     for i in range(0, len(keys), 400):
         chunk = keys[i:i + 400]
-        for t, a, ll, ln, dl, dn in db.execute(
-                "SELECT aggregate_type, aggregate_id, live_lamport, live_node, del_lamport,"
-                " del_node FROM aggregates WHERE (aggregate_type, aggregate_id) IN (VALUES "
+        for t, a, k, lam, node in db.execute(
+                "SELECT aggregate_type, aggregate_id, field, lamport, node_id FROM fields"
+                " WHERE (aggregate_type, aggregate_id) IN (VALUES "
                 + ",".join(["(?, ?)"] * len(chunk)) + ")", [x for k in chunk for x in k]):
-            before[(t, a)] = max((ll, ln), (dl, dn))
-    flagged = suspects_of(((r[2], r[3], r[4], r[5], r[7]) for r in rows), before)
+            before[(t, a, k)] = (lam, node)
+    flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], r[6], r[7]) for r in rows), before)
     if flagged:
         db.executemany("INSERT OR IGNORE INTO suspects VALUES (?, ?)", sorted(flagged))
 

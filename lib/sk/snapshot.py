@@ -39,11 +39,11 @@ def ad(team, epoch, seq, chain):
     return f"sk/2 snapshot|{team}|{int(epoch)}|{int(seq)}|{chain}".encode()
 
 
-def seal(team, epoch, team_key, seq, chain, content_text):
+def seal(team, epoch, team_key, seq, chain, content_text, nonce=None):
     c = zlib.compressobj(6, zlib.DEFLATED, 31)
     body = c.compress(content_text.encode()) + c.flush()
     return crypto.seal_data(crypto.data_key(team_key, team, "snapshot"), body,
-                            ad(team, epoch, seq, chain))
+                            ad(team, epoch, seq, chain), nonce)
 
 
 def open_(team, epoch, team_key, seq, chain, blob):

@@ -11,7 +11,10 @@ aggregate_type, aggregate_id and optionally payload (an object), event_id (a
 UUID) and timestamp (RFC 3339). With --type and --aggregate, append one event
 built from the flags. Either every event is appended or none is: a bad line
 anywhere is reported with its line number and nothing is appended (exit 2).
-Run sk-stamp afterwards (sk sync does) to give the events their stamps."""
+Run sk-stamp afterwards (sk sync does) to give the events their stamps.
+--actor (or SK_ACTOR) records who made them: a person, or an agent and the
+model that drove it ("ci-bot (claude-x)"); it is sealed with the payload, and
+sk blame and sk conflicts show it."""
 
 
 def get_parser(prog="sk-append"):
@@ -23,6 +26,8 @@ def get_parser(prog="sk-append"):
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="a payload field (VALUE is JSON if it parses, else a string); repeatable")
     p.add_argument("--event-id", metavar="UUID", help="use this event id instead of a new one")
+    p.add_argument("--actor", metavar="NAME",
+                   help="who made these events (default $SK_ACTOR), e.g. 'alice' or 'agent (model)'")
     return p
 
 
@@ -66,8 +71,10 @@ def _body(args, ctx):
             print(f"{args.prog}: reading NDJSON events from the terminal; end with Ctrl-D",
                   file=sys.stderr)
         events = parse_ndjson(sys.stdin.buffer)
+    from ..config import check_actor
+    actor = check_actor(args.actor, "--actor") if args.actor is not None else ctx.cfg.actor
     try:
-        n = ctx.store.append(events)
+        n = ctx.store.append(events, actor=actor)
     except EventError as e:
         raise UsageError(f"{e}; nothing appended") from None
     if args.json:
