@@ -23,9 +23,9 @@ bytecode:
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/demo.sh
 
-# two workers, a test file each at a time: the suite mostly waits on real servers
+# two workers, each taking the next test as it frees up: the suite mostly waits on real servers
 test: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -n 2 --dist loadfile
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -n 2 --dist worksteal
 
 # the unit tier: no real server, no PostgreSQL
 test-fast: venv

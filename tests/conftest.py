@@ -35,11 +35,26 @@ SLOW_FIXTURES = {"server", "module_server", "device", "pg_cluster", "watch"}
 
 def pytest_collection_modifyitems(config, items):
     """Tests that start a real server or PostgreSQL are `slow`: `make test-fast`
-    leaves them out (`-m "not slow"`); `make test` runs everything."""
+    leaves them out (`-m "not slow"`); `make test` runs everything.
+
+    A test marked `one_backend` checks what a device does (its network faults, its
+    files, its commands' text) through a real server whose store paths other tests
+    run on every backend (test_server_store, test_server_api, test_e2e,
+    test_restore, test_faults, test_scale, ...): it runs on the first backend only,
+    which keeps `make test` inside CI's 15 minutes on 2 cores."""
+    kept, dropped = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
+        if (item.get_closest_marker("one_backend") and BACKENDS[1:]
+                and params.get("server_db", BACKENDS[0]) != BACKENDS[0]):
+            dropped.append(item)
+            continue
         if SLOW_FIXTURES & set(item.fixturenames) or "postgresql" in params.values():
             item.add_marker(pytest.mark.slow)
+        kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_configure(config):

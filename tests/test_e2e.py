@@ -97,6 +97,7 @@ def test_sync_is_idempotent(server, device):
     assert server_count(server) == 5
 
 
+@pytest.mark.one_backend
 def test_sync_dry_run_changes_nothing(server, device):
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", "feature:F-1", {"t": 1}),
@@ -264,6 +265,7 @@ def test_never_sync_stays_local(server, device):
 
 
 # -- sk-pull ---------------------------------------------------------------------
+@pytest.mark.one_backend
 def test_pull_print_and_paging(server, device):
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", f"feature:F-{i}", {"n": i}) for i in range(50)])
@@ -294,6 +296,7 @@ def test_pull_print_and_paging(server, device):
 
 
 # -- sk-push-batch ---------------------------------------------------------------
+@pytest.mark.one_backend
 def test_push_batch_max_and_all(server, device):
     a = device("a")
     append(a, [ev("feature_created", f"feature:F-{i}", {"n": i}) for i in range(25)])
@@ -314,6 +317,7 @@ def test_push_batch_max_and_all(server, device):
 
 
 # -- setup and status --------------------------------------------------------------
+@pytest.mark.one_backend
 def test_setup_status_and_check(server, tmp_path):
     home = tmp_path / "dev-setup"
     key = server.register("setup-dev", "red")

@@ -118,6 +118,7 @@ def test_the_server_keeps_nothing_readable_nor_does_its_traffic_carry_any(server
 
 
 # -- how the team key reaches a device -----------------------------------------------------
+@pytest.mark.one_backend
 def test_a_device_waits_for_a_member_then_reads_the_whole_history(server, device, tmp_path):
     a = device("a")
     append(a, secret_events())
@@ -138,6 +139,7 @@ def test_a_device_waits_for_a_member_then_reads_the_whole_history(server, device
     assert state(runner) == state(a)
 
 
+@pytest.mark.one_backend
 def test_a_running_watcher_shares_the_key_with_a_new_device(server, device, tmp_path, watch,
                                                             monkeypatch):
     a = device("a")
@@ -153,6 +155,7 @@ def test_a_running_watcher_shares_the_key_with_a_new_device(server, device, tmp_
 
 
 # -- revocation and rotation ---------------------------------------------------------------
+@pytest.mark.one_backend
 def test_revocation_starts_an_epoch_the_revoked_device_cannot_read(server, device, tmp_path):
     a, b, c = device("a"), device("b"), device("c")
     append(a, [ev("note_added", "note:before", {"v": 1})])
@@ -184,6 +187,7 @@ def test_revocation_starts_an_epoch_the_revoked_device_cannot_read(server, devic
     assert state(d) == state(a)
 
 
+@pytest.mark.one_backend
 def test_rotating_a_key_loses_nothing(server, device, tmp_path):
     a, b = device("a"), device("b")
     append(a, [ev("note_added", "note:1", {"v": 1})])
@@ -202,6 +206,7 @@ def test_rotating_a_key_loses_nothing(server, device, tmp_path):
 
 
 # -- approval ------------------------------------------------------------------------------
+@pytest.mark.one_backend
 def test_where_the_team_requires_approval_only_an_approved_device_gets_the_key(server, device,
                                                                                tmp_path):
     a = device("a")
@@ -288,6 +293,7 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
     assert state(b) == {}
 
 
+@pytest.mark.one_backend
 def test_an_old_epoch_replayed_after_revocation_is_refused(server, device):
     """A server (holding the revoked device's old key) writes an event sealed under
     the old epoch after the new one began: members refuse it."""

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import (
+
     HTTPServerThread,
     QuietHandler,
     append,
@@ -27,6 +28,8 @@ from conftest import (
     status,
     sync,
 )
+
+pytestmark = pytest.mark.one_backend   # device-side: see conftest
 
 SEALED = "application/vnd.sk.sealed"
 

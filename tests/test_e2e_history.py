@@ -8,7 +8,7 @@ import pytest
 
 from conftest import append, ev, run, state, status, sync
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_backend]
 
 
 def conflicts(home, *flags):

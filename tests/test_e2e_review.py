@@ -18,6 +18,8 @@ from conftest import ServerProcess, free_port
 from conftest import (append, member_push, check_server_log, ev, log, run, server_rows, state, status,
                       sync)
 
+pytestmark = pytest.mark.one_backend   # device-side: see conftest
+
 FAKE_KEY = "sk1.0123456789abcdef." + "A" * 43
 
 

@@ -173,7 +173,9 @@ CLIENT_KILLS = {
 }
 
 
-@pytest.mark.parametrize("which", list(CLIENT_KILLS))
+@pytest.mark.parametrize("which", [  # the plumbing variants: the same server path as sync
+    "sync", pytest.param("push-all", marks=pytest.mark.one_backend),
+    pytest.param("push-all-max50", marks=pytest.mark.one_backend)])
 def test_kill9_client_mid_push_then_sync_is_exactly_once(server, device, procs, which):
     """5 trials: a device with 3000 queued events starts pushing; kill -9 lands at
     a seeded random point (from the start, or just after the server committed the
@@ -411,6 +413,7 @@ CUTS = {
 }
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("fault", list(CUTS))
 def test_proxy_fault_on_push_keeps_queue_then_sync_is_exactly_once(server, device, fault):
     """The 2nd push request of a 2500-event sync (batches of 1000) is cut or
@@ -452,6 +455,7 @@ def test_proxy_fault_on_push_keeps_queue_then_sync_is_exactly_once(server, devic
 
 @pytest.mark.parametrize("fault", ["cut-request-body", "cut-response-mid-body",
                                    "flip-response-byte"])
+@pytest.mark.one_backend
 def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device, fault):
     """The 2nd pull page (of 5000 events: the protocol's page) of 7500 events is cut
     or tampered with: exit 3 (5), the first page is kept with the cursor at its
@@ -482,6 +486,7 @@ def test_proxy_fault_on_pull_keeps_log_then_sync_is_exactly_once(server, device,
     server_log_clean(server)
 
 
+@pytest.mark.one_backend
 def test_proxy_cuts_every_push_then_heals(server, device):
     """Several syncs in a row through a proxy that cuts each push at a different
     point (seeded): each exits 3, the queue only shrinks, nothing is lost."""
@@ -507,6 +512,7 @@ def test_proxy_cuts_every_push_then_heals(server, device):
 
 
 # -- 4. concurrent commands on one device ---------------------------------------------------
+@pytest.mark.one_backend
 def test_two_syncs_at_once_on_one_device(server, device, procs):
     a, b = device("a"), device("b")
     expected = append(a, "S", 4000)
@@ -530,6 +536,7 @@ def test_two_syncs_at_once_on_one_device(server, device, procs):
     server_log_clean(server)
 
 
+@pytest.mark.one_backend
 def test_append_and_stamp_loop_during_long_sync(server, device, procs):
     """While `sk sync` pushes 10000 events, sk-append + sk-stamp run in a loop
     (and another program INSERTs into the unstamped table, the documented

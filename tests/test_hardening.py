@@ -34,6 +34,7 @@ def big_events(tag, n, size):
 
 
 # -- 1. big events never block a pull -------------------------------------------------
+@pytest.mark.one_backend
 def test_big_events_travel_in_pages_cut_by_bytes(server, device, watch):
     """40 events of 250 KB: every page and catch-up frame is cut by bytes (one event
     over the cap still travels alone), so a teammate's sync and watcher take them
@@ -116,6 +117,7 @@ def test_a_device_cannot_push_under_another_devices_node_id(server, device):
 
 
 # -- 4. stalled connections do not hold the threads -------------------------------------
+@pytest.mark.one_backend
 def test_connections_that_stall_mid_header_do_not_starve_honest_requests(server, device):
     """40 connections (more than the server's 32 threads) that send half a header
     and stall: an honest sync still gets through. (0.3.0: no read timeout once a
@@ -137,6 +139,7 @@ def test_connections_that_stall_mid_header_do_not_starve_honest_requests(server,
 
 
 # -- 7. a deeply nested event --------------------------------------------------------------
+@pytest.mark.one_backend
 def test_deep_nesting_is_refused_at_the_door(server, device):
     a = device("a")
     deep = {}
@@ -150,6 +153,7 @@ def test_deep_nesting_is_refused_at_the_door(server, device):
     assert status(a)["unstamped"] == 0
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("server_db", ["sqlite"], indirect=True)   # a row written by 0.3.0
 def test_a_deep_event_the_server_stored_long_ago_blocks_no_one(server, device, watch):
     """An event nested 976 levels, stored by 0.3.0 (which let it in): a teammate's
@@ -208,6 +212,7 @@ class _Swap413(QuietHandler):
             self._reply(r.status, data, ctype)
 
 
+@pytest.mark.one_backend
 def test_a_forged_unsealed_413_sets_nothing_aside(server, device):
     """0.3.0 set its own stored event aside on a forged 413, dropped it from its
     state and never got it back."""
@@ -278,6 +283,7 @@ class TamperProxy:
         self.sock.close()
 
 
+@pytest.mark.one_backend
 def test_a_tampered_frame_makes_the_watcher_retry_not_give_up(server, device, watch):
     """One flipped bit in a frame: the server closes the session (4401, which says
     nothing authentic), and the watcher reconnects with backoff and records the
@@ -331,6 +337,7 @@ def test_an_answer_that_inflates_without_end_is_refused_in_bounded_memory(tmp_pa
 
 
 # -- 11. the watcher pushes large events ----------------------------------------------------
+@pytest.mark.one_backend
 def test_the_watcher_pushes_large_events_in_frames_cut_by_bytes(server, device, watch):
     """70 queued events of 250 KB (17.5 MB): 0.3.0 sent them in one frame, which the
     server refused, and the watcher reconnected forever."""
@@ -379,6 +386,7 @@ def test_a_trickling_server_cannot_hold_a_sync_past_its_timeout(tmp_path):
 
 
 # -- 13. malformed chunked bodies ------------------------------------------------------------
+@pytest.mark.one_backend
 def test_malformed_chunked_bodies_are_a_400_and_one_log_line(server, device):
     device("a")
     key_id = crypto.parse_api_key(server.register("chunky"))[0]
@@ -428,6 +436,7 @@ def test_a_replay_is_refused_right_after_the_seal(tmp_path, monkeypatch):
     app.extensions["sk_store"].close()
 
 
+@pytest.mark.one_backend
 def test_a_push_bomb_costs_the_server_little_memory(server, device):
     """A 65 KB sealed push inflating to 64 MiB of {} (0.3.0: a worker went from 47 MB
     to 1.8 GB, three at once to 5 GB): refused by size and shape before parsing."""

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ROOT, free_port, run
 
+pytestmark = pytest.mark.one_backend   # device-side: see conftest
+
 SERVER_DEPS = ("flask", "flask-sock", "gunicorn", "psycopg", "psycopg-pool")
 
 

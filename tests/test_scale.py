@@ -472,12 +472,12 @@ def test_failed_authentications_are_counted_across_servers(cluster2, tmp_path):
 
 # -- 7. SQLite -> PostgreSQL -----------------------------------------------------------
 def test_migrate_sqlite_server_to_two_postgresql_servers(request, tmp_path):
-    """A SQLite server with 100,000 events of two synced devices is moved with
+    """A SQLite server with 20,000 events of two synced devices is moved with
     sk-admin migrate into a database that already holds another team (refused, exit 2,
     unless --force; migrating again copies nothing); two servers on it serve the
     same keys and cursors: the first sync after the move pulls only what is new,
     nothing is twice anywhere, and each device's log is the server's."""
-    half = 50_000
+    half = 10_000   # four chunks of sk-admin migrate (migrate.CHUNK = 5000)
     old = ServerProcess(tmp_path / "server.db", extra=["--workers", "2"]).start()
     homes, keys = {}, {}
     try:
@@ -553,7 +553,7 @@ def test_migrate_sqlite_server_to_two_postgresql_servers(request, tmp_path):
     stored = {r[1:] for r in rows}
     assert len(stored) == len(rows) == len({r[1] for r in rows}), "an event is twice on the server"
     assert {r[1] for r in rows[head:]} == set(new["a"] + new["b"])
-    for name, home in homes.items():   # the local log (read directly: sk-log of 100,000 is slow)
+    for name, home in homes.items():   # the local log (read directly: faster than sk-log)
         mine = query(home / "sk.db", "SELECT event_id, lamport_clock, node_id, aggregate_id"
                                      " FROM events")
         assert len(mine) == len(stored) and set(mine) == stored, name

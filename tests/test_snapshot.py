@@ -90,6 +90,7 @@ def test_asked_built_sealed_and_a_fresh_device_begins_at_it(tmp_path, snap_serve
     assert state(ci) == before
 
 
+@pytest.mark.one_backend
 def test_a_shallow_rebuild_folds_its_events_onto_the_snapshot(tmp_path, snap_server):
     a = make_device(tmp_path, snap_server, "alice")
     append(a, history(8, 60))
@@ -104,6 +105,7 @@ def test_a_shallow_rebuild_folds_its_events_onto_the_snapshot(tmp_path, snap_ser
     assert state(ci) == state(a)
 
 
+@pytest.mark.one_backend
 def test_a_fresh_full_sync_begins_at_the_snapshot_and_ends_with_the_whole_log(
         tmp_path, snap_server):
     a = make_device(tmp_path, snap_server, "alice")
@@ -120,6 +122,7 @@ def test_a_fresh_full_sync_begins_at_the_snapshot_and_ends_with_the_whole_log(
     assert state(b) == state(a)
 
 
+@pytest.mark.one_backend
 def test_own_events_before_the_first_sync_are_kept_on_a_shallow_start(tmp_path, snap_server):
     a = make_device(tmp_path, snap_server, "alice")
     append(a, history(5, 50))
@@ -133,6 +136,7 @@ def test_own_events_before_the_first_sync_are_kept_on_a_shallow_start(tmp_path, 
     assert state(a) == state(ci)
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("attack", ["flip", "move", "swap_team_point"])
 def test_a_tampered_or_misplaced_snapshot_is_refused(tmp_path, snap_server, attack):
     a = make_device(tmp_path, snap_server, "alice")

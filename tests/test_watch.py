@@ -119,6 +119,7 @@ def test_event_stamped_on_one_watcher_reaches_the_other_not_another_team(device,
 
 
 # -- status, signals, nothing half-applied ---------------------------------------------
+@pytest.mark.one_backend
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_status_shows_watch_and_signal_stops_it_cleanly(device, watch, sig):
     a, b = device("a"), device("b")
@@ -228,6 +229,7 @@ def test_watchers_reconnect_and_drain_after_server_restart(device, server, watch
     assert status(a)["watch"]["state"] == "connected"
 
 
+@pytest.mark.one_backend
 def test_offline_watcher_keeps_the_queue_and_stops_promptly(device, server, watch):
     a = device("a")
     server.stop()
@@ -286,6 +288,7 @@ def test_twenty_watchers_two_thousand_events_none_lost_or_duplicated(tmp_path, w
 
 
 # -- revocation ---------------------------------------------------------------------------
+@pytest.mark.one_backend
 def test_revoked_watchers_are_stopped_by_the_server_exit_4(device, server, watch):
     a, b, c = device("a"), device("b"), device("c")
     wa, wb, wc = watch(a), watch(b), watch(c)
@@ -311,6 +314,7 @@ def test_revoked_watchers_are_stopped_by_the_server_exit_4(device, server, watch
     wait_until(lambda: ec in server_ids(server, "default"), 10, "c's event on the server")
 
 
+@pytest.mark.one_backend
 def test_revoked_watcher_exits_4_at_its_next_reconnect(device, server, watch):
     a = device("a")
     wa = watch(a)
@@ -326,6 +330,7 @@ def test_revoked_watcher_exits_4_at_its_next_reconnect(device, server, watch):
 
 
 # -- the watcher's own events in its resolved state ------------------------------------------
+@pytest.mark.one_backend
 def test_watcher_folds_its_own_stamped_events_into_the_state(device, server, watch):
     """A device that only runs `sk sync watch` (no `sk sync now`) sees its own stamped
     events in sk-state once they are synced, as after `sk sync now`, whether or not
