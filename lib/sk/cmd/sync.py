@@ -8,7 +8,13 @@ DESCRIPTION = """\
 sk sync (or sk sync now): stamp -> push every batch -> pull every page ->
 resolve, then say what moved. Idempotent: a second run moves nothing.
 -v prints each event as it moves; -n shows what would move and changes
-nothing. A progress bar appears on a terminal when the work is long.
+nothing. A progress bar appears on a terminal when the work is long. A fresh
+device begins at the team's newest snapshot (sealed by a member; refused, exit
+5, unless it authenticates at a point of the log): with --shallow (or
+SK_SHALLOW=1, for CI jobs) it fetches only the events after it; otherwise the
+history before it follows, checked, not folded again. Edits that last-writer-
+wins overwrote unseen are counted on stderr ("2 concurrent edits: sk
+conflicts").
 
 sk sync status: the server, config file, node id, queued / rejected /
 local-only / unstamped counts, the age of the oldest queued event, the last
