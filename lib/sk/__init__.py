@@ -5,5 +5,5 @@ log, `sk.resolve` folds it, `sk.client.Client` talks to a server, `sk.sync` comp
 them. Commands in `sk.cmd` only parse arguments and call one function here.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 PROTOCOL_VERSION = 2
