@@ -72,8 +72,10 @@ def test_snapshot_plus_tail_is_the_whole_log(writes, data, seed):
             assert load_state(shallow, include_deleted=True) == want
             assert load_state(shallow) == load_state(full)
             for aid in {r.aggregate_id for r in rows}:
-                assert {k: w["value"] for k, w in history.blame(shallow, "task", aid).items()} \
-                    == {k: w["value"] for k, w in history.blame(full, "task", aid).items()}
+                assert {k: (w.get("value"), w["lamport_clock"], w["node_id"])
+                        for k, w in history.blame(shallow, "task", aid).items()} \
+                    == {k: (w.get("value"), w["lamport_clock"], w["node_id"])
+                        for k, w in history.blame(full, "task", aid).items()}
             resolve(shallow, rebuild=True)
             assert load_state(shallow, include_deleted=True) == want
             # the tail may come again (a watcher and a sync overlap): nothing changes

@@ -343,8 +343,13 @@ def blame(store, atype, aid):
         dead = (gone["lamport_clock"], gone["node_id"])
         live = max([(w["lamport_clock"], w["node_id"]) for w in out.values()], default=(0, ""))
         live = max(live, _live_stamp(store, atype, aid))
+        from .snapshot import _base_rows
+        for aggs, _ in _base_rows(store, atype, aid):   # a shallow device's snapshot
+            live = max([live] + [slot[0] for slot in aggs.values()])
         if live > dead:
             out = {k: w for k, w in out.items() if (w["lamport_clock"], w["node_id"]) > dead}
+        else:   # deleted: its last values, and the deletion, as sk-state --deleted shows it
+            out["_deleted"] = gone
     return dict(sorted(out.items()))
 
 

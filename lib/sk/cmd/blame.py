@@ -7,8 +7,10 @@ For each key of the aggregate TYPE:ID, like git blame: its value and the event
 behind it (event id, event type, device, node, Lamport clock, timestamp, actor).
 Found by index from the aggregate's own events, however long the log. On a
 shallow device a key whose event came before its snapshot is shown as the
-snapshot recorded it, marked "(from the snapshot)". --json prints one object
-{key: {...}}. Exit 1 when this device holds nothing of the aggregate."""
+snapshot recorded it, marked "(from the snapshot)". A deleted aggregate shows
+its deletion and its last values (as sk-state --deleted does; in --json under
+"_deleted"). --json prints one object {key: {...}}. Exit 1 when this device
+holds nothing of the aggregate."""
 
 
 def get_parser(prog="sk blame"):
@@ -34,7 +36,13 @@ def _body(args, ctx):
         json.dump(found, sys.stdout, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         sys.stdout.write("\n")
         return 0
-    width = max(len(k) for k in found)
+    gone = found.pop("_deleted", None)
+    width = max([len(k) for k in found] + [1])
+    if gone is not None:
+        who = gone.get("device") or f"node {gone['node_id'][:8]}"
+        print(f"(deleted at L{gone['lamport_clock']} {gone.get('timestamp') or ''} {who},"
+              f" {gone.get('event_type') or 'in the snapshot'} {gone.get('event_id') or ''});"
+              " its last values:".replace("  ", " "))
     for key, w in found.items():
         who = w.get("device") or f"node {w['node_id'][:8]}"
         if w.get("actor"):
