@@ -126,8 +126,10 @@ def main():
     port = free_port()
     env = dict(os.environ, SK_SERVER_DB=str(work / "server.db"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # no snapshots here: B replays the whole log, as the floor does (bench_join.py
+    # measures a fresh device's start from a snapshot)
     server = subprocess.Popen([str(BIN / "sk"), "server", "--port", str(port),
-                               "--no-control-socket"], env=env, stdout=subprocess.DEVNULL,
+                               "--no-control-socket", "--snapshot-every", "0"], env=env, stdout=subprocess.DEVNULL,
                               stderr=open(work / "server.log", "wb"), start_new_session=True)
     try:
         for _ in range(200):
