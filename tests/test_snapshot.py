@@ -71,6 +71,20 @@ def test_asked_built_sealed_and_a_fresh_device_begins_at_it(tmp_path, snap_serve
     assert "shallow history: it begins after seq 90" in err
     text = run("sk", "sync", "status", home=ci).stdout
     assert "shallow: begins after seq 90" in text
+    # history answers as far as it reaches, and says so
+    early = run("sk-state", "--at", "1", home=ci, code=1)
+    assert "shallow" in early.stderr and "unshallow" in early.stderr
+    assert json.loads(run("sk-state", "--at", "999999", home=ci).stdout) == state(ci)
+    assert "shallow history" in run("sk", "conflicts", home=ci).stderr
+    held = {e["event_id"] for e in log(ci)}
+    marks = set()
+    for t in range(12):
+        got = run("sk", "blame", f"task:t{t}", "--json", home=ci, code=None)
+        for key, w in (json.loads(got.stdout) if got.returncode == 0 else {}).items():
+            if key != "_deleted":
+                assert bool(w.get("from_snapshot")) == (w["event_id"] not in held), (t, key)
+                marks.add(bool(w.get("from_snapshot")))
+    assert marks == {True, False}     # some values come from the snapshot, some after it
 
     # it appends and syncs like any other device
     append(ci, [ev("task_updated", "task:t1", {"a": "from-ci"})])
