@@ -56,9 +56,11 @@ def run_rss(argv, env, stdin=None):
 
 def make_events(path, n, payload_bytes, aggregates, node=""):
     """Write n NDJSON events of about payload_bytes each to path."""
-    filler = "x" * max(0, payload_bytes - 220)
+    import base64
+    rnd = random.Random(n)
     with open(path, "w") as f:
-        for i in range(n):
+        for i in range(n):   # notes: text that compresses as prose does (base64, ~3/4)
+            filler = base64.b64encode(rnd.randbytes(max(0, payload_bytes - 220) * 3 // 4)).decode()
             ev = {"event_type": "feature_updated", "aggregate_type": "feature",
                   "aggregate_id": f"F-{i % aggregates}",   # sk-stamp gives the event_id
                   "payload": {"title": f"feature {node}{i}",
@@ -80,19 +82,24 @@ def load_test(server_env, url, work, devices, events):
     """`devices` devices, each with `events` events, run `sk sync` all at once, then
     each syncs again until it holds the whole team's log. Returns a summary."""
     homes = []
-    for i in range(devices):
+    keeper = None
+    for i in range(-1, devices):   # load-1 only begins the team key and shares it
         key = subprocess.run([str(BIN / "sk-register"), "--name", f"load{i}", "--team", "load",
                               "-q"], env=server_env, capture_output=True, text=True,
                              check=True).stdout.strip()
         env = dict(server_env, SK_HOME=str(work / f"load{i}"))
         subprocess.run([str(BIN / "sk"), "sync", "setup", "-q", "--server", url, "--key", key],
                        env=env, check=True)
+        if i < 0:
+            keeper = env
+            continue
         data = work / f"load{i}.ndjson"
         make_events(data, events, 300, 1000, node=f"d{i}-")
         with open(data, "rb") as f:
             subprocess.run([str(BIN / "sk-append"), "-q"], env=env, stdin=f, check=True)
         subprocess.run([str(BIN / "sk-stamp"), "-q"], env=env, check=True)
         homes.append(env)
+    subprocess.run([str(BIN / "sk"), "sync", "-q"], env=keeper, check=True)
     t0 = time.perf_counter()
     procs = [subprocess.Popen([str(BIN / "sk"), "sync", "-q"], env=env,
                               stderr=subprocess.PIPE) for env in homes]
@@ -146,7 +153,8 @@ def main():
                                  capture_output=True, text=True, check=True).stdout.strip()
             homes[name] = dict(env, SK_HOME=str(work / name))
             run_rss([str(BIN / "sk"), "sync", "setup", "--server", url, "--key", key, "-q"], homes[name])
-            run_rss([str(BIN / "sk"), "sync", "-q"], homes[name])  # devices start in sync
+        for name in ("a", "b"):   # devices start in sync: a begins the team key, shares it
+            run_rss([str(BIN / "sk"), "sync", "-q"], homes[name])
         data = work / "events.ndjson"
         make_events(data, args.n, args.payload, args.aggregates)
         size = data.stat().st_size / args.n
@@ -174,6 +182,8 @@ def main():
         load = load_test(env, url, work, args.load_devices, args.load_events) \
             if args.load_devices else None
         server_rss = rss_mib(server.pid)
+        with sqlite3.connect(work / "server.db") as sdb:
+            stored = sdb.execute("SELECT sum(length(sealed)) FROM batches WHERE team = ?", ("default",)).fetchone()[0] or 0
     finally:
         os.killpg(server.pid, 15)
         server.wait(30)
@@ -188,6 +198,8 @@ def main():
         ratio = f"{floors[name] / t:7.2f}" if name in floors else f"{'':>7}"
         print(f"| {name:<26} | {t:8.2f} | {args.n / t:10,.0f} | {ratio} | {rss:12.1f} |")
     print(f"\nB resolved {got:,} aggregates; A and B states identical: {same}")
+    print(f"the server stores {stored / args.n:.0f} sealed bytes an event (gzip, then AES-GCM,"
+          f" by batch) for {size:.0f} bytes of NDJSON")
     print("\nstart-up, median of 15 runs: " + ", ".join(f"{k} {v:.0f} ms" for k, v in start.items()))
     ok = same and got == min(args.n, args.aggregates)
     if load:

@@ -330,6 +330,7 @@ def test_an_answer_that_inflates_without_end_is_refused_in_bounded_memory(tmp_pa
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 5, p.stderr
         peak_kb = int(p.stderr.strip().splitlines()[-1])
+        print(f"an answer that inflates without end: client peak RSS {peak_kb} KiB")
         assert peak_kb < 100_000, peak_kb
         assert "Traceback" not in p.stderr and "MemoryError" not in p.stderr
     finally:
@@ -456,5 +457,6 @@ def test_a_push_bomb_costs_the_server_little_memory(server, device):
         st, _, _, data = c.transport.post("/api/push", c.headers, blob, 30, wire.MAX_BODY)
         assert st == 413, data[:200]
     hwm = [ln for ln in open(f"/proc/{worker}/status") if ln.startswith("VmHWM")][0]
+    print(f"push bombs: the worker's peak RSS {hwm.split()[1]} KiB")
     assert int(hwm.split()[1]) < 150_000, hwm    # KiB; the worker idles at ~50 MB
     assert server_count(server) == 0
