@@ -67,6 +67,11 @@ class Bench:
         env = dict(self.env, SK_HOME=str(self.work / name))
         subprocess.run([str(BIN / "sk"), "sync", "setup", "-q", "--server", self.url, "--key", key],
                        env=env, check=True)
+        # the first device begins the team key; a member shares it with each later one
+        member = getattr(self, "member", None)
+        subprocess.run([str(BIN / "sk"), *(("team", "members") if member else ("sync",)), "-q"],
+                       env=member or env, stdout=subprocess.DEVNULL, check=True)
+        self.member = member or env
         return env, key
 
     def watch(self, env):
@@ -133,11 +138,12 @@ def idle_sessions(bench, n):
     from sk import wire
     from sk.client import Client
     from sk.crypto import C2S
-    env, key = bench.device("idle")
-    client = Client(bench.url, key)
+    # a device holds at most 4 real-time sessions: a device for every 4
+    clients = [Client(bench.url, bench.device(f"idle{i}")[1]) for i in range((n + 3) // 4)]
     before = rss_mib(bench.server.pid)
     socks = []
-    for _ in range(n):
+    for i in range(n):
+        client = clients[i // 4]
         token = client.call("ws-token", {})["token"]
         ws = websocket.create_connection(
             bench.url.replace("http", "ws", 1) + wire.WS_PATH + "?token=" + token, timeout=10)
