@@ -62,6 +62,7 @@ class WriterView:
         self._pending = None
         self._tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
         self.device = store.meta("device")   # this device's name, as the server said it
+        self._nodes = {}                      # node id -> its JSON text
 
     def _unapplied(self):
         """The events of the log not folded yet, by aggregate (usually none)."""
@@ -114,41 +115,51 @@ class WriterView:
         return view
 
     def extra(self, atype, aid, payload_keys, stamp, actor=None):
-        """The extra of a new event written with this stamp; the view moves on."""
+        """The extra (JSON text) of a new event written with this stamp; the view
+        moves on. Built as text: one is written for every event stamped."""
         view = self._load((atype, aid))
         last, fields = view
-        out = {"seen": list(last) if last != (0, "") else None,
-               "prior": {k: [list(s) for s in fields.get(k, [])] for k in payload_keys}}
-        if actor:
-            out["actor"] = actor
-        if self.device:
-            out["device"] = self.device
+        text = self._stamp
+        prior = ",".join(f"{dumps(k)}:[{','.join(text(s) for s in fields.get(k, ()))}]"
+                         for k in payload_keys)
+        out = (f'{{"seen":{text(last) if last != (0, "") else "null"},"prior":{{{prior}}}'
+               + (f',"actor":{dumps(actor)}' if actor else "")
+               + (f',"device":{dumps(self.device)}' if self.device else "") + "}")
         view[0] = max(last, stamp)
         for k in payload_keys:
             fields[k] = [stamp]
         return out
 
+    def _stamp(self, stamp):
+        node = self._nodes.get(stamp[1])
+        if node is None:
+            node = self._nodes[stamp[1]] = dumps(stamp[1])
+        return f"[{int(stamp[0])},{node}]"
+
 
 # -- flagging at resolve time ----------------------------------------------------------
 def suspects_of(rows, before):
     """The aggregates of rows about to be folded (atype, aid, event_type, lamport,
-    node, payload JSON, extra JSON) where a write may have been lost: a write of a
-    key whose writer did not know the value this device holds for it (its prior
-    lacks the current winner's stamp), one older than that value (it arrived
-    after a write that beat it), or one that knew of losers (it may close their
-    conflict). before[(atype, aid, key)] is the winner's stamp
-    here before these rows. Writes that follow each other, delivered in the order
-    they were made, flag nothing; any order that is not causal flags what it must,
-    so every device finds the same conflicts."""
+    node, payload dict, extra JSON text or None, check) where a write may have been
+    lost: a write of a key whose writer did not know the value this device holds
+    for it (its prior lacks the current winner's stamp), one older than that value
+    (it arrived after a write that beat it), or one that knew of losers (it may
+    close their conflict). before[(atype, aid, key)] is the winner's stamp here
+    before these rows. Rows with check False (this device's own, folded in the
+    order it wrote them) only move the stamps on. Writes that follow each other,
+    delivered in the order they were made, flag nothing; any order that is not
+    causal flags what it must, so every device finds the same conflicts."""
     cur = dict(before)
     out = set()
-    for atype, aid, etype, lamport, node, payload, extra in rows:
+    for atype, aid, etype, lamport, node, payload, extra, check in rows:
         if is_deletion(etype):
             continue
         stamp = (lamport, node)
-        x = loads(extra) if extra else None
-        prior = x.get("prior") if isinstance(x, dict) else None
-        for key in loads(payload):
+        prior = None
+        if check and extra:
+            x = loads(extra)
+            prior = x.get("prior") if isinstance(x, dict) else None
+        for key in payload:
             have = cur.get((atype, aid, key))
             if have is not None and prior is not None:
                 known = prior.get(key) if isinstance(prior, dict) else None

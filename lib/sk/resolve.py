@@ -173,12 +173,13 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
         with store.write():
             rows = db.execute(
                 "SELECT seq, event_type, aggregate_type, aggregate_id, lamport_clock, node_id,"
-                " payload, extra FROM events WHERE applied = 0 ORDER BY seq LIMIT ?",
-                (CHUNK,)).fetchall()
+                " payload, extra, status = 'remote' FROM events WHERE applied = 0 ORDER BY seq"
+                " LIMIT ?", (CHUNK,)).fetchall()
             if not rows:
                 break
-            _flag_suspects(db, rows)
-            aggs, fields = fold((r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows)
+            payloads = [json.loads(r[6]) for r in rows]
+            _flag_suspects(db, rows, payloads, int(store.meta("check_own_upto", "0") or 0))
+            aggs, fields = fold((r[1], r[2], r[3], r[4], r[5], p) for r, p in zip(rows, payloads))
             db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
                                          for (t, i), (live, dead) in aggs.items()])
             db.executemany(_FIELD_UPSERT, [(t, i, k, v, _mapped(v, pairs), lam, node)
@@ -191,13 +192,18 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     return applied
 
 
-def _flag_suspects(db, rows):
+def _flag_suspects(db, rows, payloads, check_upto=0):
     """Flag the aggregates of a chunk about to be folded where a write may have been
     lost to a concurrent one (history.suspects_of), from the stamps of the values
-    this device holds: one indexed lookup per aggregate; sequential writes in order
-    flag nothing."""
+    this device holds: one indexed lookup per aggregate that others wrote in the
+    chunk; this device's own writes (written against this state, folded in the
+    order it wrote them), and sequential writes in order, flag nothing. Own events
+    up to seq check_upto (written before a shallow start) are looked at too."""
     from .history import suspects_of
-    keys = sorted({(r[2], r[3]) for r in rows if r[7]})
+    rows = [(*r[:8], bool(r[8]) or r[0] <= check_upto) for r in rows]
+    keys = sorted({(r[2], r[3]) for r in rows if r[7] and r[8]})
+    if not keys:
+        return
     before = {}
     for i in range(0, len(keys), 400):
         chunk = keys[i:i + 400]
@@ -206,7 +212,8 @@ def _flag_suspects(db, rows):
                 " WHERE (aggregate_type, aggregate_id) IN (VALUES "
                 + ",".join(["(?, ?)"] * len(chunk)) + ")", [x for k in chunk for x in k]):
             before[(t, a, k)] = (lam, node)
-    flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], r[6], r[7]) for r in rows), before)
+    flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], p, r[7], bool(r[8]))
+                           for r, p in zip(rows, payloads)), before)
     if flagged:
         db.executemany("INSERT OR IGNORE INTO suspects VALUES (?, ?)", sorted(flagged))
 

@@ -87,12 +87,13 @@ def batch_ad(team, epoch, manifest, writer):
 
 
 def _content(events, extras):
-    """The content JSON text, built around each event's stored payload text."""
+    """The content JSON text, built around each event's stored payload text (and its
+    extra's, when the extra is text)."""
     parts = []
     for ev, extra in zip(events, extras):
         parts.append(f"[{dumps(ev.event_type)},{dumps(ev.aggregate_type)},"
                      f"{dumps(ev.aggregate_id)},{ev.payload},{dumps(ev.timestamp)},"
-                     f"{dumps(extra or {})}]")
+                     f"{extra if isinstance(extra, str) else dumps(extra or {})}]")
     return '{"events":[' + ",".join(parts) + "]}"
 
 

@@ -238,6 +238,10 @@ def load(store, content, seq, chain, device=None):
         store.put("shallow", seq)
         store.put("shallow_from", dumps({"seq": seq, "device": device}))
         db.execute("UPDATE events SET applied = 0")
+        # its own events were written without the snapshot's state: look at them as
+        # at others' (resolve flags what they may have overwritten unseen)
+        top = db.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        store.put("check_own_upto", top)
     return len(content["aggregates"])
 
 

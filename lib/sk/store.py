@@ -318,7 +318,7 @@ class LocalStore:
         """Stamp one chunk of unstamped rows: (rows to insert, [(unstamped seq,)]
         done, duplicates, clock). A row that breaks a rule goes to `problems`.
         Each event records what its writer had seen (history.WriterView)."""
-        from .event import MAX_LAMPORT, EventError, dumps, is_deletion, loads, new_event_id
+        from .event import MAX_LAMPORT, EventError, is_deletion, loads, new_event_id
         now = utc_now()
         out, done, dups = [], [], 0
         # ids stamped in earlier chunks are in `events` already (same transaction)
@@ -342,9 +342,9 @@ class LocalStore:
                                   " event stamped at the limit); nothing was stamped")
             status = "local_only" if never_sync.matches(atype, aid) else "queued"
             keys = () if is_deletion(etype) else loads(payload).keys()
-            extra = view.extra(atype, aid, keys, (clock, node), actor)
             out.append((eid or new_event_id(), etype, atype, aid, clock, node, payload,
-                        ts or now, status, now, dumps(extra)))
+                        ts or now, status, now, view.extra(atype, aid, keys, (clock, node),
+                                                           actor)))
             done.append((seq,))
         return out, done, dups, clock
 
@@ -385,13 +385,11 @@ class LocalStore:
         """Up to `limit` queued events after local seq `after`: [(seq, Event, relay,
         extra)], relay True for an event pulled from another device (queued again to
         give it back to a restored server), extra what its sealed content says beside
-        the envelope (history) or None."""
-        from .event import loads
+        the envelope (history: its JSON text, sealed as it is) or None."""
         rows = self.db.execute(
             "SELECT seq, " + COLUMNS + ", stamped_at IS NULL, extra FROM events"
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
-        return [(r[0], Event(*r[1:9]), bool(r[9]), loads(r[10]) if r[10] else None)
-                for r in rows]
+        return [(r[0], Event(*r[1:9]), bool(r[9]), r[10]) for r in rows]
 
     def mark_pushed(self, results, point=None):
         """Apply the server's per-event results atomically.
