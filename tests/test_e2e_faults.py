@@ -101,7 +101,7 @@ def test_unreachable_keeps_queue_then_recovers(server, device):
     # the queue is kept, stamped
     assert info["queued"] == 2 and info["unstamped"] == 0
     assert {e["aggregate_id"] for e in log(a, "--status", "queued")} == {"F-2", "F-3"}
-    text = run("sk", "sync", "status", home=a).stdout
+    text = run("sk", "sync", "status", home=a, code=1).stdout   # the last run failed
     assert re.search(r"failures since:\s*2\b", text), text
     assert info["last_error"] in text
     p = run("sk", "sync", "status", "--check", home=a, code=3)

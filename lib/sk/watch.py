@@ -41,9 +41,12 @@ class Dropped(Exception):
 
 
 class Watch:
-    def __init__(self, cfg, log=None, resolve_each=True, store=None):
+    def __init__(self, cfg, log=None, resolve_each=True, store=None, on_state=None):
+        """log(line) for every line to say; on_state(state, detail) for every change
+        of state (sk sync watch --json)."""
         self.cfg = cfg
         self.log = log or (lambda line: None)
+        self.on_state = on_state
         self.stop = threading.Event()
         self.resolve_each = resolve_each
         self.store = store
@@ -54,6 +57,8 @@ class Watch:
     def set_state(self, state, detail=""):
         if state != self.state:
             self.log(f"{state}" + (f": {detail}" if detail else ""))
+            if self.on_state:
+                self.on_state(state, detail)
         self.state = state
         self.store.set_meta(watch=json.dumps({"pid": os.getpid(), "state": state,
                                               "since": utc_now(), "detail": detail}))
