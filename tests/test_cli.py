@@ -208,24 +208,59 @@ def test_status_exits_1_after_a_failed_run_and_q_prints_nothing():
     assert status(home)["failures_since"] == 1      # --json exits 1 too (the helper checks)
 
 
+class SilentServer:
+    """A port that takes connections and never answers; `connected` is set once a
+    client is waiting on it."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connected = threading.Event()
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            self.connected.set()
+
+    def close(self):
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
 @pytest.fixture
 def silent_server():
-    """A port that takes connections and never answers."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    yield f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
+    srv = SilentServer()
+    yield srv
+    srv.close()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_a_signal_during_sync_is_a_failed_run(silent_server, sig):
+@pytest.mark.parametrize("argv,sig", [(["sk", "sync"], signal.SIGTERM),
+                                      (["sk", "sync"], signal.SIGHUP),
+                                      (["sk", "sync"], signal.SIGINT),
+                                      (["sk-stamp", "&&", "sk-pull"], signal.SIGTERM),
+                                      (["sk-stamp", "&&", "sk-push-batch"], signal.SIGHUP)])
+def test_a_signal_during_a_tracked_run_is_a_failed_run(silent_server, argv, sig):
+    """sk sync, and the plumbing that tracks its runs (sk-pull, sk-push-batch)."""
     home = os.environ["SK_HOME"]
     run("sk-append", "--type", "x", "--aggregate", "a:1")
-    env = dict(os.environ, SK_SERVER=silent_server, SK_API_KEY=FAKE_KEY)
-    proc = subprocess.Popen([command("sk"), "sync"], env=env, stdout=subprocess.PIPE,
+    env = dict(os.environ, SK_SERVER=silent_server.url, SK_API_KEY=FAKE_KEY)
+    if argv[1] == "&&":
+        run(argv[0], env=env)
+        argv = argv[2:]
+    proc = subprocess.Popen([command(argv[0]), *argv[1:]], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)                      # stamped, and waiting on the server
+    assert silent_server.connected.wait(30)      # the run is waiting on the server
+    time.sleep(0.2)
     t0 = time.monotonic()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=10)
@@ -292,3 +327,103 @@ def test_man_pages_go_to_share_man_man1():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     assert cfg["options.data_files"]["share/man/man1"].strip() == "man/*.1"
+
+
+# -- against a real server (slow) ---------------------------------------------------------------
+def test_dry_run_counts_stamping_and_lists_with_v(server, device):
+    a = device("dry")
+    append(a, [ev("feature_created", "feature:F-1", {"t": 1})])
+    summary = json.loads(sync(a, "-n", "--json").stdout)
+    assert (summary["would_stamp"], summary["would_push"], summary["would_resolve"]) == (1, 1, 1)
+    text = sync(a, "-n").stdout
+    assert text.startswith("would stamp 1, push 1, pull at most 0, resolve 1;"), text
+    lines = sync(a, "-n", "-v").stderr.splitlines()
+    assert "would stamp (new id) feature_created feature:F-1" in lines
+    assert "would push (new id) feature_created feature:F-1" in lines
+    assert unstamped_count(a) == 1 and log(a) == []          # nothing changed
+    out = sync(a, "-v")
+    assert re.search(r"pushed 1\b", out.stdout), out.stdout
+    eid = log(a)[0]["event_id"]
+    assert f"stamped {eid} feature_created feature:F-1" in out.stderr.splitlines()
+    assert f"pushed {eid} feature_created feature:F-1" in out.stderr.splitlines()
+    summary = json.loads(sync(a, "-n", "--json").stdout)
+    assert (summary["would_stamp"], summary["would_push"], summary["would_resolve"]) == (0, 0, 0)
+
+
+def read_until(proc, word, timeout=60):
+    """Lines of proc's stderr until one begins with `word`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if line.startswith(word):
+            return line
+    raise AssertionError(f"no '{word}' line from {proc.args}")
+
+
+@pytest.mark.parametrize("server_db", ["sqlite"], indirect=True)   # the device is the point
+def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
+    a, b = device("big-a"), device("big-b")
+    append(a, [ev("feature_created", "feature:F-first", {"i": -1})])
+    sync(a)
+    sync(b)            # b has read the log: it pulls what follows (no snapshot to begin at)
+    n = 30000
+    run("sk-append", home=a, timeout=120, input="".join(
+        json.dumps(ev("feature_created", f"feature:F-{i}", {"i": i})) + "\n" for i in range(n)))
+    env = dict(os.environ, SK_HOME=str(a))
+    proc = subprocess.Popen([command("sk"), "sync", "-v"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    read_until(proc, "pushed ")
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and proc.returncode == 130, (proc.returncode, err[-500:])
+    last = err.strip().splitlines()[-1]
+    m = re.search(r"sk sync: interrupted; pushed ([\d,]+) of 30,000; run 'sk sync' to go on$",
+                  last)
+    assert m, last
+    info = status(a)
+    assert info["failures_since"] == 1 and info["last_error"] == "interrupted"
+    assert info["unapplied"] == n                  # it did not go on to resolve everything
+    assert 0 < info["queued"] < n
+    assert n - info["queued"] >= int(m.group(1).replace(",", ""))
+    run("sk", "sync", home=a, timeout=300)
+    assert status(a)["queued"] == 0 and status(a)["unapplied"] == 0
+    # the other device, interrupted while it pulls: one SIGTERM is enough
+    proc = subprocess.Popen([command("sk"), "sync", "-v"], env=dict(os.environ, SK_HOME=str(b)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    read_until(proc, "pulled ")
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and proc.returncode == 143, (proc.returncode, err[-500:])
+    assert re.search(r"sk sync: stopped by SIGTERM; pulled [\d,]+ events; run 'sk sync' to go"
+                     r" on$", err.strip().splitlines()[-1]), err[-300:]
+    assert status(b)["last_error"] == "stopped by SIGTERM"
+    run("sk", "sync", home=b, timeout=300)
+    assert len(json.loads(run("sk-state", "feature", home=b).stdout)) == n + 1
+
+
+@pytest.mark.parametrize("server_db", ["sqlite"], indirect=True)   # the device is the point
+def test_setup_key_keeps_the_url_and_watch_json_and_times(server, device):
+    a = device("setup-a")
+    env_file = a / ".env"
+    url_line = [ln for ln in env_file.read_text().splitlines() if ln.startswith("SK_SERVER=")]
+    new_key = server.register("setup-a2")
+    run("sk", "sync", "setup", "--key", new_key, home=a, code=2)          # no terminal, no --yes
+    p = run("sk", "sync", "setup", "--key", new_key, "-y", home=a)
+    assert "setup-a2" in p.stderr
+    text = env_file.read_text()
+    assert new_key in text and [ln for ln in text.splitlines()
+                                if ln.startswith("SK_SERVER=")] == url_line
+    proc = subprocess.Popen([command("sk"), "sync", "watch", "--json"],
+                            env=dict(os.environ, SK_HOME=str(a)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["state"] and re.fullmatch(UTC_TIME, first["time"]), first
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert err and all(re.match(UTC_TIME + " sk sync watch: ", ln) for ln in err.splitlines()), err

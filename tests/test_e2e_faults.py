@@ -142,7 +142,8 @@ def test_revoked_and_rotated_keys(server, device):
     p = sync(b, code=4)
     assert "rotated" in one_line(p) or "key" in one_line(p)
     assert status(b)["queued"] == 1
-    run("sk", "sync", "setup", "--server", server.url, "--key", new, home=b)
+    run("sk", "sync", "setup", "--server", server.url, "--key", new, "--yes",
+        home=b)  # replacing the rotated key: --yes off a terminal
     out = sync(b).stdout
     assert counts_line(out)["pushed"] == 1
     assert state(b, "feature:F-2") == {"y": 2}

@@ -68,7 +68,7 @@ class Watch:
         """Watch until stopped; returns an exit code (4 when the key is refused)."""
         if self.store is None:
             self.store = open_store(self.cfg)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.stop.set())
         backoff = BACKOFF_MIN
         code = 0

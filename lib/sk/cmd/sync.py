@@ -22,7 +22,8 @@ or any program), applies the team's events as they arrive, pings every 20 s,
 and reconnects with backoff when the connection drops; offline, events stay
 queued and drain on reconnect. One line on stderr per change of state, with its
 time (UTC, RFC 3339); --json also writes one JSON object per change of state on
-stdout ({"time", "state", "detail"}). Stops cleanly on SIGINT or SIGTERM. Exit 4 if the server refuses the key.
+stdout ({"time", "state", "detail"}). Stops cleanly on SIGINT, SIGTERM or
+SIGHUP. Exit 4 if the server refuses the key.
 
 sk sync setup: ask for (or take --server and --key) the server URL and API
 key, verify them against the server, refuse a key it rejects, and write them
