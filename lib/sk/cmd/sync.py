@@ -36,7 +36,7 @@ Replacing a key set already asks first on a terminal; without one it needs
 
 from ..commands import NEVER_SYNC_SYNTAX  # noqa: E402
 
-DESCRIPTION = DESCRIPTION.replace("{never_sync}", "NEVER-SYNC RULES (SK_NEVER_SYNC). " + NEVER_SYNC_SYNTAX)
+DESCRIPTION = DESCRIPTION.replace("{never_sync}", "never-sync rules (SK_NEVER_SYNC):\n" + NEVER_SYNC_SYNTAX)
 
 
 def _now_flags(p, suppress=False):
