@@ -244,11 +244,9 @@ def _setup(args, ctx):
                 key = getpass.getpass("API key (from sk-register on the server host): ").strip()
         except EOFError:
             raise UsageError("setup cancelled") from None
-    from ..config import Config
-    before = Config(cfg.home)          # what is set without this command's flags
-    old = before.get("SK_API_KEY")
+    old = cfg.in_file("SK_API_KEY")      # the key this command would overwrite
     if old and old.strip() != key.strip() and not args.yes:
-        where = before.source("SK_API_KEY")
+        where = cfg.env_path
         if not sys.stdin.isatty():
             raise UsageError(f"an API key is set already (from {where}); give --yes to"
                              " replace it (no terminal to ask on)")
