@@ -419,8 +419,14 @@ def state(home, *args):
     return json.loads(run("sk-state", *args, home=home).stdout)
 
 
-def status(home, *flags, code=0):
-    return json.loads(run("sk", "sync", "status", "--json", *flags, home=home, code=code).stdout)
+def status(home, *flags, code=None):
+    """`sk sync status --json` as a dict. It exits 1 when the last run failed, else 0
+    (code=None checks exactly that; give code to ask for another)."""
+    p = run("sk", "sync", "status", "--json", *flags, home=home, code=code)
+    info = json.loads(p.stdout)
+    if code is None:
+        assert p.returncode == (1 if info["failures_since"] else 0), (p.returncode, info)
+    return info
 
 
 def unstamped_count(home):

@@ -20,13 +20,17 @@ def test_man_pages_are_fresh():
     assert stale == [], f"stale man pages, run 'make man': {stale}"
 
 
-def test_every_command_has_man_page_with_exit_status():
+def test_every_command_has_man_page_with_its_sections():
     names = [exe for exe, _ in executables()]
     names += [f"sk-{c.name}" for c in COMMANDS if c.kind == "porcelain"]
     for name in names:
         page = ROOT / "man" / f"{name}.1"
         assert page.exists(), f"no man page for {name}"
-        assert ".SH EXIT STATUS" in page.read_text(), f"{name}.1 lacks EXIT STATUS"
+        text = page.read_text()
+        for section in ("EXIT STATUS", "EXAMPLES", "FILES", "ENVIRONMENT", "SEE ALSO"):
+            assert f".SH {section}\n" in text, f"{name}.1 lacks {section}"
+        see_also = text.split(".SH SEE ALSO\n")[1]
+        assert all(f"{other}(1)" in see_also for other in names if other != name), name
 
 
 def test_readme_table_matches_command_table():

@@ -194,7 +194,7 @@ def test_rotating_a_key_loses_nothing(server, device, tmp_path):
     sync(a)
     sync(b)
     new_key = run("sk-register", "--rotate", "b", "--db", server.db, env=server.env()).stdout.strip()
-    run("sk", "sync", "setup", "--server", server.url, "--key", new_key, home=b)
+    run("sk", "sync", "setup", "--server", server.url, "--key", new_key, "--yes", home=b)
     append(b, [ev("note_added", "note:2", {"v": 2})])
     sync(b)   # b holds the old epochs; the rotation asks for a new one, which b begins
     sync(a)

@@ -104,7 +104,7 @@ def test_unreachable_keeps_queue_then_recovers(server, device):
     # the queue is kept, stamped
     assert info["queued"] == 2 and info["unstamped"] == 0
     assert {e["aggregate_id"] for e in log(a, "--status", "queued")} == {"F-2", "F-3"}
-    text = run("sk", "sync", "status", home=a).stdout
+    text = run("sk", "sync", "status", home=a, code=1).stdout   # the last run failed
     assert re.search(r"failures since:\s*2\b", text), text
     assert info["last_error"] in text
     p = run("sk", "sync", "status", "--check", home=a, code=3)
@@ -145,7 +145,8 @@ def test_revoked_and_rotated_keys(server, device):
     p = sync(b, code=4)
     assert "rotated" in one_line(p) or "key" in one_line(p)
     assert status(b)["queued"] == 1
-    run("sk", "sync", "setup", "--server", server.url, "--key", new, home=b)
+    run("sk", "sync", "setup", "--server", server.url, "--key", new, "--yes",
+        home=b)  # replacing the rotated key: --yes off a terminal
     out = sync(b).stdout
     assert counts_line(out)["pushed"] == 1
     assert state(b, "feature:F-2") == {"y": 2}

@@ -44,7 +44,7 @@ def test_big_events_travel_in_pages_cut_by_bytes(server, device, watch):
     sync(a)
     w = watch(c)
     p = run("sk-pull", "-v", home=b)
-    assert "pulled 40 event(s), 40 new, in 3 page(s)" in p.stderr, p.stderr[-300:]   # 16+16+8
+    assert "pulled 40 events, 40 new, in 3 pages" in p.stderr, p.stderr[-300:]   # 16+16+8
     wait_until(lambda: len(log(c)) == 40, 60, "the watcher's catch-up")
     assert "malformed" not in w.text()
     run("sk-resolve", home=b)
@@ -70,7 +70,7 @@ def test_a_copied_home_is_detected_and_fixed_in_one_command(server, device, tmp_
     copy = tmp_path / "copy-of-a"
     _copy_home(a, copy)
     key = server.register("b")
-    run("sk", "sync", "setup", "--server", server.url, "--key", key, home=copy)
+    run("sk", "sync", "setup", "--server", server.url, "--key", key, "--yes", home=copy)
     append(copy, [{"event_type": "note_added", "aggregate_type": "note", "aggregate_id": "n-2",
                    "payload": {"by": "copy"}}])
     before = server_count(server)

@@ -5,6 +5,7 @@ library never imports the server package."""
 import ast
 import configparser
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,14 @@ def test_a_device_install_syncs_and_refuses_the_server_commands(tmp_path, server
                             capture_output=True, text=True, check=True).stdout.lower()
     for dep in SERVER_DEPS:
         assert f"\n{dep}==" not in "\n" + listed, f"{dep} installed on a device"
+    # the man pages, where man looks (share/man/man1 of the prefix): `man sk-sync` finds them
+    man1 = venv / "share" / "man" / "man1"
+    assert sorted(p.name for p in man1.glob("sk*.1")) == sorted(p.name for p in
+                                                                 (ROOT / "man").glob("*.1"))
+    if shutil.which("man"):
+        found = subprocess.run(["man", "-w", "sk-sync"], capture_output=True, text=True,
+                               env={**os.environ, "MANPATH": str(venv / "share" / "man")})
+        assert found.stdout.strip() == str(man1 / "sk-sync.1"), found
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin"
     for argv in (["sk", "server", "--port", str(free_port())], ["sk-register", "--list"],

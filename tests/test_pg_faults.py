@@ -68,7 +68,8 @@ def test_database_down_then_back(own_cluster, tmp_path, monkeypatch):
         append(a, "during", 5)
         p = run("sk", "sync", home=a, code=3)
         assert "database is unavailable" in p.stderr and "Traceback" not in p.stderr
-        assert json.loads(run("sk", "sync", "status", "--json", home=a).stdout)["queued"] == 5
+        assert json.loads(run("sk", "sync", "status", "--json", home=a,
+                                 code=1).stdout)["queued"] == 5
         run("sk", "sync", "status", "--check", home=b, code=3)
         own_cluster.start()                       # back, same data, same port
         wait_until(lambda: probe(srv, "/readyz")[0] == 200, 20, "readiness after the outage")

@@ -223,7 +223,7 @@ def test_a_device_moved_to_another_team_does_not_carry_its_old_log_over(server, 
     blue = server.register("a-blue", "blue")
     env = None
     if how == "setup":
-        run("sk", "sync", "setup", "--server", server.url, "--key", blue, home=a)
+        run("sk", "sync", "setup", "--server", server.url, "--key", blue, "--yes", home=a)
     else:
         env = {**os.environ, "SK_API_KEY": blue}
     p = run("sk", "sync", home=a, env=env)

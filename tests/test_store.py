@@ -145,13 +145,45 @@ def test_stamp_drops_an_event_id_already_in_the_log(store):
     eid = str(uuid.uuid4())
     store.append([ev("A", event_id=eid, payload={"v": 1})])
     assert store.stamp(NeverSync()) == (1, 0, 0, [])
-    store.append([ev("A", event_id=eid, payload={"v": 2}), ev("B")])
+    store.append([ev("A", event_id=eid, payload={"v": 1}), ev("B")])   # the same event
     assert store.stamp(NeverSync()) == (1, 0, 1, [])
     log = events(store)
     assert len(log) == 2
     assert [e for e in log if e["event_id"] == eid][0]["payload"] == {"v": 1}
     assert store.clock() == 2
     assert store.counts()["unstamped"] == 0
+
+
+def test_stamp_sets_aside_an_event_id_in_the_log_with_other_content(store):
+    eid = str(uuid.uuid4())
+    store.append([ev("A", event_id=eid, payload={"v": 1})])
+    store.stamp(NeverSync())
+    store.append([ev("A", event_id=eid, payload={"v": 2})])
+    stamped, _, dups, problems = store.stamp(NeverSync())
+    assert (stamped, dups) == (0, 0)
+    assert len(problems) == 1 and "other content" in problems[0][1]
+    assert [e["payload"] for e in events(store)] == [{"v": 1}]
+    aside = events(store, status="rejected")
+    assert [e["payload"] for e in aside] == [{"v": 2}] and "other content" in aside[0]["reason"]
+    assert store.counts()["unstamped"] == 0 and store.clock() == 1
+
+
+def test_append_with_known_tells_duplicates_and_sets_aside_other_content(store):
+    eid = str(uuid.uuid4())
+    store.append([ev("A", event_id=eid, payload={"v": 1})])
+    store.stamp(NeverSync())
+    known = []
+    assert store.append([ev("A", event_id=eid, payload={"v": 1}),
+                         ev("A", event_id=eid, payload={"v": 3}), ev("B")], known=known) == 1
+    assert [(k[0], k[1]) for k in known] == [(eid, "duplicate"), (eid, "rejected")]
+    assert [e["payload"] for e in events(store, status="rejected")] == [{"v": 3}]
+    # a later event set aside from the log may take the seq it had: it gets the next one
+    assert store.stamp(NeverSync()) == (1, 0, 0, [])
+    b = events(store)[-1]
+    store.set_aside(b["event_id"], "refused")
+    aside = events(store, status="rejected")
+    assert [e["payload"] for e in aside] == [{"v": 3}, {}]
+    assert len({e["seq"] for e in aside}) == 2
 
 
 def test_stamp_drops_a_duplicate_event_id_within_one_run(store):
@@ -163,9 +195,12 @@ def test_stamp_drops_a_duplicate_event_id_within_one_run(store):
 
 def test_stamp_drops_event_id_received_from_remote(store):
     store.receive([remote(1, 3)], cursor=1)
-    store.append([ev("X", event_id=str(uuid.UUID(int=1)))])
+    store.append([ev("F-1", event_id=str(uuid.UUID(int=1)), payload={"n": 1})])
     assert store.stamp(NeverSync()) == (0, 0, 1, [])
     assert len(events(store)) == 1
+    store.append([ev("X", event_id=str(uuid.UUID(int=1)))])       # other content: set aside
+    assert store.stamp(NeverSync())[3][0][1].startswith("event id ")
+    assert len(events(store)) == 1 and len(events(store, status="rejected")) == 1
 
 
 def test_unstamped_table_is_an_interface_and_bad_rows_stay(store):

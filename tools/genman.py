@@ -22,7 +22,8 @@ def pages():
     from argparse_manpage.manpage import Manpage
 
     from sk import __version__
-    from sk.commands import COMMANDS, executables
+    from sk.commands import (COMMANDS, EXAMPLES, FILES, SERVER_FILES, executables,
+                             man_name)
 
     targets = [(exe, mod, exe) for exe, mod in executables()]
     targets += [(f"sk-{c.name}", c.module, f"sk {c.name}") for c in COMMANDS
@@ -33,6 +34,22 @@ def pages():
         parser = module.get_parser(prog)
         parser.epilog = None  # the exit codes have their own EXIT STATUS section
         summary = next((c.summary for c in COMMANDS if c.module == mod), None)
+        entry = next((c for c in COMMANDS if c.module == mod), None)
+        key = entry.name if entry else "sk"
+        sections = [s for s in getattr(parser, "_manpage", [])
+                    if s["heading"] not in ("examples", "files", "see also")]
+        if key in EXAMPLES:
+            sections.append({"heading": "examples", "content": _lines(EXAMPLES[key])})
+        on_server = bool(entry and entry.module.startswith("sk_server"))
+        sections.append({"heading": "files", "content": _lines(SERVER_FILES if on_server
+                                                                else FILES)})
+        if not any(s["heading"] == "environment" for s in sections):
+            from sk.commands import ENVIRONMENT
+            sections.append({"heading": "environment", "content": ENVIRONMENT})
+        others = ["sk(1)"] if key != "sk" else []
+        others += [f"{man_name(c)}(1)" for c in COMMANDS if c is not entry]
+        sections.append({"heading": "see also", "content": ", ".join(others)})
+        parser._manpage = sections
         page = Manpage(parser, _data={
             "date": DATE, "project_name": "sk", "version": __version__,
             "manual_title": "sk manual", "manual_section": 1,
@@ -43,6 +60,11 @@ def pages():
             text = text.replace(f".TH {prog.upper()} ", f".TH {name.upper()} ", 1)
         out[f"{name}.1"] = text
     return out
+
+
+def _lines(text):
+    """Text kept line by line in the page (roff no-fill), minus signs as such."""
+    return ".nf\n" + text.replace("-", "\\-") + "\n.fi"
 
 
 def main(argv=None):

@@ -33,6 +33,8 @@ COMMANDS = (
             "the concurrent edits last-writer-wins decided, and what they overwrote", "log"),
     Command("blame", "porcelain", "sk.cmd.blame",
             "each key of an aggregate: its value and the event behind it", "log"),
+    Command("completion", "porcelain", "sk.cmd.completion",
+            "print a bash, zsh or fish completion script for sk", ""),
     Command("server", "porcelain", "sk_server.cmd.server",
             "run the sk server under a production WSGI server", ""),
     Command("append", "plumbing", "sk.cmd.append",
@@ -61,14 +63,64 @@ configuration error; 3 server unreachable; 4 authentication rejected (unknown,
 revoked or rotated key); 5 integrity or protocol failure (a response failed to
 decrypt, was altered or malformed, or the protocol versions differ)."""
 
+NEVER_SYNC_SYNTAX = """\
+A never-sync rule keeps the events it matches on this device (local-only):
+TYPE:GLOB (or aggregate=TYPE:GLOB) matches events of aggregate type TYPE (or
+* for every type) whose aggregate id matches the shell glob GLOB; type=GLOB
+matches events whose event type matches GLOB. Case does not count. Rules are
+separated by commas; a rule that could never match is refused."""
+
 ENVIRONMENT = """\
 SK_HOME: the device directory (default ~/.spec-kitty) holding .env and sk.db.
 SK_SERVER, SK_API_KEY: the server URL and this device's key; a flag beats the
-environment, which beats $SK_HOME/.env. SK_NEVER_SYNC: extra TYPE:GLOB rules for
-events that never leave the device. SK_PATH_MAP: FROM=TO,... paths to remap in the
+environment, which beats $SK_HOME/.env. SK_NEVER_SYNC: extra never-sync rules,
+comma-separated, for events that never leave the device: TYPE:GLOB (aggregate
+type, glob over the aggregate id; aggregate=TYPE:GLOB says the same) or
+type=GLOB (glob over the event type), e.g. 'feature:private-*,type=draft_*'; a
+rule that could never match is refused (exit 2). SK_PATH_MAP: FROM=TO,... paths to remap in the
 state. SK_SERVER_DB: the server's database, a SQLite path or postgresql://URL
 (server-side commands). SK_SERVER_SECRET, SK_SERVER_SECRET_FILE: the server secret
 that wraps key material, or the file holding it (needed for PostgreSQL)."""
+
+
+FILES = """\
+$SK_HOME/.env: the server URL and API key (mode 600, written by sk sync setup).
+$SK_HOME/sk.db: the device's local log, state and bookkeeping (SQLite, WAL).
+$SK_HOME/sync.lock: one network run at a time on this device."""
+
+SERVER_FILES = """\
+The server database: --db or SK_SERVER_DB (a SQLite file, or postgresql://URL).
+The server secret that wraps key material: a file beside a SQLite database, or
+SK_SERVER_SECRET / SK_SERVER_SECRET_FILE (needed for PostgreSQL)."""
+
+# EXAMPLES of each man page, by command (and `sk` itself); genman.py puts them in
+EXAMPLES = {
+    "sk": "sk sync\nsk help sync\nsk log --limit 5",
+    "sync": "sk sync setup --server https://sk.example.org --key KEY\nsk sync\n"
+            "sk sync -n -v\nsk sync status -q || echo 'the last sync failed'\n"
+            "SK_NEVER_SYNC='feature:private-*,type=draft_*' sk sync\nsk sync watch --json",
+    "team": "sk team members\nsk team approve laptop",
+    "conflicts": "sk conflicts\nsk conflicts feature:F-1 --all --json",
+    "blame": "sk blame feature:F-1",
+    "completion": "sk completion bash > ~/.local/share/bash-completion/completions/sk\n"
+                  "sk completion fish > ~/.config/fish/completions/sk.fish",
+    "server": "sk server --db /var/lib/sk/server.db --port 9100",
+    "append": "sk-append --type feature_created --aggregate feature:F-1 --set title=Login\n"
+              "producer | sk-append",
+    "stamp": "sk-stamp -v",
+    "push-batch": "sk-push-batch --all\nsk-push-batch --retry-rejected",
+    "pull": "sk-pull\nsk-pull --print | jq .\nsk-pull --unshallow",
+    "resolve": "sk-resolve\nsk-resolve --map /home/alice=/Users/alice",
+    "state": "sk-state --pretty\nsk-state feature:F-1\nsk-state --at 2026-12-01T09:30:00Z",
+    "log": "sk-log --limit 10\nsk-log --rejected\nsk-log --aggregate feature:F-1 | jq .payload",
+    "register": "sk-register --name laptop --team default --db /var/lib/sk/server.db",
+    "admin": "sk-admin backup --db /var/lib/sk/server.db --to /backup/sk.db",
+}
+
+
+def man_name(entry):
+    """The man page of a command: sk-sync(1) for `sk sync`, sk-log(1) for sk-log."""
+    return f"sk-{entry.name}"
 
 
 def find(name):

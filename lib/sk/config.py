@@ -37,6 +37,10 @@ class Config:
             return os.environ[name]
         return self._file_values().get(name, default)
 
+    def in_file(self, name):
+        """The value of `name` in $SK_HOME/.env itself (no flag, no environment)."""
+        return self._file_values().get(name)
+
     def source(self, name):
         """Where `name` comes from: 'flag', 'environment', the .env path, or None."""
         if name in self._overrides:

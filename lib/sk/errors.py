@@ -54,3 +54,24 @@ class ServerError(SkError):
         self.status = status
         self.code = code
         self.authenticated = authenticated   # sealed for this request: the server said it
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP: the command stops where it is (each transaction
+    it began rolls back) and exits 128 + the signal's number. `done`: what the
+    run got done before it stopped, said in the last line."""
+
+    def __init__(self, signum=2, done=None):
+        super().__init__(self.describe(signum))
+        self.signum, self.done = signum, done
+
+    @staticmethod
+    def describe(signum):
+        import signal
+        if signum == signal.SIGINT:
+            return "interrupted"
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"stopped by {name}"

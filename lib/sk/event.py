@@ -231,19 +231,21 @@ def is_deletion(event_type):
     return event_type.endswith("_deleted")
 
 
+_GLOB_TYPE_RE = re.compile(r"[a-z0-9_.*?\[\]!-]{1,64}")
+
+
 class NeverSync:
-    """The never-sync rules: `aggregate_type:glob` patterns on aggregate_id."""
+    """The never-sync rules (their syntax: sk.commands.NEVER_SYNC_SYNTAX): `aggregate_type:glob` patterns on
+    aggregate_id, and `type=glob` patterns on the event type."""
 
     def __init__(self, extra=()):
-        self.rules = []
+        self.rules = []          # (aggregate type or "*", glob over the aggregate id)
+        self.type_rules = []     # globs over the event type
         for rule in tuple(DEFAULT_NEVER_SYNC) + tuple(extra):
             rule = rule.strip()
             if not rule:
                 continue
-            agg, sep, glob = rule.partition(":")
-            if not sep or not agg or not glob:
-                raise EventError(f"never-sync rule {rule!r} must look like TYPE:GLOB")
-            self.rules.append((agg.lower(), glob.lower()))
+            self._add(rule)
         # one compiled pattern per aggregate type ("*": every type)
         by_type = {}
         for agg, glob in self.rules:
@@ -252,8 +254,44 @@ class NeverSync:
         self._patterns = {agg: re.compile("|".join(globs + self._any))
                           for agg, globs in by_type.items()}
         self._default = re.compile("|".join(self._any)) if self._any else None
+        self._types = (re.compile("|".join(fnmatch.translate(g) for g in self.type_rules))
+                       if self.type_rules else None)
 
-    def matches(self, aggregate_type, aggregate_id):
+    def _add(self, rule):
+        form, eq, rest = rule.partition("=")
+        if eq and form.strip().lower() == "type":
+            glob = rest.strip().lower()
+            if not glob:
+                raise EventError(f"never-sync rule {rule!r}: no event type glob after 'type='")
+            if not _GLOB_TYPE_RE.fullmatch(glob):
+                raise EventError(f"never-sync rule {rule!r} can never match: event types are"
+                                 " 1-64 characters of [a-z0-9_.]")
+            self.type_rules.append(glob)
+            return
+        if eq and form.strip().lower() == "aggregate":
+            rule = rest.strip()
+        elif eq and ":" not in form:
+            raise EventError(f"never-sync rule {rule!r}: unknown form {form.strip()!r}= (the"
+                             " forms are TYPE:GLOB, aggregate=TYPE:GLOB and type=GLOB)")
+        agg, sep, glob = rule.partition(":")
+        agg = agg.strip().lower()
+        if not sep or not agg or not glob:
+            raise EventError(f"never-sync rule {rule!r} must look like TYPE:GLOB (an"
+                             " aggregate type, and a glob over the aggregate id) or type=GLOB")
+        if agg != "*" and not _TYPE_RE.fullmatch(agg):
+            hint = (f"; for events of type {agg!r} say type={agg}" if _GLOB_TYPE_RE.fullmatch(agg)
+                    else "")
+            raise EventError(f"never-sync rule {rule!r} can never match: an aggregate type is"
+                             f" 1-64 characters of [a-z0-9_.] (or * for any){hint}")
+        if "\x00" in glob or len(glob) > 256:
+            raise EventError(f"never-sync rule {rule!r} can never match: aggregate ids are"
+                             " 1-256 characters without NUL")
+        self.rules.append((agg, glob.lower()))
+
+    def matches(self, aggregate_type, aggregate_id, event_type=None):
+        if (event_type is not None and self._types is not None
+                and self._types.match(event_type.lower())):
+            return True
         pattern = self._patterns.get(aggregate_type.lower(), self._default)
         return pattern is not None and pattern.match(aggregate_id.lower()) is not None
 

@@ -158,7 +158,8 @@ def push_body(batch, keyring, known=None):
 def settle_push(store, batch, answer, counts, on_event=None):
     """Apply the server's answer to a pushed batch, atomically: every event must
     have a known status, in order; accepted and duplicate ones are sent, a rejected
-    one is set aside with its reason. counts[status] move by what was settled."""
+    one is set aside with its reason. counts[status] move by what was settled;
+    on_event(status, Event, reason) for each."""
     check_answer(store, answer)
     if answer.get("rekey") is not None:
         raise Rekey(answer["rekey"])
@@ -177,10 +178,10 @@ def settle_push(store, batch, answer, counts, on_event=None):
             reason = str(reason)
         out.append((r["event_id"], status, reason))
     store.mark_pushed(out, point_in(answer, "head"))
-    for eid, status, reason in out:
+    for (eid, status, reason), item in zip(out, batch):
         counts[status] += 1
         if on_event:
-            on_event(status, eid, reason)
+            on_event(status, item[1], reason)
     return out
 
 

@@ -252,10 +252,16 @@ class LocalStore:
         return self.node_id(), int(self.meta("stamped_max", "0"))
 
     # -- append and stamp ------------------------------------------------------
-    def append(self, events, actor=None):
+    def append(self, events, actor=None, known=None):
         """Insert validated (see event.check_new) events into `unstamped` in one
         transaction: if the iterable raises, nothing is appended. `actor`: who made
-        them (a person, or an agent and its model), sealed with them."""
+        them (a person, or an agent and its model), sealed with them. Returns how
+        many were appended.
+
+        With a list `known`, an event whose event_id the log holds already is not
+        appended: with the same content it is a duplicate, else it is set aside
+        (the `rejected` table) with the reason; `known` gets (event_id,
+        "duplicate" | "rejected", reason) for each."""
         import itertools
         events = iter(events)
         count = 0
@@ -264,31 +270,85 @@ class LocalStore:
                 chunk = list(itertools.islice(events, CHUNK))
                 if not chunk:
                     break
+                if known is not None:
+                    chunk = self._drop_known(chunk, actor, known)
                 db.executemany(
                     "INSERT INTO unstamped(event_id, event_type, aggregate_type, aggregate_id,"
                     " payload, timestamp, checked, actor) VALUES (:event_id, :event_type,"
-                    " :aggregate_type, :aggregate_id, :payload, :timestamp, 1, ?)".replace(
-                        "?", ":actor"), [{**ev, "actor": actor} for ev in chunk])
+                    " :aggregate_type, :aggregate_id, :payload, :timestamp, 1, :actor)",
+                    [{**ev, "actor": actor} for ev in chunk])
                 count += len(chunk)
         return count
 
-    def stamp(self, never_sync):
+    def _drop_known(self, chunk, actor, known):
+        """The events of `chunk` whose id the log (or this append) does not hold yet;
+        the others are said in `known`, and set aside when their content differs."""
+        held = self._known_content([ev["event_id"] for ev in chunk if ev.get("event_id")])
+        keep = []
+        for ev in chunk:
+            eid = ev.get("event_id")
+            if not eid or eid not in held:
+                if eid:
+                    held[eid] = _content(ev["event_type"], ev["aggregate_type"],
+                                         ev["aggregate_id"], ev["payload"])
+                keep.append(ev)
+                continue
+            mine = _content(ev["event_type"], ev["aggregate_type"], ev["aggregate_id"],
+                            ev["payload"])
+            if mine == held[eid]:
+                known.append((eid, "duplicate", None))
+                continue
+            reason = reused_id_reason(eid)
+            self._set_aside_new(ev, reason)
+            known.append((eid, "rejected", reason))
+        return keep
+
+    def _known_content(self, ids):
+        """{event_id: content} of those of `ids` the log holds (see _content)."""
+        out = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for eid, *fields in self.db.execute(
+                    "SELECT event_id, event_type, aggregate_type, aggregate_id, payload"
+                    " FROM events WHERE event_id IN (" + ",".join("?" * len(chunk)) + ")",
+                    chunk):
+                out[eid] = _content(*fields)
+        return out
+
+    def _set_aside_new(self, ev, reason):
+        """Keep an event that never entered the log in `rejected`, with the reason
+        (inside a write())."""
+        seq = self.db.execute("SELECT max(s) FROM (SELECT max(seq) s FROM events UNION ALL"
+                              " SELECT max(seq) FROM rejected UNION ALL SELECT 0)").fetchone()[0]
+        self.db.execute(
+            "INSERT INTO rejected(seq, " + COLUMNS + ", reason, rejected_at) VALUES"
+            " (?,?,?,?,?,?,?,?,?,?,?)",
+            (seq + 1, ev["event_id"], ev["event_type"], ev["aggregate_type"],
+             ev["aggregate_id"], 0, self.node_id(), ev["payload"],
+             ev.get("timestamp") or utc_now(), reason, utc_now()))
+
+    def stamp(self, never_sync, on_event=None, dry_run=False):
         """Stamp every valid unstamped row in one transaction.
 
         Returns (stamped, local_only, duplicates, problems): duplicates are rows whose
-        event_id is already in the log (the same event; dropped), problems a list of
-        (unstamped seq, reason) for rows left in place because they break a rule.
+        event_id is already in the log with the same content (the same event;
+        dropped), problems a list of (unstamped seq, reason) for rows left in place
+        because they break a rule, and for rows whose event_id the log holds with
+        other content (set aside in `rejected`, with the reason). on_event("stamped",
+        Event, status) for each event stamped. dry_run: count and tell, change
+        nothing (the ids to be made are shown as "(new id)").
         """
         from .history import WriterView
-        node = self.node_id()
+        node = (self.meta("node_id") or "(new node)") if dry_run else self.node_id()
         stamped = local_only = duplicates = 0
         problems = []
-        with self.write() as db:
+        with (self.read() if dry_run else self.write()) as db:
             if db.execute("SELECT 1 FROM unstamped LIMIT 1").fetchone() is None:
                 return 0, 0, 0, []   # (a no-op stamp touches nothing)
             clock = self.clock()
             last = 0
             view = WriterView(self)
+            seen = {} if dry_run else None
             while True:
                 rows = db.execute(
                     "SELECT seq, event_id, event_type, aggregate_type, aggregate_id, payload,"
@@ -298,31 +358,40 @@ class LocalStore:
                     break
                 last = rows[-1][0]
                 out, done, dups, clock = self._stamp_chunk(rows, node, clock, never_sync,
-                                                           problems, view)
-                db.executemany(
-                    "INSERT INTO events(" + COLUMNS + ", status, stamped_at, extra)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)", out)
-                if len(done) == len(rows):
-                    db.execute("DELETE FROM unstamped WHERE seq <= ?", (last,))
-                else:
-                    db.executemany("DELETE FROM unstamped WHERE seq = ?", done)
+                                                           problems, view, seen)
+                if on_event:
+                    for r in out:
+                        on_event("stamped", Event(*r[:8]), r[8])
+                if not dry_run:
+                    db.executemany(
+                        "INSERT INTO events(" + COLUMNS + ", status, stamped_at, extra)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?,?)", out)
+                    if len(done) == len(rows):
+                        db.execute("DELETE FROM unstamped WHERE seq <= ?", (last,))
+                    else:
+                        db.executemany("DELETE FROM unstamped WHERE seq = ?", done)
                 stamped += len(out)
                 duplicates += dups
                 local_only += sum(1 for r in out if r[8] == "local_only")
-            self.put("clock", clock)
-            if stamped:
-                self.put("stamped_max", clock)
+            if not dry_run:
+                self.put("clock", clock)
+                if stamped:
+                    self.put("stamped_max", clock)
         return stamped, local_only, duplicates, problems
 
-    def _stamp_chunk(self, rows, node, clock, never_sync, problems, view):
+    def _stamp_chunk(self, rows, node, clock, never_sync, problems, view, seen=None):
         """Stamp one chunk of unstamped rows: (rows to insert, [(unstamped seq,)]
-        done, duplicates, clock). A row that breaks a rule goes to `problems`.
-        Each event records what its writer had seen (history.WriterView)."""
+        done, duplicates, clock). A row that breaks a rule goes to `problems`, and
+        so does one whose event_id the log holds with other content (set aside).
+        Each event records what its writer had seen (history.WriterView). seen:
+        {event_id: content} of a dry run's earlier chunks (nothing is inserted)."""
         from .event import MAX_LAMPORT, EventError, is_deletion, loads, new_event_id
         now = utc_now()
         out, done, dups = [], [], 0
         # ids stamped in earlier chunks are in `events` already (same transaction)
-        known = self._known_ids([r[1] for r in rows if isinstance(r[1], str)])
+        known = self._known_content([r[1] for r in rows if isinstance(r[1], str)])
+        if seen is not None:
+            known.update(seen)
         for seq, eid, etype, atype, aid, payload, ts, checked, actor in rows:
             if checked != 1:  # written by another program: every rule applies
                 try:
@@ -331,21 +400,32 @@ class LocalStore:
                     problems.append((seq, str(e)))
                     continue
             if eid is not None:
+                content = _content(etype, atype, aid, payload)
                 if eid in known:
-                    dups += 1
                     done.append((seq,))
+                    if known[eid] == content:
+                        dups += 1
+                        continue
+                    reason = reused_id_reason(eid)
+                    problems.append((seq, reason + "; set aside (sk-log --rejected)"))
+                    if seen is None:
+                        self._set_aside_new({"event_id": eid, "event_type": etype,
+                                             "aggregate_type": atype, "aggregate_id": aid,
+                                             "payload": payload, "timestamp": ts}, reason)
                     continue
-                known.add(eid)
+                known[eid] = content
             clock += 1
             if clock > MAX_LAMPORT:
                 raise ConfigError("the Lamport clock reached 2^63-1 (a peer sent an"
                                   " event stamped at the limit); nothing was stamped")
-            status = "local_only" if never_sync.matches(atype, aid) else "queued"
+            status = "local_only" if never_sync.matches(atype, aid, etype) else "queued"
             keys = () if is_deletion(etype) else loads(payload).keys()
-            out.append((eid or new_event_id(), etype, atype, aid, clock, node, payload,
-                        ts or now, status, now, view.extra(atype, aid, keys, (clock, node),
-                                                           actor)))
+            out.append((eid or (new_event_id() if seen is None else "(new id)"), etype, atype,
+                        aid, clock, node, payload, ts or now, status, now,
+                        view.extra(atype, aid, keys, (clock, node), actor)))
             done.append((seq,))
+        if seen is not None:
+            seen.update(known)
         return out, done, dups, clock
 
     def new_node(self):
@@ -369,16 +449,6 @@ class LocalStore:
             self.put("stamped_max", clock)
             self.put("needs_rebuild", 1)
         return old, new, len(rows)
-
-    def _known_ids(self, ids):
-        """Which of `ids` the log holds already."""
-        known = set()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            known.update(r[0] for r in self.db.execute(
-                "SELECT event_id FROM events WHERE event_id IN (" + ",".join("?" * len(chunk))
-                + ")", chunk))
-        return known
 
     # -- push side -------------------------------------------------------------
     def queued(self, limit, after=0):
@@ -422,8 +492,12 @@ class LocalStore:
                          (event_id,)).fetchone()
         if row is None:
             return
+        # its seq, unless an event that never entered the log has it there already
+        # (sk-append of a reused id, _set_aside_new): then the next free one
         db.execute("INSERT INTO rejected(seq, " + COLUMNS + ", reason, rejected_at)"
-                   " SELECT seq, " + COLUMNS + ", ?, ? FROM events"
+                   " SELECT CASE WHEN seq IN (SELECT seq FROM rejected) THEN (SELECT max(s) + 1"
+                   " FROM (SELECT max(seq) s FROM events UNION ALL SELECT max(seq) FROM"
+                   " rejected)) ELSE seq END, " + COLUMNS + ", ?, ? FROM events"
                    " WHERE event_id = ?", (reason, utc_now(), event_id))
         db.execute("DELETE FROM events WHERE event_id = ?", (event_id,))
         if row[0]:
@@ -534,6 +608,26 @@ class LocalStore:
 
 def open_store(config, create=True):
     return LocalStore(config.db_path, create=create)
+
+
+def _content(etype, atype, aid, payload):
+    """What makes two events with one event_id the same event: type, aggregate and
+    payload (as JSON values: spacing and key order do not count)."""
+    from .event import loads
+    try:
+        body = loads(payload) if isinstance(payload, (str, bytes)) else payload
+    except (ValueError, RecursionError):
+        body = payload
+    import json
+    try:
+        body = json.dumps(body, sort_keys=True)
+    except (TypeError, ValueError):
+        body = repr(body)
+    return etype, atype, aid, body
+
+
+def reused_id_reason(eid):
+    return f"event id {eid} is in the log already with other content"
 
 
 def _check_unstamped(eid, etype, atype, aid, payload, ts):

@@ -41,18 +41,32 @@ def tracked(store):
     except SkError as e:
         store.record_outcome(False, str(e))
         raise
-    except KeyboardInterrupt:
-        store.record_outcome(False, "interrupted")
+    except KeyboardInterrupt as e:   # Ctrl-C, SIGTERM or SIGHUP (errors.Interrupted)
+        from .errors import Interrupted
+        store.record_outcome(False, Interrupted.describe(getattr(e, "signum", 2)))
         raise
     store.record_outcome(True)
 
 
-def stamp(store, cfg):
+def never_sync(cfg):
+    """The device's never-sync rules (event.NeverSync); ConfigError (exit 2) naming a
+    rule that is malformed or could never match."""
     try:
-        rules = NeverSync(cfg.never_sync_rules)
+        return NeverSync(cfg.never_sync_rules)
     except EventError as e:
         raise ConfigError(f"SK_NEVER_SYNC: {e}") from None
-    stamped, local_only, dups, problems = store.stamp(rules)
+
+
+def stamp(store, cfg, on_event=None, dry_run=False):
+    """Stamp every unstamped event (store.stamp) under the never-sync rules;
+    on_event(kind, Event, reason) for each ("stamped"); dry_run changes nothing."""
+    rules = never_sync(cfg)
+    tell = None
+    if on_event:
+        def tell(kind, ev, status):
+            on_event(("would stamp" if dry_run else kind), ev,
+                     "local-only (a never-sync rule)" if status == "local_only" else None)
+    stamped, local_only, dups, problems = store.stamp(rules, tell, dry_run)
     return {"stamped": stamped, "local_only": local_only, "duplicates": dups,
             "problems": [{"unstamped_seq": s, "reason": r} for s, r in problems]}
 
@@ -84,7 +98,7 @@ def _send(store, client, ring, batch, counts, on_event, answer=None, resealed=Fa
                 store.set_aside(eid, reason)
                 counts["rejected"] += 1
                 if on_event:
-                    on_event("rejected", eid, reason)
+                    on_event("rejected", batch[0][1], reason)
                 return
             # an unsealed 413 (a proxy's limit, or anyone on the way): nothing changes
             # here; the event stays queued, the rest flows, and the run says why
@@ -93,7 +107,7 @@ def _send(store, client, ring, batch, counts, on_event, answer=None, resealed=Fa
                 f"event {eid} got HTTP 413 (too large) alone, unsealed (a proxy's limit?):"
                 " kept queued")
             if on_event:
-                on_event("held", eid, "HTTP 413 (too large) from the server or a proxy")
+                on_event("held", batch[0][1], "HTTP 413 (too large) from the server or a proxy")
             return
         half = len(batch) // 2
         _send(store, client, ring, batch[:half], counts, on_event)
@@ -101,23 +115,26 @@ def _send(store, client, ring, batch, counts, on_event, answer=None, resealed=Fa
 
 
 def push(store, client, ring, max_n=wire.MAX_BATCH, all_batches=False, on_event=None,
-         progress=None):
+         progress=None, counts=None):
     """Push one batch (or, with all_batches, every batch) of queued events, each
     sealed under the team key (ring: the device's Keyring, ensured). If the
     server's log turns out not to be the one this device saw, heal it: queue every
-    event held here again and push (counts["healed"] says so)."""
+    event held here again and push (counts["healed"] says so). counts: a dict the
+    counts are kept in as they move (what an interrupted run got done)."""
     return healing(store, lambda first: _push(store, client, ring, max_n, all_batches,
-                                              on_event, progress))
+                                              on_event, progress, counts))
 
 
-def _push(store, client, ring, max_n, all_batches, on_event, progress):
+def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=None):
     """Push one batch (or, with all_batches, every batch) of queued events.
 
     With all_batches the next batch is read from the queue and sealed while the
     server stores the previous one, and sent (on a connection of its own) while
     the previous answer is applied, so client and server work side by side; each
     answer is applied in its own transaction, in order."""
-    counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "batches": 0}
+    if counts is None:
+        counts = {}
+    counts.update(accepted=0, duplicate=0, rejected=0, batches=0)
     max_n = max(1, min(int(max_n), wire.MAX_BATCH))
     moved = lambda: counts["accepted"] + counts["duplicate"] + counts["rejected"]  # noqa: E731
     if not all_batches:
@@ -130,32 +147,49 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress):
         from concurrent.futures import ThreadPoolExecutor
         inflight, after = None, 0
         sender = client.twin()
-        with ThreadPoolExecutor(1) as pool:
-            try:
-                while True:
-                    rows = store.queued(max_n, after)
-                    if not rows:
-                        break
-                    for batch in batches(rows):
-                        after = batch[-1][0]
-                        body = push_body(batch, ring, known_out(store))
-                        done = inflight[0].result() if inflight else None  # wait for n-1
-                        future = pool.submit(_call_push, sender, body)      # send n
-                        if inflight:                                        # settle n-1
-                            _settle(store, client, ring, inflight, counts, on_event, progress,
-                                    moved, done)
-                        inflight = (future, batch)
-                        counts["batches"] += 1
-                if inflight:
-                    _settle(store, client, ring, inflight, counts, on_event, progress, moved,
-                            inflight[0].result())
-                    inflight = None
-            finally:
-                if inflight:
-                    inflight[0].cancel()
-                sender.close()
+        pool = ThreadPoolExecutor(1)
+        try:
+            while True:
+                rows = store.queued(max_n, after)
+                if not rows:
+                    break
+                for batch in batches(rows):
+                    after = batch[-1][0]
+                    body = push_body(batch, ring, known_out(store))
+                    done = inflight[0].result() if inflight else None  # wait for n-1
+                    future = pool.submit(_call_push, sender, body)      # send n
+                    if inflight:                                        # settle n-1
+                        _settle(store, client, ring, inflight, counts, on_event, progress,
+                                moved, done)
+                    inflight = (future, batch)
+                    counts["batches"] += 1
+            if inflight:
+                _settle(store, client, ring, inflight, counts, on_event, progress, moved,
+                        inflight[0].result())
+                inflight = None
+        except BaseException:   # Ctrl-C, a signal, an error: stop the call in flight now
+            _abort(sender)
+            raise
+        finally:
+            if inflight:
+                inflight[0].cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            sender.close()
     counts["queued"] = store.counts(totals=False)["queued"]
     return counts
+
+
+def _abort(client):
+    """End the request a client's connection has in flight (on another thread), so
+    that thread is done at once instead of at its answer or its deadline."""
+    import socket
+    conn = getattr(getattr(client, "transport", None), "conn", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _call_push(client, body):
@@ -176,23 +210,26 @@ def _settle(store, client, ring, inflight, counts, on_event, progress, moved, an
 
 
 # -- pull ---------------------------------------------------------------------
-def pull(store, client, ring, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE):
+def pull(store, client, ring, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE,
+         counts=None):
     """Fetch every page after the cursor (or `since`), open it with the team key
     (ring), store it and move the cursor. The cursor only moves when the pull
     started at or before it. If the server's log is not the one this device saw,
     queue every event held here to push again and pull the whole log
-    (counts["healed"] says so)."""
+    (counts["healed"] says so). counts: a dict the counts are kept in as they move."""
     return healing(store, lambda first: _pull(store, client, ring, since if first else None,
-                                              on_event, progress, page_size))
+                                              on_event, progress, page_size, counts))
 
 
-def _pull(store, client, ring, since, on_event, progress, page_size):
+def _pull(store, client, ring, since, on_event, progress, page_size, counts=None):
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
     chain = store.cursor_chain() if cursor == stored else None
     skip = store.own_events()
-    counts = {"received": 0, "new": 0, "pages": 0, "skipped": []}
+    if counts is None:
+        counts = {}
+    counts.update(received=0, new=0, pages=0, skipped=[])
     while True:
         page = client.pull(cursor, page_size, skip, known_out(store))
         if isinstance(page.get("diverged"), str) and not moves_cursor:
@@ -319,26 +356,57 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
     plaintext -> resolve -> (a fresh device, unless shallow: the history before
     the snapshot), under the device's lock, its outcome recorded for `sk sync
     status` (a dry run takes neither and changes nothing). A snapshot the server
-    asked for is built and given at the end."""
+    asked for is built and given at the end. on_event(kind, Event, reason) for
+    each event stamped, pushed, pulled (or, in a dry run, that would be).
+
+    Interrupted (Ctrl-C, SIGTERM, SIGHUP: a KeyboardInterrupt) it stops at once,
+    every transaction begun rolled back, and the exception's `done` says what got
+    done ("pushed 61,000 of 200,000; run 'sk sync' to go on")."""
     if dry_run:
-        return _dry_run(store, client)
+        return _dry_run(cfg, store, client, on_event)
     from . import history, snapshot
     from .resolve import resolve
     bar = progress_factory or (lambda label, total: None)
     summary = {}
+    live = {"push": {}, "pull": {}, "resolve": [0]}
+    step = None
+    interrupted = False
+
+    def count_resolved(bar):
+        def progress(n):
+            live["resolve"][0] += n
+            if bar:
+                bar(n)
+        return progress
+
+    def resolve_all():
+        total = store.counts(totals=False)["unapplied"]
+        live["resolve_total"] = total
+        b = bar("resolve", total)
+        try:
+            return resolve(store, cfg.path_map or None, progress=count_resolved(b))
+        finally:
+            if b:
+                b.close()
+
     try:
         with device_lock(cfg), tracked(store):
-            summary["stamp"] = stamp(store, cfg)
+            step = "stamp"
+            summary["stamp"] = stamp(store, cfg, on_event)
             ring = Keyring(store, cfg.api_key)
             state = ring.ensure(client)
             summary["began_at"] = snapshot.begin(store, client, ring)
             before = history.open_ids(store)
-            summary["push"] = _with_bar(bar("push", store.counts(totals=False)["queued"]),
-                                        push, store, client, ring, all_batches=True,
-                                        on_event=on_event)
-            pulled = (lambda k, ev: on_event(k, ev.event_id, None)) if on_event else None
+            step = "push"
+            live["push_total"] = store.counts(totals=False)["queued"]
+            summary["push"] = _with_bar(bar("push", live["push_total"]), push, store, client,
+                                        ring, all_batches=True, on_event=on_event,
+                                        counts=live["push"])
+            step = "pull"
+            pulled = (lambda k, ev: on_event(k, ev, None)) if on_event else None
             summary["pull"] = _with_bar(bar("pull", None), pull, store, client, ring,
-                                        on_event=pulled)
+                                        on_event=pulled, counts=live["pull"])
+            step = "heal"
             healed = summary["push"].get("healed") or summary["pull"].get("healed")
             if "healed" in summary["pull"]:  # found by the pull: push back what it lost
                 again = push(store, client, ring, all_batches=True, on_event=on_event)
@@ -354,20 +422,38 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
                     resent=summary["push"]["accepted"] + summary["push"]["duplicate"],
                     restored=summary["push"]["accepted"])
             summary["resealed"] = reseal_legacy(store, client, ring, state)
-            summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)
-                                                ["unapplied"]), resolve, store,
-                                            cfg.path_map or None)
+            step = "resolve"
+            summary["resolved"] = resolve_all()
+            step = "history"
             summary["conflicts"] = len(history.open_ids(store) - before)
             if summary["began_at"] and not shallow:   # the rest of the history, not folded
                 summary["unshallow"] = _with_bar(bar("history", summary["began_at"]["seq"]),
                                                  unshallow, store, client, ring)
             offer_snapshot(store, client, ring, summary)
+    except KeyboardInterrupt as e:
+        interrupted = True
+        e.done = _done(step, live)
+        raise
     finally:
-        if "resolved" not in summary:   # offline or not, this device's own edits show
-            summary["resolved"] = _with_bar(bar("resolve", store.counts(totals=False)
-                                                ["unapplied"]), resolve, store,
-                                            cfg.path_map or None)
+        if "resolved" not in summary and not interrupted:
+            # offline or not, this device's own edits show
+            summary["resolved"] = resolve_all()
     return summary
+
+
+def _done(step, live):
+    """What an interrupted run got done, in a few words for its last line."""
+    go_on = "run 'sk sync' to go on"
+    if step == "push":
+        p = live["push"]
+        moved = p.get("accepted", 0) + p.get("duplicate", 0) + p.get("rejected", 0)
+        return f"pushed {moved:,} of {live.get('push_total', 0):,}; {go_on}"
+    if step == "pull":
+        return f"pulled {live['pull'].get('received', 0):,} events; {go_on}"
+    if step == "resolve":
+        return (f"resolved {live['resolve'][0]:,} of {live.get('resolve_total', 0):,};"
+                f" {go_on}")
+    return go_on if step else None
 
 
 def _with_bar(bar, step, *args, **kw):
@@ -379,14 +465,32 @@ def _with_bar(bar, step, *args, **kw):
             bar.close()
 
 
-def _dry_run(store, client):
+def _dry_run(cfg, store, client, on_event=None):
+    """What `sk sync` would do, counted as the run counts it (stamping included),
+    changing nothing; on_event("would stamp" | "would push", Event, reason) for
+    each event."""
+    s = stamp(store, cfg, on_event, dry_run=True)
     counts = store.counts(totals=False)
+    if on_event:
+        after = 0
+        while True:
+            rows = store.queued(1000, after)
+            if not rows:
+                break
+            for _, ev, _, _ in rows:
+                on_event("would push", ev, None)
+            after = rows[-1][0]
+        if s["stamped"]:
+            stamp(store, cfg, lambda kind, ev, reason: None if reason else
+                  on_event("would push", ev, None), dry_run=True)
     hello = client.hello()
     head = hello.get("head")
-    return {"dry_run": True, "would_stamp": counts["unstamped"], "would_push": counts["queued"],
+    return {"dry_run": True, "would_stamp": s["stamped"],
+            "would_push": counts["queued"] + s["stamped"] - s["local_only"],
+            "would_keep_local": s["local_only"],
             "would_pull_at_most": max(0, head - store.cursor()) if isinstance(head, int) else None,
-            "would_resolve": counts["unapplied"], "device": hello.get("device"),
-            "team": hello.get("team")}
+            "would_resolve": counts["unapplied"] + s["stamped"], "device": hello.get("device"),
+            "team": hello.get("team"), "problems": s["problems"]}
 
 
 def status(cfg, check=False):
@@ -414,6 +518,12 @@ def status(cfg, check=False):
     from . import history, snapshot
     info["shallow"] = snapshot.shallow_info(store) if store else None
     info["open_conflicts"] = history.open_count(store) if store else 0
+    try:
+        rules = never_sync(cfg)
+        info["never_sync"] = (f"{len(rules.rules) + len(rules.type_rules)} rules"
+                              f" ({len(cfg.never_sync_rules)} from SK_NEVER_SYNC)")
+    except ConfigError as e:
+        info["never_sync"] = f"error: {e}"
     if store:
         store.close()
     if check:

@@ -41,9 +41,12 @@ class Dropped(Exception):
 
 
 class Watch:
-    def __init__(self, cfg, log=None, resolve_each=True, store=None):
+    def __init__(self, cfg, log=None, resolve_each=True, store=None, on_state=None):
+        """log(line) for every line to say; on_state(state, detail) for every change
+        of state (sk sync watch --json)."""
         self.cfg = cfg
         self.log = log or (lambda line: None)
+        self.on_state = on_state
         self.stop = threading.Event()
         self.resolve_each = resolve_each
         self.store = store
@@ -54,6 +57,8 @@ class Watch:
     def set_state(self, state, detail=""):
         if state != self.state:
             self.log(f"{state}" + (f": {detail}" if detail else ""))
+            if self.on_state:
+                self.on_state(state, detail)
         self.state = state
         self.store.set_meta(watch=json.dumps({"pid": os.getpid(), "state": state,
                                               "since": utc_now(), "detail": detail}))
@@ -63,7 +68,7 @@ class Watch:
         """Watch until stopped; returns an exit code (4 when the key is refused)."""
         if self.store is None:
             self.store = open_store(self.cfg)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: self.stop.set())
         backoff = BACKOFF_MIN
         code = 0

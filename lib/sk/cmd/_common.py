@@ -11,24 +11,71 @@ from ..commands import ENVIRONMENT, EXIT_STATUS
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error said in one line (exit 2), like every error."""
+    """argparse, with a usage error said in one line (exit 2), like every error; no
+    silent abbreviations (`--statu` is refused, not taken for `--status`). A
+    sub-parser (`sk sync status`) refuses what it does not know itself, so the
+    usage error names it."""
+
+    def __init__(self, *a, allow_abbrev=False, **kw):
+        super().__init__(*a, allow_abbrev=allow_abbrev, **kw)
+        self._sub = False
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+        self.exit(2, stamp_error(f"{self.prog}: {message} (see '{self.prog} --help')") + "\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if self._sub and extra:
+            self.error("unrecognized arguments: " + " ".join(extra))
+        return ns, extra
+
+    def add_subparsers(self, **kw):
+        action = super().add_subparsers(**kw)
+        make = action.add_parser
+
+        def add_parser(name, **kw2):
+            sp = make(name, **kw2)
+            sp._sub = True
+            return sp
+        action.add_parser = add_parser
+        return action
 
 
-def parser(prog, description, json_flag=True, **kw):
+def stamp_error(line):
+    """An error line, with the UTC time in front (RFC 3339) when stderr is not a
+    terminal (a cron job's mail, a log file): when did it fail?"""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return line if tty else f"{utc_time()} {line}"
+
+
+def utc_time():
+    from datetime import datetime, timezone
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def error(text):
+    """An error on stderr: always printed (also with -q), timestamped off a terminal."""
+    print(stamp_error(text), file=sys.stderr, flush=True)
+
+
+def parser(prog, description, json_flag=True, json_help=None, **kw):
     p = Parser(
         prog=prog, description=description,
         epilog="exit status: " + " ".join(EXIT_STATUS.split()),
         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-    common(p, json_flag)
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"sk {__version__}",
+                   help="print the version of sk and exit")
+    common(p, json_flag, json_help=json_help)
     p._manpage = [{"heading": "exit status", "content": EXIT_STATUS},
                   {"heading": "environment", "content": ENVIRONMENT}]
     return p
 
 
-def common(p, json_flag=True, suppress=False):
+def common(p, json_flag=True, suppress=False, json_help=None):
     """-q/-v (and --json) on parser p; suppress=True for a sub-parser that must not
     overwrite what its parent parsed."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
@@ -38,7 +85,7 @@ def common(p, json_flag=True, suppress=False):
                    help="say more (per event)")
     if json_flag:
         p.add_argument("--json", action="store_true", default=d(False),
-                       help="machine-readable output on stdout")
+                       help=json_help or "machine-readable output on stdout")
 
 
 def bounded(lo, hi, name="N"):
@@ -74,6 +121,23 @@ def say(args, text):
     """Chatter for people: stderr, silenced by -q."""
     if not args.quiet:
         print(text, file=sys.stderr)
+
+
+_VERBS = {"accepted": ("pushed", None), "duplicate": ("pushed", "already on the server")}
+
+
+def event_line(kind, ev, reason=None):
+    """The one style of a -v line, on stderr: `pulled <id> <type> <aggregate>` (and
+    `pushed`, `stamped`, `rejected`, `would push`, ...), then `: reason` if any."""
+    verb, why = _VERBS.get(kind, (kind, None))
+    reason = reason or why
+    print(f"{verb} {ev.event_id} {ev.event_type} {ev.aggregate_type}:{ev.aggregate_id}"
+          + (f": {reason}" if reason else ""), file=sys.stderr)
+
+
+def plural(n, word, many=None):
+    """'1 event', '2 events', '1,000 events'."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 def emit(obj):
@@ -128,9 +192,11 @@ def run(prog, get_parser, body, argv=None):
     """Parse argv; provide what the command table says the command needs (the
     local store, a client, the device lock, tracking for `sk sync status`); call
     body(args, ctx); turn sk errors into one line and an exit code. The client and
-    the store are closed however the body ends."""
+    the store are closed however the body ends. SIGTERM and SIGHUP stop a device
+    command as Ctrl-C does (a tracked run records the failure); it exits
+    128 + the signal's number."""
     from ..commands import by_module, needs
-    from ..errors import SkError
+    from ..errors import Interrupted, SkError
     args = get_parser(prog).parse_args(argv)
     args.prog = prog
     # events a server accepted before nesting was bounded (sk 0.3.0 let 976 levels in)
@@ -138,6 +204,9 @@ def run(prog, get_parser, body, argv=None):
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
     entry = by_module(body.__module__)
     ctx = Context(args, needs(entry, getattr(args, "action", None)) if entry else ())
+    if body.__module__.startswith("sk.cmd."):   # (the server's commands keep their own)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupt)
     try:
         with contextlib.ExitStack() as stack:
             if ctx.needs & {"store", "log"}:
@@ -159,22 +228,28 @@ def run(prog, get_parser, body, argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except SkError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        error(f"{prog}: {e}")
         return e.exit_code
     except OSError as e:  # the disk, not the user: full, read-only, gone
-        print(f"{prog}: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
-              file=sys.stderr)
+        error(f"{prog}: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""))
         return 2
     except Exception as e:
         sqlite3 = sys.modules.get("sqlite3")
         if sqlite3 is None or not isinstance(e, sqlite3.Error):
             raise
-        print(f"{prog}: database error: {e}", file=sys.stderr)
+        error(f"{prog}: database error: {e}")
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        done = getattr(e, "done", None)
+        error(f"{prog}: {Interrupted.describe(signum)}" + (f"; {done}" if done else ""))
+        return 128 + signum
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         ctx.close()
 
 
+def _interrupt(signum, frame):
+    from ..errors import Interrupted
+    raise Interrupted(signum)

@@ -8,10 +8,16 @@ DESCRIPTION = """\
 Append events to the device's local log, unstamped. With no event flags, read
 NDJSON from standard input: one JSON object per line with event_type,
 aggregate_type, aggregate_id and optionally payload (an object), event_id (a
-UUID) and timestamp (RFC 3339). With --type and --aggregate, append one event
+UUID) and timestamp (RFC 3339 in UTC, ending in Z or +00:00, e.g.
+2026-01-31T12:00:00Z; other offsets are refused; without one, the time of
+stamping). With --type and --aggregate, append one event
 built from the flags. Either every event is appended or none is: a bad line
 anywhere is reported with its line number and nothing is appended (exit 2).
 Run sk-stamp afterwards (sk sync does) to give the events their stamps.
+An event_id the log holds already (--event-id, or in the NDJSON) is not appended
+again: with the same type, aggregate and payload it is a duplicate (said, exit
+0); with other content it is an error (exit 1): the event is set aside with the
+reason (sk-log --rejected) and named in one line.
 --actor (or SK_ACTOR) records who made them: a person, or an agent and the
 model that drove it ("ci-bot (claude-x)"); it is sealed with the payload, and
 sk blame and sk conflicts show it."""
@@ -73,15 +79,24 @@ def _body(args, ctx):
         events = parse_ndjson(sys.stdin.buffer)
     from ..config import check_actor
     actor = check_actor(args.actor, "--actor") if args.actor is not None else ctx.cfg.actor
+    known = []
     try:
-        n = ctx.store.append(events, actor=actor)
+        n = ctx.store.append(events, actor=actor, known=known)
     except EventError as e:
         raise UsageError(f"{e}; nothing appended") from None
+    dups = [eid for eid, what, _ in known if what == "duplicate"]
+    bad = [(eid, why) for eid, what, why in known if what == "rejected"]
+    for eid in dups:
+        _common.say(args, f"{args.prog}: event {eid} is in the log already (a duplicate);"
+                          " not appended again")
+    for eid, why in bad:
+        _common.error(f"{args.prog}: {why}; set aside (see 'sk-log --rejected')")
     if args.json:
-        _common.emit({"appended": n})
-    else:
-        _common.say(args, f"appended {n} event{'s' if n != 1 else ''} (unstamped)")
-    return 0
+        _common.emit({"appended": n, "duplicates": dups,
+                      "rejected": [{"event_id": e, "reason": r} for e, r in bad]})
+    elif n or not known:
+        _common.say(args, f"appended {_common.plural(n, 'event')} (unstamped)")
+    return 1 if bad else 0
 
 
 def main(argv=None, prog="sk-append"):

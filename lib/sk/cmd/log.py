@@ -9,15 +9,16 @@ aggregate_id, lamport_clock, node_id, payload, timestamp), its local status
 (queued, sent, rejected, local_only, remote), the reason when rejected, and its
 local sequence number seq. Filters combine. --rejected lists the events the
 server refused, set aside out of the log with the reason (sk-push-batch
---retry-rejected queues them again). The output is NDJSON with or without
---json. On a shallow device (sk sync --shallow) a line on stderr says where its
+--retry-rejected queues them again). The output is NDJSON (one JSON object a
+line, a stable format), with or without --json, like every command that streams
+events. On a shallow device (sk sync --shallow) a line on stderr says where its
 history begins."""
 
 STATUSES = ("queued", "sent", "rejected", "local_only", "remote")
 
 
 def get_parser(prog="sk-log"):
-    p = _common.parser(prog, DESCRIPTION)
+    p = _common.parser(prog, DESCRIPTION, json_help="the output is NDJSON either way")
     _common.home_flag(p)
     p.add_argument("--type", metavar="EVENT_TYPE", help="only events of this type")
     p.add_argument("--aggregate", metavar="TYPE[:ID]", help="only events of this aggregate (type)")
@@ -25,7 +26,7 @@ def get_parser(prog="sk-log"):
     p.add_argument("--rejected", action="store_true",
                    help="only events the server rejected (same as --status rejected)")
     p.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after local seq SEQ")
-    p.add_argument("-n", "--limit", type=int, metavar="N", help="at most N events")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N events")
     return p
 
 

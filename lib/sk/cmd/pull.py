@@ -47,8 +47,7 @@ def _body(args, ctx):
         if args.print_events:
             _common.emit(ev.to_dict())
         if args.verbose:
-            print(f"pulled {ev.event_id} {ev.event_type} {ev.aggregate_type}:"
-                  f"{ev.aggregate_id}", file=sys.stderr)
+            _common.event_line("pulled", ev)
 
     if args.unshallow:
         if args.since is not None:
@@ -63,7 +62,7 @@ def _body(args, ctx):
         if args.json:
             _common.emit({"unshallowed": was is not None, "received": n, "before_seq": was})
         else:
-            _common.say(args, f"fetched {n} event(s) of the history before seq {was}; the"
+            _common.say(args, f"fetched {_common.plural(n, 'event')} of the history before seq {was}; the"
                               " history is complete" if was is not None else
                               "the history is complete already (not a shallow device)")
         return 0
@@ -73,8 +72,9 @@ def _body(args, ctx):
     if args.json and not args.print_events:
         _common.emit(counts)
     else:
-        _common.say(args, f"pulled {counts['received']} event(s), {counts['new']} new,"
-                          f" in {counts['pages']} page(s); cursor {counts['cursor']}")
+        _common.say(args, f"pulled {_common.plural(counts['received'], 'event')},"
+                          f" {counts['new']} new, in {_common.plural(counts['pages'], 'page')};"
+                          f" cursor {counts['cursor']}")
     healed = counts.get("healed")
     if healed:  # said even with -q: a script must push to finish healing
         print(f"{args.prog}: {healed.describe()}: run 'sk-push-batch --all' (or 'sk sync')",

@@ -28,28 +28,23 @@ def get_parser(prog="sk-push-batch"):
 
 
 def _body(args, ctx):
-    import sys
-
     from ..progress import Progress
     from ..sync import push
     store = ctx.store
 
-    def on_event(status, eid, reason):
-        if args.verbose:
-            print(f"{status} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
-
     if args.retry_rejected:
         n = store.requeue_rejected()
-        _common.say(args, f"queued {n} rejected event(s) again")
+        _common.say(args, f"queued {_common.plural(n, 'rejected event')} again")
     bar = Progress("push", store.counts(totals=False)["queued"] if args.all else None,
                    quiet=args.quiet)
-    counts = push(store, ctx.client, ctx.keyring, args.max, args.all, on_event, bar)
+    counts = push(store, ctx.client, ctx.keyring, args.max, args.all,
+                  _common.event_line if args.verbose else None, bar)
     bar.close()
     healed = counts.get("healed")
     if healed:
         _common.say(args, healed.describe())
     for why in counts.get("held_reasons", []):
-        print(f"{args.prog}: {why}", file=sys.stderr)
+        _common.error(f"{args.prog}: {why}")
     if args.json:
         _common.emit(counts)
     else:

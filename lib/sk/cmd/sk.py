@@ -69,7 +69,12 @@ def main(argv=None):
         return module.main(rest, prog=f"sk {name}")
     path = find_executable(name) if not name.startswith("-") else None
     if path is None:
-        print(f"sk: '{name}' is not an sk command; see 'sk --help'", file=sys.stderr)
+        import difflib
+        near = difflib.get_close_matches(name, [c.name for c in COMMANDS], n=1)
+        print(f"sk: '{name}' is not an sk command"
+              + (f"; did you mean '{near[0]}'? (see 'sk --help')" if near
+                 else "; see 'sk --help'"),
+              file=sys.stderr)
         return 2
     sys.stdout.flush()
     try:

@@ -20,7 +20,9 @@ Columns: event_type, aggregate_type, aggregate_id (TEXT, required); payload (TEX
 a JSON object, default '{}'); event_id (TEXT UUID, optional); timestamp (TEXT
 RFC 3339, optional); seq (INTEGER, assigned). A row that breaks a rule is left in
 place and reported with its seq (exit 1); a row whose event_id is already in the
-log is the same event and is dropped."""
+log with the same content is the same event and is dropped (and said); one whose
+event_id the log holds with other content is set aside (sk-log --rejected) with
+the reason, and reported (exit 1). -v prints one line per event stamped."""
 
 
 def get_parser(prog="sk-stamp"):
@@ -34,23 +36,22 @@ def get_parser(prog="sk-stamp"):
 
 
 def _body(args, ctx):
-    import sys
-
     from ..sync import stamp
     if args.new_node:
         old, new, n = ctx.store.new_node()
         _common.say(args, f"node id {old} -> {new}; stamped {n} unsent event"
                           f"{'s' if n != 1 else ''} again")
-    result = stamp(ctx.store, ctx.cfg)
+    result = stamp(ctx.store, ctx.cfg, _common.event_line if args.verbose else None)
     for prob in result["problems"]:
-        print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
-              file=sys.stderr)
+        _common.error(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}")
     if args.json:
         _common.emit(result)
-    elif result["stamped"] or args.verbose:
-        _common.say(args, f"stamped {result['stamped']} event{'s' if result['stamped'] != 1 else ''}"
+    elif result["stamped"] or result["duplicates"] or args.verbose:
+        _common.say(args, f"stamped {_common.plural(result['stamped'], 'event')}"
                           + (f" ({result['local_only']} local-only)" if result["local_only"] else "")
-                          + (f", dropped {result['duplicates']} duplicate(s)" if result["duplicates"] else ""))
+                          + (f", dropped {_common.plural(result['duplicates'], 'duplicate')}"
+                             " (the same event id and content as one in the log)"
+                             if result["duplicates"] else ""))
     return 1 if result["problems"] else 0
 
 

@@ -14,7 +14,9 @@ counts every event stamped at or before N; --at TIME (RFC 3339 with its offset,
 e.g. 2026-12-01T09:30:00Z) every event whose display timestamp is at or before
 TIME. Display timestamps are the writers' wall clocks, not an order: a device
 with a wrong clock places its events wrongly in time, never in the state. On a
-shallow device a point before its snapshot exits 1 (that history is not here)."""
+shallow device a point before its snapshot exits 1 (that history is not here).
+-v says on stderr what the state is as of, and how many events are not folded
+into it yet."""
 
 
 def get_parser(prog="sk-state"):
@@ -53,6 +55,12 @@ def _body(args, ctx):
             if aid not in state:
                 raise SkError(f"no aggregate '{args.selector}' in the state", 1)
             state = state[aid]
+    if args.verbose:
+        unapplied = ctx.store.counts(totals=False)["unapplied"]
+        _common.say(args, f"{args.prog}: " + (f"as of {args.at}" if args.at is not None else
+                    "as of the last resolve") + (f"; {_common.plural(unapplied, 'event')} not"
+                                                 " folded yet (sk-resolve)" if unapplied and
+                                                 args.at is None else ""))
     json.dump(state, sys.stdout, indent=2 if args.pretty else None, sort_keys=True,
               ensure_ascii=False, separators=None if args.pretty else (",", ":"))
     sys.stdout.write("\n")

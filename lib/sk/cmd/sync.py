@@ -26,12 +26,23 @@ sk sync watch: real time. Opens a WebSocket session (with a single-use token
 from the server), pushes local events as soon as they are stamped (by sk-stamp
 or any program), applies the team's events as they arrive, pings every 20 s,
 and reconnects with backoff when the connection drops; offline, events stay
-queued and drain on reconnect. One line on stderr per change of state. Stops
-cleanly on SIGINT or SIGTERM. Exit 4 if the server refuses the key.
+queued and drain on reconnect. One line on stderr per change of state, with its
+time (UTC, RFC 3339); --json also writes one JSON object per change of state on
+stdout ({"time", "state", "detail"}). Stops cleanly on SIGINT, SIGTERM or
+SIGHUP. Exit 4 if the server refuses the key.
 
 sk sync setup: ask for (or take --server and --key) the server URL and API
 key, verify them against the server, refuse a key it rejects, and write them
-to $SK_HOME/.env with mode 600."""
+to $SK_HOME/.env with mode 600. --key alone keeps the server URL set already.
+Replacing a key set already asks first on a terminal; without one it needs
+--yes (-y).
+
+{never_sync}"""
+
+
+from ..commands import NEVER_SYNC_SYNTAX  # noqa: E402
+
+DESCRIPTION = DESCRIPTION.replace("{never_sync}", "never-sync rules (SK_NEVER_SYNC):\n" + NEVER_SYNC_SYNTAX)
 
 
 def _now_flags(p, suppress=False):
@@ -55,8 +66,12 @@ def get_parser(prog="sk sync"):
     st = sub.add_parser("status", help="what is queued, last success, failures since")
     _common.common(st, suppress=True)
     st.add_argument("--check", action="store_true", help="also check the connection and key")
+    st.epilog = ("exit status: 1 when the last run failed (failures since > 0), else 0;"
+                 " with --check, the connection's code first (3, 4, 2 or 5)")
     su = sub.add_parser("setup", help="set the server URL and API key, verified")
     _common.common(su, suppress=True)
+    su.add_argument("-y", "--yes", action="store_true",
+                    help="replace an API key set already without asking")
     wa = sub.add_parser("watch", help="real-time sync over a WebSocket until stopped")
     _common.common(wa, suppress=True)
     for sp in (now, st, su, wa):
@@ -79,11 +94,15 @@ def _watch(args, ctx):
 
     from ..watch import Watch
 
-    def log(line):
+    def log(line):   # each line with its time (UTC, RFC 3339): a watcher runs for days
         if not args.quiet:
-            print(f"{args.prog} watch: {line}", file=sys.stderr, flush=True)
+            print(f"{_common.utc_time()} {args.prog} watch: {line}", file=sys.stderr, flush=True)
 
-    return Watch(ctx.cfg, log, store=ctx.store).run()
+    def on_state(state, detail):
+        _common.emit({"time": _common.utc_time(), "state": state, "detail": detail or None})
+        sys.stdout.flush()
+
+    return Watch(ctx.cfg, log, store=ctx.store, on_state=on_state if args.json else None).run()
 
 
 def _now(args, ctx):
@@ -92,11 +111,8 @@ def _now(args, ctx):
     from ..progress import Progress
     from ..sync import run
 
-    def on_event(kind, eid, reason):
-        print(f"{kind} {eid}" + (f": {reason}" if reason else ""), file=sys.stderr)
-
     summary = run(ctx.cfg, ctx.store, ctx.client, args.dry_run,
-                  on_event if args.verbose else None,
+                  _common.event_line if args.verbose else None,
                   lambda label, total: Progress(label, total, quiet=args.quiet),
                   shallow=args.shallow or ctx.cfg.shallow)
     if args.json:
@@ -104,9 +120,11 @@ def _now(args, ctx):
     elif args.dry_run:
         if not args.quiet:
             most = summary["would_pull_at_most"]
-            print(f"would stamp {summary['would_stamp']}, push {summary['would_push']},"
-                  f" pull at most {most if most is not None else '?'}, resolve"
-                  f" {summary['would_resolve'] + summary['would_stamp']}; nothing changed")
+            print(f"would stamp {summary['would_stamp']}, push {summary['would_push']}"
+                  + (f" (keep {summary['would_keep_local']} local)"
+                     if summary["would_keep_local"] else "")
+                  + f", pull at most {most if most is not None else '?'}, resolve"
+                  f" {summary['would_resolve']}; nothing changed")
     elif not args.quiet:
         s, pu, pl = summary["stamp"], summary["push"], summary["pull"]
         line = (f"stamped {s['stamped']}, pushed {pu['accepted']}"
@@ -130,9 +148,8 @@ def _now(args, ctx):
     healed = summary.get("healed")
     if healed and not args.quiet:
         print(f"{args.prog}: {healed.describe()}", file=sys.stderr)
-    for prob in (summary.get("stamp") or {}).get("problems", []):
-        print(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}",
-              file=sys.stderr)
+    for prob in (summary.get("stamp") or summary).get("problems", []):
+        _common.error(f"{args.prog}: unstamped row {prob['unstamped_seq']}: {prob['reason']}")
     if args.dry_run:
         return 0
     partial = (summary["push"]["rejected"] or summary["push"]["queued"]
@@ -140,8 +157,8 @@ def _now(args, ctx):
     for why in summary["push"].get("held_reasons", []):
         print(f"{args.prog}: {why}", file=sys.stderr)
     if summary["push"]["rejected"] and not args.quiet:
-        print(f"{args.prog}: {summary['push']['rejected']} event(s) rejected; see"
-              " 'sk-log --rejected'", file=sys.stderr)
+        print(f"{args.prog}: {_common.plural(summary['push']['rejected'], 'event')} rejected;"
+              " see 'sk-log --rejected'", file=sys.stderr)
     return 1 if partial else 0
 
 
@@ -165,41 +182,52 @@ def _status(args, ctx):
     info = status(ctx.cfg, args.check)
     if args.json:
         _common.emit(info)
-    else:
-        rows = [
-            ("server", f"{info['server'] or '(not configured)'}"
-                       + (f"  (from {info['server_from']})" if info["server_from"] else "")),
-            ("config", info["config"] + ("" if info["config_exists"] else " (missing)")),
-            ("node id", info["node_id"] or "(none yet)"),
-            ("queued", str(info["queued"]) + (f" (oldest {_ago(info['oldest_queued'])})"
-                                              if info["queued"] else "")),
-            ("rejected", str(info["rejected"]) + (" (see sk-log --rejected)" if info["rejected"] else "")),
-            ("local-only", str(info["local_only"])),
-            ("unstamped", str(info["unstamped"])),
-            ("unapplied", str(info["unapplied"])),
-            ("last sync", _ago(info["last_success"])),
-            ("failures since", str(info["failures_since"])
-             + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"
-                if info["failures_since"] else "")),
-        ]
-        shallow = info["shallow"]
-        rows.append(("history", "complete" if not shallow else
-                     f"shallow: begins after seq {shallow['seq']} (a snapshot"
-                     + (f" by device '{shallow['device']}'" if shallow.get("device") else "")
-                     + "); 'sk-pull --unshallow' fetches the rest"))
-        rows.append(("conflicts", f"{info['open_conflicts']} open"
-                     + (" (sk conflicts)" if info["open_conflicts"] else "")))
-        watch = info["watch"]
-        rows.append(("watch", "not running" if not watch else
-                     f"running (pid {watch['pid']}), {watch['state']} since {watch['since']}"
-                     + (f": {watch['detail']}" if watch.get("detail") else "")))
-        if args.check:
-            rows.append(("connection", f"{info['connection']}: {info['connection_detail']}"))
-        for k, v in rows:
-            print(f"{k + ':':<16}{v}")
-    if args.check:
+    elif not args.quiet:
+        _status_rows(args, info)
+    failed = info["failures_since"] > 0
+    if args.check and info["connection_exit"]:
         return info["connection_exit"]
-    return 0
+    return 1 if failed else 0
+
+
+def _status_rows(args, info):
+    rows = [
+        ("server", f"{info['server'] or '(not configured)'}"
+                   + (f"  (from {info['server_from']})" if info["server_from"] else "")),
+        ("config", info["config"] + ("" if info["config_exists"] else " (missing)")),
+        ("node id", info["node_id"] or "(none yet)"),
+        ("queued", str(info["queued"]) + (f" (oldest {_ago(info['oldest_queued'])})"
+                                          if info["queued"] else "")),
+        ("rejected", str(info["rejected"]) + (" (see sk-log --rejected)" if info["rejected"] else "")),
+        ("local-only", str(info["local_only"])
+         + (" (kept on this device by the never-sync rules)" if info["local_only"] else "")),
+        ("unstamped", str(info["unstamped"])),
+        ("unapplied", str(info["unapplied"])),
+        ("last sync", _ago(info["last_success"])),
+        ("failures since", str(info["failures_since"])
+         + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"
+            if info["failures_since"] else "")),
+    ]
+    shallow = info["shallow"]
+    rows.append(("history", "complete" if not shallow else
+                 f"shallow: begins after seq {shallow['seq']} (a snapshot"
+                 + (f" by device '{shallow['device']}'" if shallow.get("device") else "")
+                 + "); 'sk-pull --unshallow' fetches the rest"))
+    rows.append(("conflicts", f"{info['open_conflicts']} open"
+                 + (" (sk conflicts)" if info["open_conflicts"] else "")))
+    watch = info["watch"]
+    rows.append(("watch", "not running" if not watch else
+                 f"running (pid {watch['pid']}), {watch['state']} since {watch['since']}"
+                 + (f": {watch['detail']}" if watch.get("detail") else "")))
+    if args.check:
+        rows.append(("connection", f"{info['connection']}: {info['connection_detail']}"))
+    if args.verbose:
+        rows += [("home", info["home"]), ("database", info["database"]
+                                          + ("" if info["log_exists"] else " (none yet)")),
+                 ("cursor", str(info["cursor"])), ("clock", str(info["clock"])),
+                 ("never-sync", info["never_sync"])]
+    for k, v in rows:
+        print(f"{k + ':':<16}{v}")
 
 
 def _setup(args, ctx):
@@ -209,6 +237,8 @@ def _setup(args, ctx):
     from ..errors import UsageError
     cfg = ctx.cfg
     server, key = getattr(args, "server", None), getattr(args, "key", None)
+    if key and not server:   # a new key for the server already set up: keep its URL
+        server = cfg.get("SK_SERVER")
     if not server or not key:
         if not sys.stdin.isatty():
             raise UsageError("give --server URL and --key KEY (no terminal to ask on)")
@@ -220,6 +250,18 @@ def _setup(args, ctx):
                 key = getpass.getpass("API key (from sk-register on the server host): ").strip()
         except EOFError:
             raise UsageError("setup cancelled") from None
+    old = cfg.in_file("SK_API_KEY")      # the key this command would overwrite
+    if old and old.strip() != key.strip() and not args.yes:
+        where = cfg.env_path
+        if not sys.stdin.isatty():
+            raise UsageError(f"an API key is set already (from {where}); give --yes to"
+                             " replace it (no terminal to ask on)")
+        try:
+            answer = input(f"replace the API key set in {where}? [y/N] ").strip().lower()
+        except EOFError:
+            answer = ""
+        if answer not in ("y", "yes"):
+            raise UsageError("setup cancelled; the API key is unchanged")
     from ..sync import setup
     result = setup(cfg, server, key)
     if args.json:

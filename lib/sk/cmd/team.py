@@ -59,8 +59,9 @@ def _body(args, ctx):
         return 0
     if args.action == "require-approval":
         n = require_approval(ctx.keyring, ctx.client)
-        _common.say(args, f"team '{ctx.keyring.team}' now requires approval; approved the {n}"
-                          " device(s) that hold the key")
+        _common.say(args, f"team '{ctx.keyring.team}' now requires approval; approved the"
+                          f" {_common.plural(n, 'device')} that hold"
+                          f"{'s' if n == 1 else ''} the key")
         return 0
     return _approve(args, ctx, approve)
 
