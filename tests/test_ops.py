@@ -133,13 +133,20 @@ def test_metrics_status_and_request_lines_during_a_sync(server_db, tmp_path):
         assert value(late, "sk_auth_failures_total", reason="unknown_key") >= 1
         assert "sk_auth_failures" in families
 
-        # a watcher: a session counted on its team; SIGTERM closes it at once
-        w = subprocess.Popen([command("sk"), "sync", "watch"], env={**os.environ, "SK_HOME": str(b)},
+        # a watcher on a: a session counted on its team; it pushes a's 2 queued events
+        # and says so (the queue gauge falls to 0); SIGTERM closes it at once
+        w = subprocess.Popen([command("sk"), "sync", "watch"], env={**os.environ, "SK_HOME": str(a)},
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
         try:
             wait_until(lambda: value(scrape(mport)[0], "sk_ws_sessions", team="default") == 1,
                        30, "the watcher's session in the metrics")
+            live = wait_until(lambda: (lambda m: m if value(
+                m, "sk_device_queue_events", team="default", device="a") == 0 else None)(
+                    scrape(mport)[0]), 30, "a's queue to drain through the watcher")
+            assert value(live, "sk_events_pushed_total", team="default") - \
+                value(before, "sk_events_pushed_total", team="default") == 10
+            assert value(live, "sk_device_lag_events", team="default", device="b") == 5
             assert get(srv.port, "/metrics")[0] == 404      # never on the API's port
             # a wrong URL: one sk line, naming the root
             p = run("sk-pull", home=a, env={**os.environ, "SK_SERVER": srv.url + "/api"}, code=5)

@@ -29,8 +29,8 @@ from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
 from . import ops
-from .api import (Refused, page_out, parse_batch, parse_known, parse_skip, push_batch,
-                  wanted)
+from .api import (Refused, page_out, parse_batch, parse_known, parse_queued, parse_skip,
+                  push_batch, wanted)
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -180,8 +180,12 @@ class Session:
                 if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
                     raise Closed(4400, "first frame must be a hello with an integer cursor")
                 try:
-                    return (cursor, parse_skip(hello.get("skip"), self.key.device),
-                            parse_known(hello.get("known")))
+                    out = (cursor, parse_skip(hello.get("skip"), self.key.device),
+                           parse_known(hello.get("known")))
+                    queued = parse_queued(hello.get("queued"))
+                    if queued is not None:
+                        self.store.note_device(self.key.device, queued=queued)
+                    return out
                 except Refused as e:
                     raise Closed(4400, e.message) from None
             self.ws.event.wait(0.5)
@@ -228,10 +232,14 @@ class Session:
             raise Closed(4400, f"unknown frame type {str(msg.get('t'))[:20]!r}")
         try:
             batch, relay = parse_batch(msg)
+            queued = parse_queued(msg.get("queued"))
         except Refused as e:
             raise Closed(4400, f"push frame: {e.message}") from None
         self.check_key()
         answer = push_batch(self.key, batch, relay, known=self.known)
+        if queued is not None:   # as a REST push: what was queued, less what this settled
+            self.store.note_device(self.key.device,
+                                   queued=max(0, queued - len(answer.get("results", ()))))
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:
