@@ -443,6 +443,21 @@ def verify(db, kind, homes, total):
 # -- report ----------------------------------------------------------------------
 
 def report(results, args, cores, elapsed):
+    ok = _report(results, args, cores, elapsed)
+    if args.plots != "none":
+        import plots
+        plots.scale(plot_rows(results), args.plots)
+    return ok
+
+
+def plot_rows(results):
+    """The throughput table's rows, for bench/plots.py."""
+    return [{"label": r["label"], "servers": r["servers"],
+             "push": r["push"]["events"] / r["push"]["secs"],
+             "pull": r["pull"]["events"] / r["pull"]["secs"]} for r in results if "pull" in r]
+
+
+def _report(results, args, cores, elapsed):
     print(f"\nsk bench_scale: {args.devices} devices of one team at once, {args.events:,} events"
           f" of ~300 bytes each ({args.devices * args.events:,} in all), {cores} CPU cores,"
           f" loopback; PostgreSQL with fsync on, SQLite synchronous=FULL\n")
@@ -509,6 +524,8 @@ def main():
     p.add_argument("--timeout", type=float, default=240,
                    help="seconds a phase may take before its commands are killed (default 240)")
     p.add_argument("--quick", action="store_true", help="a small smoke run")
+    p.add_argument("--plots", default=str(Path(__file__).resolve().parent / "out"), metavar="DIR",
+                   help="write the table as a PNG plot into DIR (default bench/out; none: no plot)")
     args = p.parse_args()
     args.devices = args.devices or (5 if args.quick else 20)
     args.events = args.events or (200 if args.quick else 2000)

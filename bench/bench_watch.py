@@ -170,6 +170,8 @@ def main():
     p.add_argument("--events", type=int, default=200)
     p.add_argument("--watchers", type=int, default=20)
     p.add_argument("--idle", type=int, default=100)
+    p.add_argument("--plots", default=str(Path(__file__).resolve().parent / "out"), metavar="DIR",
+                   help="write the table as a PNG plot into DIR (default bench/out; none: no plot)")
     args = p.parse_args()
     bench = Bench(threads=max(32, args.watchers + args.idle + 16))
     try:
@@ -189,11 +191,17 @@ def main():
           " loopback\n")
     print(f"| {'watchers':<22} | {'median ms':>9} | {'p99 ms':>7} | {'max ms':>7} |")
     print(f"|{'-' * 24}|{'-' * 10}:|{'-' * 8}:|{'-' * 8}:|")
+    rows = []
     for label, vals in (("2 (A and B)", two), (f"{args.watchers} (one team)", many)):
         print(f"| {label:<22} | {statistics.median(vals):9.1f} | {pct(vals, 99):7.1f} |"
               f" {max(vals):7.1f} |")
+        rows.append({"label": label, "median": statistics.median(vals), "p99": pct(vals, 99),
+                     "max": max(vals)})
     print(f"\nserver RSS: {before:.1f} MiB with {2 + args.watchers - 2} watchers, {after:.1f} MiB"
           f" after {args.idle} more idle sessions ({(after - before) * 1024 / args.idle:.0f} KiB each)")
+    if args.plots != "none":
+        import plots
+        plots.watch(rows, args.plots)
     return 0
 
 

@@ -137,6 +137,7 @@ def test_bad_never_sync_rule_is_a_usage_error():
 
 def test_admin_backup_to_a_bad_target_is_refused(tmp_path):
     db = tmp_path / "srv.db"
+    run("sk-admin", "--db", db, "init")
     run("sk-register", "--name", "x", "--db", db)
     p = run("sk-admin", "--db", db, "backup", "--to", "/nonexistent/dir/b.db", code=2)
     assert "/nonexistent/dir" in one_line(p)
@@ -273,6 +274,7 @@ def test_offline_sync_exits_3_and_still_resolves():
 # -- 6. sk-register / sk-admin argument and file checks -----------------------------------
 def test_register_refuses_empty_names_and_a_missing_database(tmp_path):
     db = tmp_path / "srv.db"
+    run("sk-admin", "--db", db, "init")
     run("sk-register", "--name", "x", "--db", db)
     for flag in ("--name", "--revoke", "--rotate"):
         p = run("sk-register", flag, "", "--db", db, code=2)
@@ -288,10 +290,11 @@ def test_register_refuses_empty_names_and_a_missing_database(tmp_path):
     p = run("sk-admin", "--db", missing, "stats", code=2)
     assert str(missing) in one_line(p)
     assert not missing.exists() and not list(tmp_path.glob("missing.db*"))
+    # sk-register never makes a database (a mistyped --db would mint keys no server
+    # knows): it says how to make one
     new = tmp_path / "new.db"
-    p = run("sk-register", "--name", "x", "--db", new)
-    assert p.stdout.strip().startswith("sk1.")
-    assert new.exists()
+    p = run("sk-register", "--name", "x", "--db", new, code=2)
+    assert "sk-admin init" in one_line(p) and not new.exists()
 
 
 # -- 7. file modes ------------------------------------------------------------------------
@@ -302,6 +305,7 @@ def test_device_files_are_private_under_umask_022(tmp_path, umask022):
     assert mode(home / "sk.db") == 0o600
 
     reg_db = tmp_path / "reg.db"
+    run("sk-admin", "--db", reg_db, "init")
     run("sk-register", "--name", "m", "--db", reg_db)
     assert mode(reg_db) == 0o600
 

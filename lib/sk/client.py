@@ -241,8 +241,10 @@ class Client:
     def hello(self):
         return self.call("hello", {})
 
-    def pull(self, after, limit, skip=None, known=None):
+    def pull(self, after, limit, skip=None, known=None, queued=None):
         body = {"after": after, "limit": limit}
+        if queued is not None:   # for the server's admin: how many events wait here
+            body["queued"] = queued
         if skip is not None:
             body["skip"] = {"node_id": skip[0], "upto": skip[1]}
         if known is not None:

@@ -53,7 +53,8 @@ COMMANDS = (
     Command("register", "plumbing", "sk_server.cmd.register",
             "on the server host: create, list, revoke, rotate devices", ""),
     Command("admin", "plumbing", "sk_server.cmd.admin",
-            "on the server host: migrate to PostgreSQL, backup, stats", ""),
+            "on the server host: init, status, verify, migrate to PostgreSQL, backup, stats",
+            ""),
 )
 SERVER_EXTRA = "pip install 'sk[server]'"
 

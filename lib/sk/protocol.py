@@ -137,11 +137,12 @@ class Rekey(Exception):
     revoked or rotated, and a member must begin the next one first)."""
 
 
-def push_body(batch, keyring, known=None):
+def push_body(batch, keyring, known=None, queued=None):
     """A push: (body, attachments), its events sealed in one batch under the team's
     current key (sk.sealed), the writer's point being this device's known point.
     An event this home did not stamp (given back to a restored server) is listed
-    under "relay"."""
+    under "relay"; `queued`, how many events this device has queued (this batch's
+    among them), is told the server for its admin (sk-admin status, metrics)."""
     epoch, key = keyring.current()
     writer = (known["seq"], known["chain"]) if known else None
     manifest, point, blob = sealed.seal_batch(keyring.team, epoch, key,
@@ -152,6 +153,8 @@ def push_body(batch, keyring, known=None):
             "events": manifest, "relay": [i for i, item in enumerate(batch) if item[2]]}
     if known:
         body["known"] = known
+    if queued is not None:
+        body["queued"] = queued
     return body, [blob]
 
 

@@ -78,7 +78,8 @@ def _send(store, client, ring, batch, counts, on_event, answer=None, resealed=Fa
     the server asks for it (a device was revoked or rotated)."""
     try:
         if answer is None:
-            answer = client.call("push", *push_body(batch, ring, known_out(store)))
+            answer = client.call("push", *push_body(batch, ring, known_out(store),
+                                                    _queued(store)))
         elif isinstance(answer, BaseException):
             raise answer
         settle_push(store, batch, answer, counts, on_event)
@@ -155,7 +156,7 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
                     break
                 for batch in batches(rows):
                     after = batch[-1][0]
-                    body = push_body(batch, ring, known_out(store))
+                    body = push_body(batch, ring, known_out(store), _queued(store))
                     done = inflight[0].result() if inflight else None  # wait for n-1
                     future = pool.submit(_call_push, sender, body)      # send n
                     if inflight:                                        # settle n-1
@@ -209,6 +210,12 @@ def _settle(store, client, ring, inflight, counts, on_event, progress, moved, an
         progress(moved() - before)
 
 
+def _queued(store):
+    """How many events wait here to be pushed: told the server with each push and
+    pull, for its admin (sk-admin status, sk_device_queue_events)."""
+    return store.counts(totals=False)["queued"]
+
+
 # -- pull ---------------------------------------------------------------------
 def pull(store, client, ring, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE,
          counts=None):
@@ -230,8 +237,9 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
     if counts is None:
         counts = {}
     counts.update(received=0, new=0, pages=0, skipped=[])
+    queued = _queued(store)
     while True:
-        page = client.pull(cursor, page_size, skip, known_out(store))
+        page = client.pull(cursor, page_size, skip, known_out(store), queued)
         if isinstance(page.get("diverged"), str) and not moves_cursor:
             raise UsageError(f"--since {since}: {page['diverged']}")
         try:

@@ -131,7 +131,7 @@ class Watch:
         node, upto = store.own_events()
         self.cursor, self.chain = store.cursor(), store.cursor_chain()
         conn.send({"t": "hello", "cursor": self.cursor, "skip": {"node_id": node, "upto": upto},
-                   "known": known_out(store)})
+                   "known": known_out(store), "queued": store.counts(totals=False)["queued"]})
         watcher = sqlite3.connect(store.path, timeout=60)
         last_version = None
         last_share = time.monotonic()
@@ -169,7 +169,8 @@ class Watch:
                         batch = next(batches(store.queued(wire.MAX_BATCH)), None)
                         if batch:   # cut by count and bytes, and sealed, as a REST push is
                             next_id += 1
-                            body, attachments = push_body(batch, self.ring, known_out(store))
+                            body, attachments = push_body(batch, self.ring, known_out(store),
+                                                          store.counts(totals=False)["queued"])
                             conn.send({"t": "push", "id": next_id, **body}, attachments)
                             in_flight = (next_id, batch)
                 conn.keepalive()

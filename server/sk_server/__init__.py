@@ -6,7 +6,9 @@ import os
 def create_app(config=None):
     """Build the app. `config` may set DB (path or URL; default $SK_SERVER_DB or
     ./sk-server.db), AUTH_FAIL_LIMIT, FORWARDED_FOR (how many trusted proxies stand
-    in front) and any Flask setting."""
+    in front), METRICS (count for `sk server --metrics`; PROMETHEUS_MULTIPROC_DIR
+    set), LOG_FORMAT ("json": a JSON line per request on stdout) and any Flask
+    setting."""
     from flask import Flask
 
     from sk import wire
@@ -28,6 +30,8 @@ def create_app(config=None):
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=int(app.config["FORWARDED_FOR"]),
                                 x_proto=0, x_host=0, x_port=0, x_prefix=0)
+    from . import ops
+    ops.init_app(app)   # metrics and request lines, when asked for
     app.register_blueprint(api)
     from . import ws
     ws.init_app(app)

@@ -9,6 +9,7 @@ from werkzeug.exceptions import HTTPException
 from sk import PROTOCOL_VERSION, crypto, sealed, wire
 from sk.event import dumps
 
+from . import ops
 from .store import Batch, StoreError, StoreUnavailable
 
 api = Blueprint("api", __name__)
@@ -71,6 +72,8 @@ def _store_error(e):
 def _http_error(e):
     if e.code == 413:
         return error(413, "too_large", f"request body over {wire.MAX_BODY} bytes")
+    if e.code == 404:   # one short line, not werkzeug's paragraph
+        return error(404, "not_found", f"no sk endpoint at '{request.path[:100]}'")
     return error(e.code, e.name.lower().replace(" ", "_"), e.description or e.name)
 
 
@@ -94,10 +97,12 @@ def _authenticate(endpoint, admit=True):
             addr = request.remote_addr or "?"
             store = _store()
             if limit and store.auth_failures(addr, AUTH_FAIL_WINDOW_MS) >= limit:
+                ops.auth_failure("slow_down")
                 raise Refused(429, "slow_down", f"too many failed authentications from {addr};"
                                                 " wait a minute", retry_after=60) from None
             if limit:
                 store.note_auth_failure(addr, AUTH_FAIL_WINDOW_MS)
+        ops.auth_failure(e.code)
         raise
 
 
@@ -197,11 +202,23 @@ def push():
     try:
         batch, relay = parse_batch(body)
         known = parse_known(body.get("known"))
+        queued = parse_queued(body.get("queued"))
     except Refused:
         if not _store().admit(*ticket):   # refused for its content, but seen all the same
             raise _replay() from None
         raise
-    return _sealed(key, "push", nonce, push_batch(key, batch, relay, ticket, known))
+    answer = push_batch(key, batch, relay, ticket, known)
+    if queued is not None:   # what the device had queued, less what this push settled
+        _store().note_device(key.device, queued=max(0, queued - len(answer.get("results", ()))))
+    return _sealed(key, "push", nonce, answer)
+
+
+def parse_queued(queued):
+    """The optional number of events a device says it has queued to push (for
+    sk-admin status and the metrics; it changes nothing else)."""
+    if queued is not None and (type(queued) is not int or not 0 <= queued < 2 ** 63):
+        raise Refused(400, "malformed", "'queued' must be an integer from 0 to 2^63-1")
+    return queued
 
 
 def parse_batch(body):
@@ -242,7 +259,10 @@ def push_batch(key, batch, relay=(), ticket=None, known=None):
         raise _replay()
     for why in ("diverged", "node_taken", "rekey"):
         if getattr(stored, why):
+            if why == "node_taken":   # refused for good (the others are settled and retried)
+                ops.pushed(key.team, (), "node_taken", len(batch.manifest))
             return {why: getattr(stored, why), "head": stored.head, "team": key.team}
+    ops.pushed(key.team, stored.results)
     results = []
     for (eid, _, _), (status, reason) in zip(batch.manifest, stored.results):
         results.append({"event_id": eid, "status": status, **({"reason": reason} if reason else {})})
@@ -290,8 +310,13 @@ def pull():
         raise Refused(400, "malformed", "'after' must be an integer from 0 to 2^63-1")
     if type(limit) is not int or not 1 <= limit <= wire.MAX_PAGE:
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
-    page = _store().pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
-                         parse_known(body.get("known")))
+    queued = parse_queued(body.get("queued"))
+    store = _store()
+    page = store.pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
+                      parse_known(body.get("known")))
+    ops.pulled(key.team, page)
+    store.note_device(key.device, pulled=None if page.diverged else page.next, queued=queued,
+                      end=not page.more)
     extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
     text, attachments = page_out(page, team=key.team, **extra)
     return _sealed(key, "pull", nonce, text, attachments)

@@ -6,7 +6,7 @@ send half a header and stall hold every thread. Here a connection's socket times
 out after HEADER_TIMEOUT seconds without a byte while its headers are read (an
 honest client sends them at once); the app gives the body BODY_TIMEOUT a byte
 (api._body), and the WebSocket view takes the timeout off its upgraded socket
-(its session pings).
+(its session pings). On SIGTERM the WebSocket sessions are closed at once.
 """
 
 import errno
@@ -104,6 +104,21 @@ def _linger(q):
 
 
 class Worker(ThreadWorker):
+    def handle_exit(self, sig, frame):
+        """SIGTERM: stop as gthread does, and close the WebSocket sessions at once
+        (each holds its connection open, so the stop would wait graceful_timeout
+        for watchers that never leave)."""
+        super().handle_exit(sig, frame)
+        from . import ws
+        ws.close_all()
+
+    def _cap_keepalive(self, deadline):
+        """On a stop gthread keeps idle kept-alive connections up to 2 s, so that a
+        request on one is answered "Connection: close" rather than dropped; sk's
+        client sends again on a fresh connection when a kept-alive one was closed,
+        so they close at once (gunicorn 27 calls this; others never do)."""
+        super()._cap_keepalive(time.monotonic())
+
     def accept(self, listener):
         """gthread's accept, with a timed socket and a connection that lingers apart."""
         try:

@@ -28,8 +28,9 @@ from flask import Blueprint, current_app, g, request
 from sk import crypto, wire
 from sk.crypto import C2S, S2C
 
-from .api import (Refused, page_out, parse_batch, parse_known, parse_skip, push_batch,
-                  wanted)
+from . import ops
+from .api import (Refused, page_out, parse_batch, parse_known, parse_queued, parse_skip,
+                  push_batch, wanted)
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -37,6 +38,15 @@ KEY_CHECK_INTERVAL = 0.5    # seconds between checks that the key is still valid
                             # or rotated device's sessions close within a second, everywhere
 SEND_TIMEOUT = 15           # a client that stops reading for this long is dropped
 HELLO_TIMEOUT = 15
+
+
+_HUBS = []   # the Hubs of this process's apps (one, under sk server): close_all on a stop
+
+
+def close_all():
+    """Close every WebSocket session of this process (the worker got SIGTERM)."""
+    for hub in _HUBS:
+        hub.close_all()
 
 
 class Hub:
@@ -49,6 +59,8 @@ class Hub:
         self._teams = {}
         self.limit, self.per_device = limit, per_device
         self._held = {}   # device -> sessions admitted in this process
+        self.stopping = False
+        _HUBS.append(self)
 
     def admit(self, device):
         """Reserve a session for device: None, or why there is no room."""
@@ -74,14 +86,23 @@ class Hub:
     def join(self, team, session):
         with self._lock:
             self._teams.setdefault(team, set()).add(session)
+        ops.session(team, 1)
 
     def leave(self, team, session):
         with self._lock:
             members = self._teams.get(team)
-            if members:
+            if members and session in members:
                 members.discard(session)
                 if not members:
                     del self._teams[team]
+                ops.session(team, -1)
+
+    def close_all(self):
+        """The server is stopping: every session of this process closes now (1001,
+        going away), so that a stop does not wait for watchers to leave; one still
+        saying hello closes at its next look (half a second)."""
+        self.stopping = True
+        self.notify(None)
 
     def notify(self, team):
         """Wake the sessions of `team` (of every team if None)."""
@@ -110,6 +131,7 @@ class Session:
         self.n_in = self.n_out = 0
         self.dirty = threading.Event()
         self.known = None   # (seq, chain): the last point of the team's log this session saw
+        self.noted = None   # the cursor last noted in the store for this device
 
     def wake(self):
         self.dirty.set()
@@ -146,9 +168,11 @@ class Session:
             raise Closed(4400, "frame out of order or replayed")
         return obj
 
-    def recv_hello(self):
+    def recv_hello(self, hub):
         deadline = time.monotonic() + HELLO_TIMEOUT
         while self.ws.connected and time.monotonic() < deadline:
+            if hub.stopping:
+                raise Closed(1001, "the server is stopping")
             data = self._take()
             if data is not None:
                 hello = self.open(data)
@@ -156,8 +180,12 @@ class Session:
                 if hello.get("t") != "hello" or type(cursor) is not int or not 0 <= cursor < 2 ** 63:
                     raise Closed(4400, "first frame must be a hello with an integer cursor")
                 try:
-                    return (cursor, parse_skip(hello.get("skip"), self.key.device),
-                            parse_known(hello.get("known")))
+                    out = (cursor, parse_skip(hello.get("skip"), self.key.device),
+                           parse_known(hello.get("known")))
+                    queued = parse_queued(hello.get("queued"))
+                    if queued is not None:
+                        self.store.note_device(self.key.device, queued=queued)
+                    return out
                 except Refused as e:
                     raise Closed(4400, e.message) from None
             self.ws.event.wait(0.5)
@@ -175,11 +203,19 @@ class Session:
             if page.chain is not None:
                 self.known = (page.next, page.chain)
             if not page.rows and page.next == cursor:
-                return cursor
+                return self.reached(cursor)
             self.send(*page_out(page, t="events", catchup=catchup))
+            ops.pulled(self.key.team, page)
             cursor = page.next
             if not page.more:
-                return cursor
+                return self.reached(cursor)
+
+    def reached(self, cursor):
+        """Remember the point of the log this device has now been sent (its lag)."""
+        if cursor != self.noted:
+            self.store.note_device(self.key.device, pulled=cursor)
+            self.noted = cursor
+        return cursor
 
     def diverged(self, reason):
         """Say why, sealed (the close frame says only that), and close: the device
@@ -196,10 +232,14 @@ class Session:
             raise Closed(4400, f"unknown frame type {str(msg.get('t'))[:20]!r}")
         try:
             batch, relay = parse_batch(msg)
+            queued = parse_queued(msg.get("queued"))
         except Refused as e:
             raise Closed(4400, f"push frame: {e.message}") from None
         self.check_key()
         answer = push_batch(self.key, batch, relay, known=self.known)
+        if queued is not None:   # as a REST push: what was queued, less what this settled
+            self.store.note_device(self.key.device,
+                                   queued=max(0, queued - len(answer.get("results", ()))))
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:
@@ -207,7 +247,7 @@ class Session:
         self.send({"t": "result", "id": msg.get("id"), **answer})
 
     def run(self, hub):
-        cursor, exclude, self.known = self.recv_hello()
+        cursor, exclude, self.known = self.recv_hello(hub)
         cursor = self.send_new(cursor, exclude, catchup=True)
         self.send({"t": "live", "cursor": cursor, **({"snapshot_wanted": True}
                                                      if wanted(self.key.team) else {})})
@@ -215,6 +255,8 @@ class Session:
         try:
             last_look = last_key = time.monotonic()
             while self.ws.connected:
+                if hub.stopping:
+                    raise Closed(1001, "the server is stopping")
                 while (data := self._take()) is not None:
                     self.handle(self.open(data))
                 now = time.monotonic()
@@ -250,6 +292,8 @@ def admit():
     hub = current_app.extensions["sk_hub"]
     token = request.args.get("token", "")
     key = store.consume_ws_token(wire.token_hash(token)) if token else "missing token"
+    if isinstance(key, str):
+        ops.auth_failure("ws_token")
     if not isinstance(key, str):
         full = hub.admit(key.device)
         if full:

@@ -20,10 +20,19 @@ def server_db(args):
 
 
 def server_store(args, create=False):
-    """Open the server's store for a server-side command. Only a command that is
-    meant to (registering the first device) creates it."""
+    """Open the server's store for a server-side command. Only the commands meant
+    to (sk server, sk-admin init) create it; the others refuse a path with none."""
     from ..store import open_store
     return open_store(server_db(args), create=create)
+
+
+def require_metrics():
+    import importlib.util
+
+    from sk.commands import SERVER_EXTRA
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(f"--metrics needs prometheus-client, which is not installed:"
+                          f" {SERVER_EXTRA}")
 
 
 def require_server_extra():

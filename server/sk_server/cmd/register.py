@@ -8,7 +8,9 @@ DESCRIPTION = """\
 Run on the server host, against the server's database. --name NAME [--team
 TEAM] creates a device and prints its new API key, alone on stdout; it is shown
 once and not stored (the server keeps only key material derived from it). Give
-the key to the device's `sk sync setup`. --list shows every device (name, team,
+the key to the device's `sk sync setup`. The database must exist: `sk server
+--db PATH` or `sk-admin init --db PATH` creates it (sk-register never does, so a
+mistyped --db cannot mint keys no server knows). --list shows every device (name, team,
 created, last seen, revoked); --revoke NAME refuses the device's key at once;
 --rotate NAME prints a new key and refuses the old one at once."""
 
@@ -28,7 +30,7 @@ def get_parser(prog="sk-register"):
 @_server.server_command
 def _body(args, ctx):
     from .. import devices
-    store = _server.server_store(args, create=args.name is not None)
+    store = _server.server_store(args)
     if args.name is not None:
         print(devices.register(store, args.name, args.team))
         _common.say(args, f"registered device '{args.name}' in team '{args.team}';"

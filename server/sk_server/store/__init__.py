@@ -17,7 +17,8 @@ from .sql import SQLStore
 
 __all__ = ["GENESIS", "Batch", "EVENT_COLUMNS", "KeyRecord", "Page", "Pushed", "SCHEMA_VERSION",
            "STORED_COLUMNS", "SQLStore", "Store", "StoreError", "StoreUnavailable",
-           "chain_next", "open_store", "redact", "sqlite_store", "postgres_store", "is_url"]
+           "chain_next", "check_path", "open_store", "redact", "sqlite_store", "postgres_store",
+           "is_url"]
 
 
 def is_url(db):
@@ -44,6 +45,24 @@ def open_store(url, create=True):
     if url.startswith("sqlite:///"):
         url = url[len("sqlite:///") - 1:]
     path = os.path.expanduser(url)
-    if not create and not os.path.exists(path):
-        raise StoreError(f"no server database at '{path}' (check --db or SK_SERVER_DB)")
+    check_path(path, create)
     return sqlite_store(path)
+
+
+def check_path(path, create=True):
+    """Say what is wrong with a SQLite server database path, before anything is
+    made: a directory, a file that is not SQLite, or (create=False) nothing there."""
+    if os.path.isdir(path):
+        raise StoreError(f"'{path}' is a directory, not a server database file"
+                         f" (e.g. '{os.path.join(path, 'server.db')}')")
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            raise StoreError(f"cannot read server database '{path}': {e.strerror or e}") from None
+        if head != b"SQLite format 3\x00":
+            raise StoreError(f"'{path}' is not a server database (not a SQLite file)")
+    elif not create:
+        raise StoreError(f"no server database at '{path}' (check --db or SK_SERVER_DB);"
+                         f" `sk server --db {path}` or `sk-admin init --db {path}` creates one")

@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen TEXT,
     revoked   TEXT,
     identity  {blob},        -- its X25519 public key (the private half never leaves it)
-    approval  {blob}         -- a member's approval of that key, MAC'd under the team key
+    approval  {blob},        -- a member's approval of that key, MAC'd under the team key
+    pulled    {bigint},      -- the point of its team's log its last pull reached
+    queued    {bigint}       -- how many events it last said it had queued to push
 );
 CREATE TABLE IF NOT EXISTS keys (
     key_id      TEXT PRIMARY KEY,
@@ -146,13 +148,30 @@ def statements(words):
 
 
 def upgrade(db, words, columns):
-    """Bring a database of schema 2 or 3 (sk 0.3.0: events in plaintext) to 4:
-    the events keep their seq, id, node, clock and chain, and what the server can
-    no longer keep moves to `legacy`, until a member device seals it (see
-    SQLStore.reseal). `columns(table)` lists a table's columns; runs inside the
-    schema transaction, before statements()."""
-    if "payload" not in columns("events"):
-        return False
+    """Bring a database of schema 2 or 3 (sk 0.3.0: events in plaintext) to 4 (the
+    events keep their seq, id, node, clock and chain, and what the server can no
+    longer keep moves to `legacy`, until a member device seals it: see
+    SQLStore.reseal), and any database to the columns added since. `columns(table)`
+    lists a table's columns; runs inside the schema transaction, before
+    statements(). True if plaintext events were moved."""
+    moved = "payload" in columns("events")
+    if moved:
+        _move_plaintext(db, words)
+    # columns added since (what a device reports, for sk-admin status and metrics)
+    for table, column, kind in (("teams", "epoch", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "asked", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "rekey", "{bigint} NOT NULL DEFAULT 0"),
+                                ("teams", "approval", "{bigint} NOT NULL DEFAULT 0"),
+                                ("devices", "identity", "{blob}"),
+                                ("devices", "approval", "{blob}"),
+                                ("devices", "pulled", "{bigint}"),
+                                ("devices", "queued", "{bigint}")):
+        if column not in columns(table):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind.format(**words)}")
+    return moved
+
+
+def _move_plaintext(db, words):
     db.execute("ALTER TABLE events RENAME TO events_plain")
     db.execute(EVENTS_TABLE.format(**words))
     db.execute("INSERT INTO events (team, seq, event_id, node_id, lamport_clock, chain, device,"
@@ -173,12 +192,3 @@ def upgrade(db, words, columns):
     for (team, node), device in first.items():
         db.execute("INSERT INTO nodes (team, node_id, device) VALUES (?, ?, ?)"
                    " ON CONFLICT DO NOTHING", (team, node, device))
-    for table, column, kind in (("teams", "epoch", "{bigint} NOT NULL DEFAULT 0"),
-                                ("teams", "asked", "{bigint} NOT NULL DEFAULT 0"),
-                                ("teams", "rekey", "{bigint} NOT NULL DEFAULT 0"),
-                                ("teams", "approval", "{bigint} NOT NULL DEFAULT 0"),
-                                ("devices", "identity", "{blob}"),
-                                ("devices", "approval", "{blob}")):
-        if column not in columns(table):
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind.format(**words)}")
-    return True

@@ -11,7 +11,7 @@ from sk import crypto
 
 from sk import sealed
 
-from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, check_known,
+from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
                    cut_page, follow, node_taken, now_ms, number, plan_push, rekey_needed,
                    secret_check, token_refusal, unwrap, usable_key, utc_now)
 from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUMNS, statements,
@@ -506,6 +506,89 @@ class SQLStore(Store):
         with self.d.read(snapshot=True) as db:
             return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                     for t in ("teams", "devices", "events", "batches", "legacy", "snapshots")}
+
+    # -- operations: what sk-admin status prints and the metrics export ----------
+    def note_device(self, device, pulled=None, queued=None, end=True):
+        """Remember what a device's request told (None: nothing): the point of its
+        team's log a pull reached (end=False: a page with more after it, which only
+        moves the point forward, so a pull of old history does not look like lag),
+        how many events it says it has queued to push. Writes only what changed."""
+        updates = []
+        if pulled is not None:
+            updates.append(("UPDATE devices SET pulled = ? WHERE name = ? AND (pulled IS NULL OR"
+                            + (" pulled <> ?)" if end else " pulled < ?)"), int(pulled)))
+        if queued is not None:
+            updates.append(("UPDATE devices SET queued = ? WHERE name = ? AND (queued IS NULL OR"
+                            " queued <> ?)", int(queued)))
+        if not updates:
+            return
+        with self.d.write() as db:
+            for sql, value in updates:
+                db.execute(sql, (value, device, value))
+
+    def status(self, events=True):
+        """What sk-admin status prints and `sk server --metrics` exports, read in one
+        snapshot: {"teams": [{"team", "head", "events" (stored; only with
+        events=True: a count of the whole log), "snapshots", "epoch"}], "devices":
+        [{"device", "team", "last_seen", "pulled" (the point its last pull
+        reached), "lag" (head minus that), "queued" (what it last said it had
+        queued), "revoked"}]}."""
+        with self.d.read(snapshot=True) as db:
+            teams = {t: {"team": t, "head": h, **({"events": 0} if events else {}),
+                         "snapshots": 0, "epoch": ep}
+                     for t, h, ep in db.execute("SELECT team, head, epoch FROM teams"
+                                                " ORDER BY team").fetchall()}
+            for t, n in db.execute("SELECT team, count(*) FROM snapshots GROUP BY team"):
+                if t in teams:
+                    teams[t]["snapshots"] = n
+            if events:
+                for t, n in db.execute("SELECT team, count(*) FROM events GROUP BY team"):
+                    if t in teams:
+                        teams[t]["events"] = n
+            devices = []
+            for name, team, seen, revoked, pulled, queued in db.execute(
+                    "SELECT name, team, last_seen, revoked, pulled, queued FROM devices"
+                    " ORDER BY team, name").fetchall():
+                head = teams[team]["head"] if team in teams else 0
+                devices.append({"device": name, "team": team, "last_seen": seen,
+                                "pulled": pulled, "lag": max(0, head - (pulled or 0)),
+                                "queued": queued, "revoked": revoked})
+        return {"teams": list(teams.values()), "devices": devices}
+
+    def verify(self, chunk=10_000):
+        """Walk every team's log as it stood when the walk reached the team: seq
+        dense from 1 up to the team's head, each event's chain value
+        sha256(chain before it + event_id) from 32 zero bytes, and the team's own
+        chain value the last event's. Yields {"team", "head", "checked", "seq"
+        (None, or the first bad seq), "reason"} per team, in name order; reads
+        `chunk` events a transaction, so memory stays bounded however long the log."""
+        with self.d.read() as db:
+            teams = [(t, h, bytes(c)) for t, h, c in db.execute(
+                "SELECT team, head, chain FROM teams ORDER BY team").fetchall()]
+        for team, head, recorded in teams:
+            seq, chain, bad = 0, GENESIS, None
+            while bad is None and seq < head:
+                with self.d.read() as db:
+                    rows = db.execute("SELECT seq, event_id, chain FROM events WHERE team = ?"
+                                      " AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                                      (team, seq, head, chunk)).fetchall()
+                if not rows:
+                    bad = (seq + 1, f"event {seq + 1} is missing (the team's head is {head})")
+                for n, eid, stored in rows:
+                    if n != seq + 1:
+                        bad = (seq + 1, f"event {seq + 1} is missing (the next one stored is"
+                                        f" {n})")
+                        break
+                    chain = chain_next(chain, eid)
+                    if bytes(stored) != chain:
+                        bad = (n, "its hash chain value is not sha256(the chain before it +"
+                                  " its event_id): the row, or one before it, was altered")
+                        break
+                    seq = n
+            if bad is None and chain != recorded:
+                bad = (head, "the team's recorded chain value is not the chain of its log")
+            yield {"team": team, "head": head, "checked": seq,
+                   "seq": bad and bad[0], "reason": bad and bad[1]}
 
     def backup(self, path):
         self.d.backup(path)

@@ -103,6 +103,8 @@ class SQLiteDialect:
         version = None
         if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
             version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        elif db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
+            raise StoreError(f"'{self.path}' is a SQLite database, but not an sk server's")
         if version and int(version[0]) > SCHEMA_VERSION:
             raise StoreError(f"server database '{self.path}' has schema {version[0]}, newer"
                              f" than this sk server ({SCHEMA_VERSION}): upgrade sk")
