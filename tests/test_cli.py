@@ -23,6 +23,12 @@ FAKE_KEY = "sk1.0123456789abcdef." + "A" * 43
 UTC_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
 
+def interruptible():
+    """In the child: SIGINT as a terminal gives it, even when this test runs where SIGINT
+    is ignored (a background job of a shell ignores it, and its children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def device_argvs():
     """Every device command, as a user runs it."""
     out = [[exe] for exe, mod in executables() if mod.startswith("sk.")]
@@ -258,7 +264,8 @@ def test_a_signal_during_a_tracked_run_is_a_failed_run(silent_server, argv, sig)
         run(argv[0], env=env)
         argv = argv[2:]
     proc = subprocess.Popen([command(argv[0]), *argv[1:]], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     assert silent_server.connected.wait(30)      # the run is waiting on the server
     time.sleep(0.2)
     t0 = time.monotonic()
@@ -373,7 +380,8 @@ def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
         json.dumps(ev("feature_created", f"feature:F-{i}", {"i": i})) + "\n" for i in range(n)))
     env = dict(os.environ, SK_HOME=str(a))
     proc = subprocess.Popen([command("sk"), "sync", "-v"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     read_until(proc, "pushed ")
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
@@ -392,7 +400,8 @@ def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
     assert status(a)["queued"] == 0 and status(a)["unapplied"] == 0
     # the other device, interrupted while it pulls: one SIGTERM is enough
     proc = subprocess.Popen([command("sk"), "sync", "-v"], env=dict(os.environ, SK_HOME=str(b)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     read_until(proc, "pulled ")
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
@@ -419,7 +428,8 @@ def test_setup_key_keeps_the_url_and_watch_json_and_times(server, device):
                                 if ln.startswith("SK_SERVER=")] == url_line
     proc = subprocess.Popen([command("sk"), "sync", "watch", "--json"],
                             env=dict(os.environ, SK_HOME=str(a)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         first = json.loads(proc.stdout.readline())
         assert first["state"] and re.fullmatch(UTC_TIME, first["time"]), first
