@@ -21,7 +21,6 @@ point is not on the log: the events after it must continue its chain.
 
 import zlib
 
-from . import crypto
 from .errors import IntegrityError
 from .event import dumps, is_deletion, loads
 
@@ -40,6 +39,7 @@ def ad(team, epoch, seq, chain):
 
 
 def seal(team, epoch, team_key, seq, chain, content_text, nonce=None):
+    from . import crypto   # lazily: sk blame, sk-log and sk conflicts never seal
     c = zlib.compressobj(6, zlib.DEFLATED, 31)
     body = c.compress(content_text.encode()) + c.flush()
     return crypto.seal_data(crypto.data_key(team_key, team, "snapshot"), body,
@@ -49,6 +49,7 @@ def seal(team, epoch, team_key, seq, chain, content_text, nonce=None):
 def open_(team, epoch, team_key, seq, chain, blob):
     """The snapshot's content object; IntegrityError if it does not authenticate for
     this team, epoch and point, or is not a snapshot."""
+    from . import crypto
     try:
         body = crypto.open_data(crypto.data_key(team_key, team, "snapshot"), blob,
                                 ad(team, epoch, seq, chain), "snapshot")
