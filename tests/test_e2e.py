@@ -81,6 +81,7 @@ def test_two_devices_append_sync_converge_and_delete(server, device):
     check_server_log(server)
 
 
+@pytest.mark.one_backend
 def test_sync_is_idempotent(server, device):
     a, b = device("a"), device("b")
     append(a, [ev("feature_created", f"feature:F-{i}", {"n": i}) for i in range(5)])
@@ -389,6 +390,7 @@ def test_dispatch_and_help():
 
 
 # -- sk-register and teams ---------------------------------------------------------------
+@pytest.mark.one_backend
 def test_register_list_and_team_isolation(server, device, tmp_path):
     # the key alone on stdout
     p = run("sk-register", "--name", "solo", "--team", "green", "--db", server.db)

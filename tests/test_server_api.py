@@ -29,7 +29,7 @@ from sk_server.devices import register, revoke, rotate
 
 from conftest import begin_epoch, is_pg, open_page, push_request, query, sealed_batch
 
-HYPO = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+HYPO = settings(max_examples=100, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -180,6 +180,7 @@ def test_a_tampered_or_misplaced_snapshot_is_refused(tmp_path, snap_server, atta
     assert state(ci) == state(a)
 
 
+@pytest.mark.one_backend
 def test_a_shallow_device_heals_with_a_restored_server_as_a_full_one_does(
         tmp_path, snap_server, request):
     from test_restore import Snapshot as Backup
