@@ -198,7 +198,7 @@ def test_readiness_and_database_up_follow_postgresql(own_cluster, tmp_path, monk
         assert get(srv.port, "/healthz")[0] == 200
         assert value(scrape(mport)[0], "sk_database_up") == 0     # the scrape still answers
         own_cluster.start()
-        wait_until(lambda: get(srv.port, "/readyz")[0] == 200, 20, "readiness after the outage")
+        wait_until(lambda: get(srv.port, "/readyz")[0] == 200, 90, "readiness after the outage")   # the pool reconnects
         assert value(scrape(mport)[0], "sk_database_up") == 1
     finally:
         srv.stop()
