@@ -226,6 +226,19 @@ def _register(writes):
     return writes[win], lost, closed
 
 
+def writer_label(w):
+    """'device (actor)', or 'node 1a2b3c4d' when the device is not known: who wrote a
+    write, as sk blame and sk conflicts print it."""
+    who = w.get("device") or f"node {w['node_id'][:8]}"
+    return who + (f" ({w['actor']})" if w.get("actor") else "")
+
+
+def value_text(value, limit):
+    """A value as JSON text on one line, cut to `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _brief(w):
     return {"value": loads(w["value"]), "event_id": w["event_id"], "event_type": w["event_type"],
             "lamport_clock": w["stamp"][0], "node_id": w["stamp"][1], "timestamp": w["timestamp"],

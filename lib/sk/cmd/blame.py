@@ -43,13 +43,9 @@ def _body(args, ctx):
         print(f"(deleted at L{gone['lamport_clock']} {gone.get('timestamp') or ''} {who},"
               f" {gone.get('event_type') or 'in the snapshot'} {gone.get('event_id') or ''});"
               " its last values:".replace("  ", " "))
+    from ..history import value_text, writer_label
     for key, w in found.items():
-        who = w.get("device") or f"node {w['node_id'][:8]}"
-        if w.get("actor"):
-            who += f" ({w['actor']})"
-        value = json.dumps(w["value"], ensure_ascii=False)
-        if len(value) > 50:
-            value = value[:47] + "..."
+        who, value = writer_label(w), value_text(w["value"], 50)
         where = " (from the snapshot)" if w.get("from_snapshot") else ""
         print(f"{key:<{width}} = {value}  (L{w['lamport_clock']} {w['timestamp']} {who},"
               f" {w['event_type']} {w['event_id']}){where}")

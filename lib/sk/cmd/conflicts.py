@@ -27,14 +27,8 @@ def get_parser(prog="sk conflicts"):
 
 def describe(w):
     """'"value" by device (actor), Lamport 12 node 1a2b…, 2026-… event …' of one write."""
-    import json
-    who = w.get("device") or f"node {w['node_id'][:8]}"
-    if w.get("actor"):
-        who += f" ({w['actor']})"
-    value = json.dumps(w["value"], ensure_ascii=False)
-    if len(value) > 60:
-        value = value[:57] + "..."
-    return (f"{value} by {who}, Lamport {w['lamport_clock']}, {w['timestamp']},"
+    from ..history import value_text, writer_label
+    return (f"{value_text(w['value'], 60)} by {writer_label(w)}, Lamport {w['lamport_clock']}, {w['timestamp']},"
             f" event {w['event_id']}")
 
 
