@@ -606,3 +606,48 @@ class HTTPServerThread:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)
+
+
+class TcpProxy:
+    """A TCP proxy on loopback in front of port `upstream`: every byte each way goes
+    through passing(data, upward, conn) (conn: a dict per connection), which returns
+    what to send on. Subclasses record or alter the traffic."""
+
+    def __init__(self, upstream, backlog=16):
+        self.upstream = upstream
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def passing(self, data, upward, conn):
+        return data
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+            conn = {}
+            threading.Thread(target=self._pipe, args=(c, u, True, conn), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, False, conn), daemon=True).start()
+
+    def _pipe(self, src, dst, upward, conn):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(bytes(self.passing(data, upward, conn)))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.sock.close()

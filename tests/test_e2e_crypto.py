@@ -14,7 +14,8 @@ import uuid
 
 import pytest
 
-from conftest import (ROOT, ServerProcess, append, ev, is_pg, log, query, run, state, status, sync, wait_until)
+from conftest import (ROOT, ServerProcess, TcpProxy, append, ev, is_pg, log, query, run, state, status,
+                      sync, wait_until)
 from sk import crypto
 
 SECRETS = ["TOPSECRET-TITLE-9f3", "aggregate-Zx81", "secret_thing_made"]
@@ -39,44 +40,17 @@ def server_bytes(server):
                     if p.name.startswith(server.db.stem) and p.is_file())
 
 
-class RecordingProxy:
+class RecordingProxy(TcpProxy):
     """A TCP proxy that keeps every byte both ways."""
 
     def __init__(self, upstream):
-        self.upstream, self.seen, self.lock = upstream, bytearray(), threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.seen, self.lock = bytearray(), threading.Lock()
+        super().__init__(upstream)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src, dst):
-        try:
-            while data := src.recv(65536):
-                with self.lock:
-                    self.seen += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self):
-        self.sock.close()
+    def passing(self, data, upward, conn):
+        with self.lock:
+            self.seen += data
+        return data
 
 
 def point_at(home, url):

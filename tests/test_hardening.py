@@ -11,7 +11,6 @@ import os
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
 import struct
 import uuid
@@ -19,7 +18,7 @@ import zlib
 
 import pytest
 
-from conftest import (HTTPServerThread, begin_epoch, member_push, push_request, query, QuietHandler, append, command, log, run, server_count, state, status, sync,
+from conftest import (HTTPServerThread, TcpProxy, begin_epoch, member_push, push_request, query, QuietHandler, append, command, log, run, server_count, state, status, sync,
                       wait_until)
 from sk import crypto, wire
 
@@ -236,51 +235,22 @@ def test_a_forged_unsealed_413_sets_nothing_aside(server, device):
 
 
 # -- 9. a tampered frame is not a refused key ------------------------------------------------
-class TamperProxy:
+class TamperProxy(TcpProxy):
     """A TCP proxy that flips one byte of the first WebSocket frame the client
     sends after the upgrade (a tampering network)."""
 
     def __init__(self, upstream):
-        self.upstream, self.flipped = upstream, 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.flipped = 0
+        super().__init__(upstream, backlog=8)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
-
-    def _pipe(self, src, dst, upward):
-        upgraded = False
-        try:
-            while data := src.recv(65536):
-                if upward and upgraded and self.flipped == 0 and len(data) > 20:
-                    data = bytearray(data)
-                    data[-5] ^= 0x01
-                    self.flipped += 1
-                if upward and b"GET /api/ws" in data:
-                    upgraded = True
-                dst.sendall(bytes(data))
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self):
-        self.sock.close()
+    def passing(self, data, upward, conn):
+        if upward and conn.get("upgraded") and self.flipped == 0 and len(data) > 20:
+            data = bytearray(data)
+            data[-5] ^= 0x01
+            self.flipped += 1
+        if upward and b"GET /api/ws" in data:
+            conn["upgraded"] = True
+        return data
 
 
 @pytest.mark.one_backend
