@@ -227,6 +227,24 @@ def check_stamped(ev, new=True):
 
 
 
+def check_opened(entry, row):
+    """An event opened from a sealed batch: its manifest entry (event_id, node_id,
+    lamport_clock), which sealed.check_manifest has checked, and its content row
+    [event_type, aggregate_type, aggregate_id, payload, timestamp, ...], checked as
+    check_stamped(new=False) checks them. Returns an Event."""
+    ev = {"event_type": row[0], "aggregate_type": row[1], "aggregate_id": row[2]}
+    return Event(
+        entry[0],
+        _check_str(ev, "event_type", _TYPE_RE, 64),
+        _check_str(ev, "aggregate_type", _TYPE_RE, 64),
+        _check_str(ev, "aggregate_id", nul_ok=True),
+        entry[2],
+        entry[1],
+        check_payload(row[3], None),
+        check_timestamp(row[4]),
+    )
+
+
 def is_deletion(event_type):
     return event_type.endswith("_deleted")
 

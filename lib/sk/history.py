@@ -138,29 +138,33 @@ class WriterView:
 
 
 # -- flagging at resolve time ----------------------------------------------------------
-def suspects_of(rows, before):
+def suspects_of(rows, held):
     """The aggregates of rows about to be folded (atype, aid, event_type, lamport,
-    node, payload dict, extra JSON text or None, check) where a write may have been
-    lost: a write of a key whose writer did not know the value this device holds
-    for it (its prior lacks the current winner's stamp), one older than that value
-    (it arrived after a write that beat it), or one that knew of losers (it may
-    close their conflict). before[(atype, aid, key)] is the winner's stamp here
-    before these rows. Rows with check False (this device's own, folded in the
+    node, payload dict, extra (JSON text, dict or None), check) where a write may
+    have been lost: a write of a key whose writer did not know the value this
+    device holds for it (its prior lacks the current winner's stamp), one older
+    than that value (it arrived after a write that beat it), or one that knew of
+    losers (it may close their conflict). held[(atype, aid)] = {key: winner's
+    stamp} here before these rows, for every aggregate with a row to check (others
+    are passed over: nothing of theirs is checked); its stamps are moved on in
+    place as the rows go. Rows with check False (this device's own, folded in the
     order it wrote them) only move the stamps on. Writes that follow each other,
     delivered in the order they were made, flag nothing; any order that is not
     causal flags what it must, so every device finds the same conflicts."""
-    cur = dict(before)
     out = set()
     for atype, aid, etype, lamport, node, payload, extra, check in rows:
         if is_deletion(etype):
             continue
+        cur = held.get((atype, aid))
+        if cur is None:
+            continue
         stamp = (lamport, node)
         prior = None
         if check and extra:
-            x = loads(extra)
+            x = loads(extra) if isinstance(extra, str) else extra
             prior = x.get("prior") if isinstance(x, dict) else None
         for key in payload:
-            have = cur.get((atype, aid, key))
+            have = cur.get(key)
             if have is not None and prior is not None:
                 known = prior.get(key) if isinstance(prior, dict) else None
                 # anything but "knew exactly the value it replaces": a possible loss, or
@@ -168,7 +172,7 @@ def suspects_of(rows, before):
                 if stamp < have or known != [list(have)]:
                     out.add((atype, aid))
             if have is None or stamp > have:
-                cur[(atype, aid, key)] = stamp
+                cur[key] = stamp
     return out
 
 

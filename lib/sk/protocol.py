@@ -180,7 +180,7 @@ def settle_push(store, batch, answer, counts, on_event=None):
         if reason is not None and not isinstance(reason, str):
             reason = str(reason)
         out.append((r["event_id"], status, reason))
-    store.mark_pushed(out, point_in(answer, "head"))
+    store.mark_pushed(out, point_in(answer, "head"), [item[0] for item in batch])
     for (eid, status, reason), item in zip(out, batch):
         counts[status] += 1
         if on_event:
@@ -223,7 +223,7 @@ def _manifest(text):
 
 
 def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, warn=None,
-                applied=False):
+                applied=False, fold=None):
     """Check a pull page or events frame that follows `cursor` and store its
     events, advancing the cursor (if moves_cursor, with its chain value) and the
     known point in the same transaction. Every sealed batch must authenticate
@@ -232,7 +232,9 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
     `cursor` is known) the hash chain the page ends on must be the one its rows
     make. Anything else is an IntegrityError (exit 5) naming the event and seq,
     and nothing of the page is stored. A batch that authenticates but holds
-    invalid events (a bad member's) is skipped with a warning: it blocks no one."""
+    invalid events (a bad member's) is skipped with a warning: it blocks no one.
+    fold: a sk.resolve.Folder that folds the page into the state as it is stored
+    (not with applied)."""
     check_answer(store, page)
     rows, batches, nxt, more = (page.get("rows"), page.get("batches"), page.get("next"),
                                 page.get("more"))
@@ -252,7 +254,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             raise NeedKey(b["epoch"])
         try:
             opened.append((manifest, writer, sealed.open_batch(keyring.team, b["epoch"], key,
-                                                               manifest, writer, blob)))
+                                                               manifest, writer, blob, True)))
         except sealed.Unauthentic:
             raise IntegrityError(f"event {manifest[0][0]} (batch of {len(manifest)}) failed"
                                  " authentication under the team key: altered on the server"
@@ -261,6 +263,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             opened.append((manifest, writer, e))
     import hashlib
     events, extras, at, legacy = [], [], cursor, 0
+    payloads, parsed = [], []   # for the fold: what was opened, not parsed again
     for row in rows:
         if not isinstance(row, list) or len(row) != 3 or type(row[0]) is not int:
             raise IntegrityError("malformed row in a pull page from server")
@@ -287,6 +290,8 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             eid = ev.event_id
             events.append(ev)
             extras.append(None)
+            payloads.append(le[6])
+            parsed.append(None)
             legacy += 1
         else:
             if (type(row[1]) is not int or not 0 <= row[1] < len(opened) or type(row[2]) is not int
@@ -307,9 +312,11 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                 if warn:
                     warn(f"event {eid} (seq {seq}) authenticates but is invalid, skipped: {got}")
             else:
-                ev, extra = got[row[2]]
+                ev, extra, payload = got[row[2]]
                 events.append(ev)
                 extras.append(dumps(extra) if extra else None)
+                payloads.append(payload)
+                parsed.append(extra or None)
         if chain is not None:
             chain = hashlib.sha256(chain + str(eid).encode()).digest()
     if at != nxt:   # the log is dense: a page holds every event up to where it ends
@@ -320,6 +327,12 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                              " make: events were altered, dropped or moved on the server")
     if chain is None and isinstance(claimed, str) and re.fullmatch(r"[0-9a-f]{64}", claimed):
         chain = bytes.fromhex(claimed)   # (a log from before protocol 2: checked from here on)
-    new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
-                        chain, applied)
+    try:
+        new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
+                            chain, applied,
+                            fold and (lambda db: fold(db, events, payloads, parsed)))
+    except BaseException:
+        if fold:
+            fold.forget()   # what it folded was rolled back
+        raise
     return Accepted(events, new, nxt, more, chain)

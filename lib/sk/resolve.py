@@ -169,6 +169,7 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     if path_map is not None and dumps(pairs) != store.meta("path_map", "[]"):
         _remap_all(store, pairs)
     applied = 0
+    check_upto = int(store.meta("check_own_upto", "0") or 0)
     while True:
         with store.write():
             rows = db.execute(
@@ -177,13 +178,8 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
                 " LIMIT ?", (CHUNK,)).fetchall()
             if not rows:
                 break
-            payloads = [json.loads(r[6]) for r in rows]
-            _flag_suspects(db, rows, payloads, int(store.meta("check_own_upto", "0") or 0))
-            aggs, fields = fold((r[1], r[2], r[3], r[4], r[5], p) for r, p in zip(rows, payloads))
-            db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
-                                         for (t, i), (live, dead) in aggs.items()])
-            db.executemany(_FIELD_UPSERT, [(t, i, k, v, _mapped(v, pairs), lam, node)
-                                           for (t, i, k), (lam, node, v) in fields.items()])
+            _fold_in(db, [(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8])
+                          for r in rows], pairs, check_upto)
             db.execute("UPDATE events SET applied = 1 WHERE applied = 0 AND seq <= ?",
                        (rows[-1][0],))
         applied += len(rows)
@@ -192,28 +188,83 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     return applied
 
 
-def _flag_suspects(db, rows, payloads, check_upto=0):
+class Folder:
+    """Folds pulled events into the state in the transaction that stores them
+    (sk.protocol.accept_page's `fold`): what resolve() would do with them next,
+    without reading them back and parsing them again; under the stored path map.
+    folder(db, events, payloads, extras): Events, their payload dicts and their
+    extras (dicts or None), all another device's. `folded` counts them.
+
+    It keeps the stamps of the values it folded, aggregate by aggregate (up to
+    CACHED aggregates), so the next page's conflict check reads from the state
+    only the aggregates it has not seen; that memory is dropped when another
+    connection changed the file (PRAGMA data_version) or a page was not stored
+    (forget())."""
+
+    CACHED = 20_000
+
+    def __init__(self, store):
+        state_tables(store)
+        self.pairs = [tuple(p) for p in json.loads(store.meta("path_map", "[]"))]
+        self.folded = 0
+        self.stamps, self.version = {}, None
+
+    def __call__(self, db, events, payloads, extras):
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self.version or len(self.stamps) > self.CACHED:
+            self.stamps, self.version = {}, version
+        _fold_in(db, [(None, *ev[1:6], p, x, True)
+                      for ev, p, x in zip(events, payloads, extras)], self.pairs,
+                 stamps=self.stamps)
+        self.folded += len(events)
+
+    def forget(self):
+        self.stamps = {}
+
+
+def _fold_in(db, items, pairs, check_upto=0, stamps=None):
+    """Fold one chunk, items (seq, event_type, aggregate_type, aggregate_id, lamport,
+    node, payload dict, extra (JSON text, dict or None), another device's), into
+    the state tables, flagging what may have been lost on the way (_flag_suspects).
+    stamps: {(type, id): {key: stamp}} the state's stamps of aggregates already
+    read, kept up to date (Folder)."""
+    _flag_suspects(db, items, check_upto, stamps)
+    aggs, fields = fold(r[1:7] for r in items)
+    db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
+                                 for (t, i), (live, dead) in aggs.items()])
+    db.executemany(_FIELD_UPSERT, [(t, i, k, v, _mapped(v, pairs), lam, node)
+                                   for (t, i, k), (lam, node, v) in fields.items()])
+
+
+def _flag_suspects(db, items, check_upto=0, stamps=None):
     """Flag the aggregates of a chunk about to be folded where a write may have been
     lost to a concurrent one (history.suspects_of), from the stamps of the values
     this device holds: one indexed lookup per aggregate that others wrote in the
-    chunk; this device's own writes (written against this state, folded in the
-    order it wrote them), and sequential writes in order, flag nothing. Own events
-    up to seq check_upto (written before a shallow start) are looked at too."""
+    chunk (unless `stamps` holds it); this device's own writes (written against
+    this state, folded in the order it wrote them), and sequential writes in order,
+    flag nothing. Own events up to seq check_upto (written before a shallow start)
+    are looked at too. stamps: as _fold_in's; aggregates read here are kept in it,
+    and every aggregate it holds moves on with the chunk."""
     from .history import suspects_of
-    rows = [(*r[:8], bool(r[8]) or r[0] <= check_upto) for r in rows]
-    keys = sorted({(r[2], r[3]) for r in rows if r[7] and r[8]})
-    if not keys:
+    check = [bool(r[8]) or r[0] <= check_upto for r in items]
+    keys = {(r[2], r[3]) for r, c in zip(items, check) if r[7] and c}
+    if not keys and not stamps:
         return
-    before = {}
-    for i in range(0, len(keys), 400):
-        chunk = keys[i:i + 400]
+    held = stamps if stamps is not None else {}
+    read = sorted(keys - held.keys())
+    for key in read:
+        held[key] = {}
+    for i in range(0, len(read), 400):
+        chunk = read[i:i + 400]
+        # a join, not "(a, b) IN (VALUES ...)": SQLite scans the whole table for that
         for t, a, k, lam, node in db.execute(
-                "SELECT aggregate_type, aggregate_id, field, lamport, node_id FROM fields"
-                " WHERE (aggregate_type, aggregate_id) IN (VALUES "
-                + ",".join(["(?, ?)"] * len(chunk)) + ")", [x for k in chunk for x in k]):
-            before[(t, a, k)] = (lam, node)
-    flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], p, r[7], bool(r[8]))
-                           for r, p in zip(rows, payloads)), before)
+                "SELECT f.aggregate_type, f.aggregate_id, f.field, f.lamport, f.node_id FROM"
+                " (VALUES " + ",".join(["(?, ?)"] * len(chunk)) + ") AS k JOIN fields f"
+                " ON f.aggregate_type = k.column1 AND f.aggregate_id = k.column2",
+                [x for k in chunk for x in k]):
+            held[(t, a)][k] = (lam, node)
+    flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], r[6], r[7], c)
+                           for r, c in zip(items, check)), held)
     if flagged:
         db.executemany("INSERT OR IGNORE INTO suspects VALUES (?, ?)", sorted(flagged))
 

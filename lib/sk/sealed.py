@@ -26,7 +26,7 @@ import re
 import zlib
 
 from .crypto import data_key, open_data, seal_data
-from .event import MAX_LAMPORT, Event, EventError, check_stamped, dumps, loads
+from .event import MAX_LAMPORT, Event, EventError, check_opened, dumps, loads
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
@@ -108,10 +108,12 @@ def seal_batch(team, epoch, team_key, events, writer=None, extras=None, nonce=No
     return [list(m) for m in manifest], writer, blob
 
 
-def open_batch(team, epoch, team_key, manifest, writer, blob):
-    """The events of a sealed batch, in the manifest's order: [(Event, extra)].
-    SealedError if it does not authenticate under this team's key of `epoch` with
-    this manifest, or if what it holds is not valid events."""
+def open_batch(team, epoch, team_key, manifest, writer, blob, payloads=False):
+    """The events of a sealed batch, in the manifest's order: [(Event, extra)]
+    (with payloads, [(Event, extra, payload dict)]). SealedError if it does not
+    authenticate under this team's key of `epoch` with this manifest, or if what it
+    holds is not valid events. The manifest and writer are as check_manifest
+    returns them (their ids, nodes and clocks are taken as checked there)."""
     from .crypto import CryptoError
     try:
         content = open_data(data_key(team_key, team, "events"), blob,
@@ -131,16 +133,15 @@ def open_batch(team, epoch, team_key, manifest, writer, blob):
     if not isinstance(rows, list) or len(rows) != len(manifest):
         raise Invalid("a sealed batch holds another number of events than its manifest")
     out = []
-    for (eid, node, clock), row in zip(manifest, rows):
+    for entry, row in zip(manifest, rows):
+        eid = entry[0]
         if not isinstance(row, list) or len(row) != 6 or not isinstance(row[5], dict):
             raise Invalid(f"event {eid} in a sealed batch is malformed")
         try:
-            ev = check_stamped({"event_id": eid, "event_type": row[0], "aggregate_type": row[1],
-                                "aggregate_id": row[2], "lamport_clock": clock, "node_id": node,
-                                "payload": row[3], "timestamp": row[4]}, new=False)
+            ev = check_opened(entry, row)
         except EventError as e:
             raise Invalid(f"event {eid} in a sealed batch is invalid: {e}") from None
-        out.append((ev, row[5]))
+        out.append((ev, row[5], row[3]) if payloads else (ev, row[5]))
     return out
 
 

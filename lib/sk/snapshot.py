@@ -130,9 +130,10 @@ def _writers(store, fields):
     for i in range(0, len(stamps), 400):
         chunk = stamps[i:i + 400]
         for node, lam, eid, etype, ts, extra in store.db.execute(
-                "SELECT node_id, lamport_clock, event_id, event_type, timestamp, extra FROM events"
-                " WHERE (node_id, lamport_clock) IN (VALUES " + ",".join(["(?, ?)"] * len(chunk))
-                + ")", [x for s in chunk for x in s]):
+                "SELECT e.node_id, e.lamport_clock, e.event_id, e.event_type, e.timestamp, e.extra"
+                " FROM (VALUES " + ",".join(["(?, ?)"] * len(chunk)) + ") AS k JOIN events e"
+                " ON e.node_id = k.column1 AND e.lamport_clock = k.column2",   # by index
+                [x for s in chunk for x in s]):
             if not is_deletion(etype):
                 out[(node, lam)] = [eid, etype, ts, (loads(extra).get("actor") if extra else None)]
     base = _base(store)

@@ -461,18 +461,25 @@ class LocalStore:
             " WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
         return [(r[0], Event(*r[1:9]), bool(r[9]), r[10]) for r in rows]
 
-    def mark_pushed(self, results, point=None):
+    def mark_pushed(self, results, point=None, seqs=None):
         """Apply the server's per-event results atomically.
 
         `results` is [(event_id, status, reason)] with status accepted|duplicate|rejected;
-        `point` the (head, chain) of the server's log after the push. Events pulled
-        from others and pushed again (heal) go back to 'remote'.
+        `point` the (head, chain) of the server's log after the push; `seqs`, when
+        given, the local seq of each (as queued() gave them: found by rowid, not by
+        the id's index). Events pulled from others and pushed again (heal) go back
+        to 'remote'.
         """
-        sent = [(eid,) for eid, st, _ in results if st in ("accepted", "duplicate")]
-        sent.sort()  # walk the event_id index in order
+        done = ("accepted", "duplicate")
+        if seqs is not None:
+            where = "seq = ? AND event_id = ?"
+            sent = [(seq, eid) for seq, (eid, st, _) in zip(seqs, results) if st in done]
+        else:
+            where = "event_id = ?"
+            sent = sorted((eid,) for eid, st, _ in results if st in done)  # the index in order
         with self.write() as db:
             db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
-                           " THEN 'remote' ELSE 'sent' END WHERE event_id = ?"
+                           " THEN 'remote' ELSE 'sent' END WHERE " + where +
                            " AND status = 'queued'", sent)
             if point:
                 self._see(*point)
@@ -517,21 +524,40 @@ class LocalStore:
             return moved
 
     # -- pull side -------------------------------------------------------------
-    def receive(self, rows, cursor, point=None, extras=None, chain=None, applied=False):
+    def receive(self, rows, cursor, point=None, extras=None, chain=None, applied=False,
+                fold=None):
         """Store pulled events (Events, validated; extras: their JSON extra text or
         None), advance the Lamport clock past them and move the cursor forward to
         `cursor` with its `chain` (never back, so a watcher and a sync on one device
         can't undo each other), and keep `point` (seq, chain) of the server's log,
         in one transaction. Returns how many were new. applied: the state holds
-        them already (the history before a shallow device's snapshot)."""
+        them already (the history before a shallow device's snapshot). fold: a
+        callable fold(db) that folds them into the state in this transaction
+        (sk.resolve.Folder), called when every one of them is new here and no
+        event held here waits to be folded (this device's own come first, in the
+        order it wrote them); otherwise they are left for sk-resolve, as without it."""
+        insert = ("INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
+                  " lamport_clock, node_id, payload, timestamp, status, extra, applied)"
+                  " VALUES (?,?,?,?,?,?,?,?,'remote',?,{})")
+        values = [(*r, x) for r, x in zip(rows, extras or [None] * len(rows))]
+        folded = False
         with self.write() as db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
-                " lamport_clock, node_id, payload, timestamp, status, extra, applied)"
-                f" VALUES (?,?,?,?,?,?,?,?,'remote',?,{int(bool(applied))})",
-                [(*r, x) for r, x in zip(rows, extras or [None] * len(rows))])
-            new = db.total_changes - before
+            before, new = db.total_changes, 0
+            if (fold is not None and rows and not applied and not db.execute(
+                    "SELECT 1 FROM events WHERE applied = 0 LIMIT 1").fetchone()):
+                db.execute("SAVEPOINT fold")
+                db.executemany(insert.format(1), values)
+                new = db.total_changes - before
+                if new == len(rows):
+                    fold(db)
+                    folded = True
+                else:   # some are held here already: all of them left for sk-resolve
+                    db.execute("ROLLBACK TO fold")
+                db.execute("RELEASE fold")
+            if not folded:
+                before = db.total_changes
+                db.executemany(insert.format(int(bool(applied))), values)
+                new = db.total_changes - before
             if rows:
                 top = max(r.lamport_clock for r in rows)
                 self.put("clock", max(self.clock(), top) + 1)

@@ -218,17 +218,19 @@ def _queued(store):
 
 # -- pull ---------------------------------------------------------------------
 def pull(store, client, ring, since=None, on_event=None, progress=None, page_size=wire.MAX_PAGE,
-         counts=None):
+         counts=None, fold=None):
     """Fetch every page after the cursor (or `since`), open it with the team key
     (ring), store it and move the cursor. The cursor only moves when the pull
     started at or before it. If the server's log is not the one this device saw,
     queue every event held here to push again and pull the whole log
-    (counts["healed"] says so). counts: a dict the counts are kept in as they move."""
+    (counts["healed"] says so). counts: a dict the counts are kept in as they move.
+    fold: a sk.resolve.Folder, to fold each page into the state as it is stored
+    (what `sk sync` does; sk-pull leaves that to sk-resolve)."""
     return healing(store, lambda first: _pull(store, client, ring, since if first else None,
-                                              on_event, progress, page_size, counts))
+                                              on_event, progress, page_size, counts, fold))
 
 
-def _pull(store, client, ring, since, on_event, progress, page_size, counts=None):
+def _pull(store, client, ring, since, on_event, progress, page_size, counts=None, fold=None):
     stored = store.cursor()
     cursor = stored if since is None else int(since)
     moves_cursor = cursor <= stored
@@ -244,7 +246,7 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
             raise UsageError(f"--since {since}: {page['diverged']}")
         try:
             got = accept_page(store, page, cursor, ring, moves_cursor, chain,
-                              counts["skipped"].append)
+                              counts["skipped"].append, fold=fold)
         except NeedKey as e:   # a batch of an epoch not held yet: a grant may be waiting
             ring.ensure(client)
             if ring.get(e.epoch) is None:
@@ -373,12 +375,12 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
     if dry_run:
         return _dry_run(cfg, store, client, on_event)
     from . import history, snapshot
-    from .resolve import resolve
+    from .resolve import Folder, resolve
     bar = progress_factory or (lambda label, total: None)
     summary = {}
     live = {"push": {}, "pull": {}, "resolve": [0]}
-    step = None
-    interrupted = False
+    step = folder = None
+    interrupted, early = False, 0
 
     def count_resolved(bar):
         def progress(n):
@@ -405,15 +407,19 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
             state = ring.ensure(client)
             summary["began_at"] = snapshot.begin(store, client, ring)
             before = history.open_ids(store)
+            folder = Folder(store)   # pulled pages are folded as they are stored
             step = "push"
             live["push_total"] = store.counts(totals=False)["queued"]
             summary["push"] = _with_bar(bar("push", live["push_total"]), push, store, client,
                                         ring, all_batches=True, on_event=on_event,
                                         counts=live["push"])
+            step = "resolve"   # this device's own first, in the order written: the
+            if store.counts(totals=False)["unapplied"]:   # pages pulled fold after them
+                early = resolve(store, cfg.path_map or None, progress=count_resolved(None))
             step = "pull"
             pulled = (lambda k, ev: on_event(k, ev, None)) if on_event else None
             summary["pull"] = _with_bar(bar("pull", None), pull, store, client, ring,
-                                        on_event=pulled, counts=live["pull"])
+                                        on_event=pulled, counts=live["pull"], fold=folder)
             step = "heal"
             healed = summary["push"].get("healed") or summary["pull"].get("healed")
             if "healed" in summary["pull"]:  # found by the pull: push back what it lost
@@ -421,7 +427,7 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
                 for k in ("accepted", "duplicate", "rejected"):
                     summary["push"][k] += again[k]
                 summary["push"]["queued"] = again["queued"]
-                more = pull(store, client, ring, on_event=pulled)
+                more = pull(store, client, ring, on_event=pulled, fold=folder)
                 for k in ("received", "new"):
                     summary["pull"][k] += more[k]
                 summary["pull"]["cursor"] = more["cursor"]
@@ -431,7 +437,7 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
                     restored=summary["push"]["accepted"])
             summary["resealed"] = reseal_legacy(store, client, ring, state)
             step = "resolve"
-            summary["resolved"] = resolve_all()
+            summary["resolved"] = early + folder.folded + resolve_all()
             step = "history"
             summary["conflicts"] = len(history.open_ids(store) - before)
             if summary["began_at"] and not shallow:   # the rest of the history, not folded
@@ -445,7 +451,7 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
     finally:
         if "resolved" not in summary and not interrupted:
             # offline or not, this device's own edits show
-            summary["resolved"] = resolve_all()
+            summary["resolved"] = early + (folder.folded if folder else 0) + resolve_all()
     return summary
 
 

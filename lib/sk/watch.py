@@ -181,15 +181,17 @@ class Watch:
             watcher.close()
 
     def _apply(self, msg):
+        from .resolve import Folder
+        fold = Folder(self.store) if self.resolve_each else None   # folded as stored
         try:
             got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
-                              lambda why: self.log(why))
+                              lambda why: self.log(why), fold=fold)
         except NeedKey as e:   # a new epoch began: its grant is on the server by now
             self.ring.ensure(self.client)
             if self.ring.get(e.epoch) is None:
                 raise
             got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
-                              lambda why: self.log(why))
+                              lambda why: self.log(why), fold=fold)
         self.cursor, self.chain = got.next, got.chain
         if got.new:
             self._resolve()

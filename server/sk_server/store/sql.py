@@ -18,9 +18,10 @@ from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUM
                      upgrade)
 
 # a page's rows: the event, its batch and what it costs there, or its legacy payload's
-SELECT_PAGE = ("SELECT e.seq, e.event_id, e.batch, e.idx, e.chain, b.size, {octets},"
+# a batch's size is looked up once a batch, not joined to each of its rows: in SQLite
+# the size column sits after the sealed blob, so each joined row walked its overflow pages
+SELECT_PAGE = ("SELECT e.seq, e.event_id, e.batch, e.idx, e.chain, {octets},"
                " e.device, e.node_id, e.lamport_clock FROM events e"
-               " LEFT JOIN batches b ON b.team = e.team AND b.batch = e.batch"
                " LEFT JOIN legacy l ON l.team = e.team AND l.seq = e.seq"
                " WHERE e.team = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
@@ -244,15 +245,24 @@ class SQLStore(Store):
             if diverged:
                 return Page([], {}, {}, after, False, None, diverged)
 
+            sizes = {}
+
+            def size_of(batch):
+                if batch not in sizes:
+                    sizes[batch] = db.execute("SELECT size FROM batches WHERE team = ? AND batch = ?",
+                                              (team, batch)).fetchone()[0]
+                return sizes[batch]
+
             def rows():   # (seq, event_id, batch, idx, chain, cost); left out: no batch
-                for seq, eid, batch, idx, c, size, legacy, dev, node, clock in self.d.iter_rows(
+                # read from their own cursor: the size lookups go on beside it
+                for seq, eid, batch, idx, c, legacy, dev, node, clock in self.d.iter_rows(
                         db, self._select_page, (team, after, limit + 1)):
                     if skip is not None and (dev, node) == skip[:2] and clock <= skip[2]:
                         yield seq, eid, None, None, c, 0
                     elif batch is None:
                         yield seq, eid, None, None, c, (legacy or 0) + LEGACY_COST
                     else:
-                        yield seq, eid, batch, idx, c, size
+                        yield seq, eid, batch, idx, c, size_of(batch)
             taken, more = cut_page(rows(), limit)
             batches, legacy = {}, {}
             ids = sorted({r[2] for r in taken if r[2] is not None})
