@@ -36,6 +36,7 @@ bench: venv bytecode
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_watch.py $(BENCH_WATCH_ARGS)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_scale.py $(BENCH_SCALE_ARGS)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_join.py $(BENCH_JOIN_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/bench_wire.py $(BENCH_WIRE_ARGS)
 
 man: venv
 	$(PY) tools/genman.py
