@@ -325,3 +325,30 @@ def test_any_permutation_and_duplication_folds_to_one_state(sc):
             canonical.close()
     finally:
         resolve_mod.CHUNK = old_chunk
+
+
+def test_a_page_folded_as_pulled_takes_the_path_map_in_force(tmp_path):
+    """sk sync folds pulled pages as it stores them (Folder); a path map changed since
+    the Folder was made (this run's early resolve stores it) applies to them too,
+    as sk-pull then sk-resolve would apply it."""
+    from sk.resolve import Folder
+
+    b, a, c = (LocalStore(tmp_path / n / "sk.db") for n in "bac")
+    b.append([check_new({"event_type": "doc_set", "aggregate_type": "doc", "aggregate_id": "r",
+                         "payload": {"path": "/old/remote.txt"}})])
+    b.stamp(NeverSync())
+    rows = b.db.execute("SELECT event_id, event_type, aggregate_type, aggregate_id,"
+                        " lamport_clock, node_id, payload, timestamp, extra FROM events").fetchall()
+    events, extras = [Event(*r[:8]) for r in rows], [r[8] for r in rows]
+    pairs = [["/old", "/new"]]
+    folder = Folder(a)
+    resolve(a, pairs)
+    a.receive(events, 1, extras=extras, fold=lambda db: folder(
+        db, events, [json.loads(e.payload) for e in events],
+        [json.loads(x) if x else None for x in extras]))
+    folder.commit()
+    assert folder.folded == 1
+    resolve(a, pairs)
+    c.receive(events, 1, extras=extras)
+    resolve(c, pairs)
+    assert load_state(a) == load_state(c) == {"doc": {"r": {"path": "/new/remote.txt"}}}

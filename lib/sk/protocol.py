@@ -335,4 +335,6 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
         if fold:
             fold.forget()   # what it folded was rolled back
         raise
+    if fold:
+        fold.commit()
     return Accepted(events, new, nxt, more, chain)

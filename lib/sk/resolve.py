@@ -170,6 +170,7 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
         _remap_all(store, pairs)
     applied = 0
     check_upto = int(store.meta("check_own_upto", "0") or 0)
+    _GENERATION[0] += 1   # (a Folder's stamps no longer hold)
     while True:
         with store.write():
             rows = db.execute(
@@ -188,38 +189,45 @@ def resolve(store, path_map=None, rebuild=False, progress=None):
     return applied
 
 
+_GENERATION = [0]   # moved by every fold of this process outside a Folder (resolve())
+
+
 class Folder:
     """Folds pulled events into the state in the transaction that stores them
     (sk.protocol.accept_page's `fold`): what resolve() would do with them next,
-    without reading them back and parsing them again; under the stored path map.
-    folder(db, events, payloads, extras): Events, their payload dicts and their
-    extras (dicts or None), all another device's. `folded` counts them.
+    without reading them back and parsing them again; under the stored path map
+    (read at each page). folder(db, events, payloads, extras): Events, their
+    payload dicts and their extras (dicts or None), all another device's; then
+    commit() once the page is stored, or forget() if it was not. `folded` counts
+    the events folded and stored.
 
     It keeps the stamps of the values it folded, aggregate by aggregate (up to
     CACHED aggregates), so the next page's conflict check reads from the state
-    only the aggregates it has not seen; that memory is dropped when another
-    connection changed the file (PRAGMA data_version) or a page was not stored
-    (forget())."""
+    only the aggregates it has not seen; that memory is dropped when anything else
+    folded: another connection (PRAGMA data_version) or this process (resolve())."""
 
     CACHED = 20_000
 
     def __init__(self, store):
         state_tables(store)
-        self.pairs = [tuple(p) for p in json.loads(store.meta("path_map", "[]"))]
-        self.folded = 0
-        self.stamps, self.version = {}, None
+        self.store, self.folded, self.pending = store, 0, 0
+        self.stamps, self.seen = {}, None
 
     def __call__(self, db, events, payloads, extras):
-        version = db.execute("PRAGMA data_version").fetchone()[0]
-        if version != self.version or len(self.stamps) > self.CACHED:
-            self.stamps, self.version = {}, version
+        seen = (db.execute("PRAGMA data_version").fetchone()[0], _GENERATION[0])
+        if seen != self.seen or len(self.stamps) > self.CACHED:
+            self.stamps, self.seen = {}, seen
+        pairs = [tuple(p) for p in json.loads(self.store.meta("path_map", "[]"))]
         _fold_in(db, [(None, *ev[1:6], p, x, True)
-                      for ev, p, x in zip(events, payloads, extras)], self.pairs,
+                      for ev, p, x in zip(events, payloads, extras)], pairs,
                  stamps=self.stamps)
-        self.folded += len(events)
+        self.pending += len(events)
+
+    def commit(self):
+        self.folded, self.pending = self.folded + self.pending, 0
 
     def forget(self):
-        self.stamps = {}
+        self.stamps, self.pending = {}, 0
 
 
 def _fold_in(db, items, pairs, check_upto=0, stamps=None):

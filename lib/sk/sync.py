@@ -407,15 +407,17 @@ def run(cfg, store, client, dry_run=False, on_event=None, progress_factory=None,
             state = ring.ensure(client)
             summary["began_at"] = snapshot.begin(store, client, ring)
             before = history.open_ids(store)
-            folder = Folder(store)   # pulled pages are folded as they are stored
             step = "push"
             live["push_total"] = store.counts(totals=False)["queued"]
             summary["push"] = _with_bar(bar("push", live["push_total"]), push, store, client,
                                         ring, all_batches=True, on_event=on_event,
                                         counts=live["push"])
-            step = "resolve"   # this device's own first, in the order written: the
-            if store.counts(totals=False)["unapplied"]:   # pages pulled fold after them
+            step = "resolve"   # this device's own first, in the order written (the pages
+            # pulled fold after them), under this run's path map, any rebuild done
+            if (cfg.path_map or store.meta("needs_rebuild") == "1"
+                    or store.counts(totals=False)["unapplied"]):
                 early = resolve(store, cfg.path_map or None, progress=count_resolved(None))
+            folder = Folder(store)   # pulled pages are folded as they are stored
             step = "pull"
             pulled = (lambda k, ev: on_event(k, ev, None)) if on_event else None
             summary["pull"] = _with_bar(bar("pull", None), pull, store, client, ring,

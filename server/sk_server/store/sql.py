@@ -247,10 +247,11 @@ class SQLStore(Store):
 
             sizes = {}
 
-            def size_of(batch):
+            def size_of(batch):   # a page's batches are numbered upward: 32 a query
                 if batch not in sizes:
-                    sizes[batch] = db.execute("SELECT size FROM batches WHERE team = ? AND batch = ?",
-                                              (team, batch)).fetchone()[0]
+                    sizes.update(db.execute(
+                        "SELECT batch, size FROM batches WHERE team = ? AND batch BETWEEN ? AND ?",
+                        (team, batch, batch + 31)).fetchall())
                 return sizes[batch]
 
             def rows():   # (seq, event_id, batch, idx, chain, cost); left out: no batch
