@@ -39,6 +39,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_server(env, log, *args, bin_=BIN):
+    """`sk server --no-control-socket ARGS` (ARGS naming its --port) in a session of
+    its own, stderr to `log`; returns the process once the port takes connections.
+    Stop it with os.killpg(proc.pid, 15)."""
+    port = int(args[list(args).index("--port") + 1])
+    proc = subprocess.Popen([str(bin_ / "sk"), "server", "--no-control-socket", *map(str, args)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                            start_new_session=True)
+    for _ in range(400):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc
+
+
 def run_rss(argv, env, stdin=None):
     """Run a command; return (seconds, its own peak RSS in MiB, stdout bytes)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -135,16 +152,8 @@ def main():
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     # no snapshots here: B replays the whole log, as the floor does (bench_join.py
     # measures a fresh device's start from a snapshot)
-    server = subprocess.Popen([str(BIN / "sk"), "server", "--port", str(port),
-                               "--no-control-socket", "--snapshot-every", "0"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(work / "server.log", "wb"), start_new_session=True)
+    server = start_server(env, work / "server.log", "--port", port, "--snapshot-every", 0)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         url = f"http://127.0.0.1:{port}"
         env["SK_SERVER_DB"] = str(work / "server.db")
         homes = {}

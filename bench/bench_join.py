@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import BIN, free_port, make_events  # noqa: E402
+from bench import BIN, free_port, make_events, start_server  # noqa: E402
 
 
 def timed(argv, env, stdin=None):
@@ -60,16 +59,8 @@ class Server:
         self.db, self.port = work / f"{name}.db", free_port()
         self.env = dict(os.environ, SK_SERVER_DB=str(self.db),
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        self.proc = subprocess.Popen(
-            [str(BIN / "sk"), "server", "--port", str(self.port), "--no-control-socket",
-             "--snapshot-every", str(every)], env=self.env, stdout=subprocess.DEVNULL,
-            stderr=open(work / f"{name}.log", "wb"), start_new_session=True)
-        for _ in range(400):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        self.proc = start_server(self.env, work / f"{name}.log", "--port", self.port,
+                                 "--snapshot-every", every)
         self.url, self.work, self.n = f"http://127.0.0.1:{self.port}", work, 0
 
     def device(self, name):
@@ -149,7 +140,7 @@ def main():
           " stream / shallow | blame ms | conflicts ms |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, at, ts, ms, tf, mf, tsh, msh, b, c in rows:
-        print(f"| {n:,} | {at if at is not None else '-':,} | {ts:.2f} | {ms:.0f} | {tf:.2f} |"
+        print(f"| {n:,} | {f'{at:,}' if at is not None else '-'} | {ts:.2f} | {ms:.0f} | {tf:.2f} |"
               f" {mf:.0f} | {tsh:.2f} | {msh:.0f} | {ts / tsh:.1f}x | {b:.0f} | {c:.0f} |")
     print("\nstreamed: no snapshot on the server (the whole log replayed, as in sk 0.3.0); full:"
           " begins at the snapshot, then fetches the history before it without folding it;"

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -20,26 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "server")]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid):
-    """Resident memory of a process and its children (the gunicorn workers)."""
-    total = 0
-    pids = [pid] + [int(p) for p in
-                    open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    for p in pids:
-        for line in open(f"/proc/{p}/status"):
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "server"), str(Path(__file__).parent)]
+from bench import BIN, free_port, rss_mib, start_server  # noqa: E402
 
 
 class Bench:
@@ -49,16 +30,8 @@ class Bench:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(os.environ, SK_SERVER_DB=str(self.work / "server.db"),
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        self.server = subprocess.Popen(
-            [str(BIN / "sk"), "server", "--port", str(self.port), "--threads", str(threads),
-             "--no-control-socket"], env=self.env, stdout=subprocess.DEVNULL,
-            stderr=open(self.work / "server.log", "wb"), start_new_session=True)
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        self.server = start_server(self.env, self.work / "server.log", "--port", self.port,
+                                   "--threads", threads)
         self.watchers = []
 
     def device(self, name):

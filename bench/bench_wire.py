@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,49 +24,26 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench import BIN, free_port  # noqa: E402
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "tests")]
+from bench import BIN, free_port, start_server  # noqa: E402
+from conftest import TcpProxy  # noqa: E402
 
 
-class Counter:
-    """A TCP proxy on loopback that counts the bytes going up and down."""
+class Counter(TcpProxy):
+    """The tests' loopback proxy, counting the bytes going up and down."""
 
     def __init__(self, upstream):
-        self.upstream, self.up, self.down = upstream, 0, 0
+        self.up = self.down = 0
         self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream)
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
-
-    def _pipe(self, src, dst, upward):
-        try:
-            while data := src.recv(65536):
-                with self.lock:
-                    if upward:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def passing(self, data, upward, conn):
+        with self.lock:
+            if upward:
+                self.up += len(data)
+            else:
+                self.down += len(data)
+        return data
 
     def take(self):
         time.sleep(0.2)   # the last bytes of a closing connection
@@ -97,17 +73,8 @@ def main():
     if (bin_ / "sk-admin").exists() and "init" in subprocess.run(
             [str(bin_ / "sk-admin"), "--help"], env=env, capture_output=True, text=True).stdout:
         subprocess.run([str(bin_ / "sk-admin"), "init", "-q"], env=env, check=True)
-    server = subprocess.Popen([str(bin_ / "sk"), "server", "--port", str(port),
-                               "--no-control-socket", *extra], env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "wb"),
-                              start_new_session=True)
+    server = start_server(env, work / "server.log", "--port", port, *extra, bin_=bin_)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
         proxy = Counter(port)
         homes = {}
         for name in ("a", "b"):
