@@ -161,6 +161,22 @@ def pg_cluster():
     cluster.stop()
 
 
+@pytest.fixture
+def own_cluster():
+    """A PostgreSQL of this test's own, to stop and start (outages)."""
+    if "postgresql" not in BACKENDS:
+        pytest.skip("PostgreSQL not among SK_TEST_BACKENDS")
+    import tempfile
+    sys.path.insert(0, str(ROOT / "tools"))
+    from pgcluster import PgCluster
+    base = tempfile.mkdtemp(prefix="sk-pg-own-")
+    os.chmod(base, 0o711)   # as root, the cluster runs as nobody, who must get in
+    cluster = PgCluster(base_dir=base).start()
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 _databases = itertools.count()
 
 

@@ -204,23 +204,6 @@ def test_readiness_and_database_up_follow_postgresql(own_cluster, tmp_path, monk
         srv.stop()
 
 
-@pytest.fixture
-def own_cluster():
-    from conftest import BACKENDS
-    if "postgresql" not in BACKENDS:
-        pytest.skip("PostgreSQL not among SK_TEST_BACKENDS")
-    import shutil
-    import tempfile
-    sys.path.insert(0, str(ROOT / "tools"))
-    from pgcluster import PgCluster
-    base = tempfile.mkdtemp(prefix="sk-pg-ops-")
-    os.chmod(base, 0o711)
-    cluster = PgCluster(base_dir=base).start()
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(base, ignore_errors=True)
-
-
 # -- sk-admin verify and status, on the store (no server) -------------------------------
 def fill(store, team, device, n, per=500):
     """A device of a new team, its key epoch begun, and n events it pushed."""

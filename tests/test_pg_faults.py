@@ -3,30 +3,12 @@
 and the next sync after the database is back moves everything exactly once."""
 
 import json
-import os
-import shutil
-import sys
-import tempfile
 
 import pytest
 
-from conftest import BACKENDS, ROOT, ServerProcess, query, run, wait_until
+from conftest import ServerProcess, query, run, wait_until
 
 pytestmark = pytest.mark.slow   # real servers, real PostgreSQL
-
-
-@pytest.fixture
-def own_cluster():
-    if "postgresql" not in BACKENDS:
-        pytest.skip("PostgreSQL not among SK_TEST_BACKENDS")
-    sys.path.insert(0, str(ROOT / "tools"))
-    from pgcluster import PgCluster
-    base = tempfile.mkdtemp(prefix="sk-pg-fault-")
-    os.chmod(base, 0o711)   # as root, the cluster runs as nobody, who must get in
-    cluster = PgCluster(base_dir=base).start()
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def probe(srv, path):

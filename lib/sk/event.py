@@ -213,18 +213,19 @@ def check_stamped(ev, new=True):
     clock = ev["lamport_clock"]
     if type(clock) is not int or not 1 <= clock <= MAX_LAMPORT:
         raise EventError("lamport_clock must be an integer >= 1 and < 2^63")
-    return Event(
-        check_event_id(ev["event_id"]),
-        _check_str(ev, "event_type", _TYPE_RE, 64),
-        _check_str(ev, "aggregate_type", _TYPE_RE, 64),
-        _check_str(ev, "aggregate_id", nul_ok=not new),
-        clock,
-        _check_str(ev, "node_id", maxlen=64, nul_ok=not new),
-        check_payload(ev["payload"], MAX_DEPTH if new else None),
-        check_timestamp(ev["timestamp"]),
-    )
+    event_id = check_event_id(ev["event_id"])
+    etype, atype, aid = _check_names(ev, new)
+    return Event(event_id, etype, atype, aid, clock,
+                 _check_str(ev, "node_id", maxlen=64, nul_ok=not new),
+                 check_payload(ev["payload"], MAX_DEPTH if new else None),
+                 check_timestamp(ev["timestamp"]))
 
 
+def _check_names(ev, new):
+    """(event_type, aggregate_type, aggregate_id) of an event, checked."""
+    return (_check_str(ev, "event_type", _TYPE_RE, 64),
+            _check_str(ev, "aggregate_type", _TYPE_RE, 64),
+            _check_str(ev, "aggregate_id", nul_ok=not new))
 
 
 def check_opened(entry, row):
@@ -232,17 +233,10 @@ def check_opened(entry, row):
     lamport_clock), which sealed.check_manifest has checked, and its content row
     [event_type, aggregate_type, aggregate_id, payload, timestamp, ...], checked as
     check_stamped(new=False) checks them. Returns an Event."""
-    ev = {"event_type": row[0], "aggregate_type": row[1], "aggregate_id": row[2]}
-    return Event(
-        entry[0],
-        _check_str(ev, "event_type", _TYPE_RE, 64),
-        _check_str(ev, "aggregate_type", _TYPE_RE, 64),
-        _check_str(ev, "aggregate_id", nul_ok=True),
-        entry[2],
-        entry[1],
-        check_payload(row[3], None),
-        check_timestamp(row[4]),
-    )
+    etype, atype, aid = _check_names(
+        {"event_type": row[0], "aggregate_type": row[1], "aggregate_id": row[2]}, new=False)
+    return Event(entry[0], etype, atype, aid, entry[2], entry[1], check_payload(row[3], None),
+                 check_timestamp(row[4]))
 
 
 def is_deletion(event_type):

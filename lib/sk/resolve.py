@@ -254,6 +254,7 @@ def _flag_suspects(db, items, check_upto=0, stamps=None):
     are looked at too. stamps: as _fold_in's; aggregates read here are kept in it,
     and every aggregate it holds moves on with the chunk."""
     from .history import suspects_of
+    from .store import by_pairs
     check = [bool(r[8]) or r[0] <= check_upto for r in items]
     keys = {(r[2], r[3]) for r, c in zip(items, check) if r[7] and c}
     if not keys and not stamps:
@@ -262,15 +263,11 @@ def _flag_suspects(db, items, check_upto=0, stamps=None):
     read = sorted(keys - held.keys())
     for key in read:
         held[key] = {}
-    for i in range(0, len(read), 400):
-        chunk = read[i:i + 400]
-        # a join, not "(a, b) IN (VALUES ...)": SQLite scans the whole table for that
-        for t, a, k, lam, node in db.execute(
-                "SELECT f.aggregate_type, f.aggregate_id, f.field, f.lamport, f.node_id FROM"
-                " (VALUES " + ",".join(["(?, ?)"] * len(chunk)) + ") AS k JOIN fields f"
-                " ON f.aggregate_type = k.column1 AND f.aggregate_id = k.column2",
-                [x for k in chunk for x in k]):
-            held[(t, a)][k] = (lam, node)
+    for t, a, k, lam, node in by_pairs(
+            db, "SELECT f.aggregate_type, f.aggregate_id, f.field, f.lamport, f.node_id FROM"
+            " {pairs} AS k JOIN fields f ON f.aggregate_type = k.column1"
+            " AND f.aggregate_id = k.column2", read):
+        held[(t, a)][k] = (lam, node)
     flagged = suspects_of(((r[2], r[3], r[1], r[4], r[5], r[6], r[7], c)
                            for r, c in zip(items, check)), held)
     if flagged:

@@ -125,17 +125,15 @@ def build(store):
 def _writers(store, fields):
     """{(node, lamport): [event_id, event_type, timestamp, actor]} of the writes that
     win each register: from the log, else from the snapshot this device began at."""
+    from .store import by_pairs
     out = {}
     stamps = sorted({(node, lam) for lam, node, _ in fields.values()})
-    for i in range(0, len(stamps), 400):
-        chunk = stamps[i:i + 400]
-        for node, lam, eid, etype, ts, extra in store.db.execute(
-                "SELECT e.node_id, e.lamport_clock, e.event_id, e.event_type, e.timestamp, e.extra"
-                " FROM (VALUES " + ",".join(["(?, ?)"] * len(chunk)) + ") AS k JOIN events e"
-                " ON e.node_id = k.column1 AND e.lamport_clock = k.column2",   # by index
-                [x for s in chunk for x in s]):
-            if not is_deletion(etype):
-                out[(node, lam)] = [eid, etype, ts, (loads(extra).get("actor") if extra else None)]
+    for node, lam, eid, etype, ts, extra in by_pairs(
+            store.db, "SELECT e.node_id, e.lamport_clock, e.event_id, e.event_type, e.timestamp,"
+            " e.extra FROM {pairs} AS k JOIN events e ON e.node_id = k.column1"
+            " AND e.lamport_clock = k.column2", stamps):
+        if not is_deletion(etype):
+            out[(node, lam)] = [eid, etype, ts, (loads(extra).get("actor") if extra else None)]
     base = _base(store)
     if base:
         for t, i, k, v, lam, node, eid, etype, ts, actor in base["fields"]:

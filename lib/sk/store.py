@@ -75,6 +75,17 @@ def utc_now():
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def by_pairs(db, sql, pairs, chunk=400):
+    """The rows of `sql` for the (a, b) `pairs`, `chunk` pairs a query: sql reads
+    FROM {pairs} AS k JOIN t ON t.a = k.column1 AND t.b = k.column2, and {pairs}
+    becomes their VALUES list. A join, by the table's index: "(a, b) IN (VALUES ...)"
+    is a scan of the whole table in SQLite."""
+    for i in range(0, len(pairs), chunk):
+        part = pairs[i:i + chunk]
+        yield from db.execute(sql.format(pairs="(VALUES " + ",".join(["(?, ?)"] * len(part)) + ")"),
+                              [x for p in part for x in p])
+
+
 class LocalStore:
     """One device's SQLite file. Writers take BEGIN IMMEDIATE; readers never block."""
 
