@@ -370,6 +370,20 @@ def read_until(proc, word, timeout=60):
 
 
 @pytest.mark.parametrize("server_db", ["sqlite"], indirect=True)   # the device is the point
+
+def _sync_stopped(home, until, sig, code):
+    """Run `sk sync -v` in home, send it `sig` once its stderr says `until`, and check
+    it stops within 5 s with exit `code`; returns its stderr."""
+    proc = subprocess.Popen([command("sk"), "sync", "-v"], env=dict(os.environ, SK_HOME=str(home)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
+    read_until(proc, until)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5 and proc.returncode == code, (proc.returncode, err[-500:])
+    return err
+
 def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
     a, b = device("big-a"), device("big-b")
     append(a, [ev("feature_created", "feature:F-first", {"i": -1})])
@@ -378,15 +392,7 @@ def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
     n = 30000
     run("sk-append", home=a, timeout=120, input="".join(
         json.dumps(ev("feature_created", f"feature:F-{i}", {"i": i})) + "\n" for i in range(n)))
-    env = dict(os.environ, SK_HOME=str(a))
-    proc = subprocess.Popen([command("sk"), "sync", "-v"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
-    read_until(proc, "pushed ")
-    proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5 and proc.returncode == 130, (proc.returncode, err[-500:])
+    err = _sync_stopped(a, "pushed ", signal.SIGINT, 130)
     last = err.strip().splitlines()[-1]
     m = re.search(r"sk sync: interrupted; pushed ([\d,]+) of 30,000; run 'sk sync' to go on$",
                   last)
@@ -399,14 +405,7 @@ def test_ctrl_c_stops_push_and_pull_at_once_with_a_summary(server, device):
     run("sk", "sync", home=a, timeout=300)
     assert status(a)["queued"] == 0 and status(a)["unapplied"] == 0
     # the other device, interrupted while it pulls: one SIGTERM is enough
-    proc = subprocess.Popen([command("sk"), "sync", "-v"], env=dict(os.environ, SK_HOME=str(b)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
-    read_until(proc, "pulled ")
-    proc.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5 and proc.returncode == 143, (proc.returncode, err[-500:])
+    err = _sync_stopped(b, "pulled ", signal.SIGTERM, 143)
     assert re.search(r"sk sync: stopped by SIGTERM; pulled [\d,]+ events; run 'sk sync' to go"
                      r" on$", err.strip().splitlines()[-1]), err[-300:]
     assert status(b)["last_error"] == "stopped by SIGTERM"
