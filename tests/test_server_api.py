@@ -1566,3 +1566,13 @@ def test_revoked_is_told_only_to_key_holders(tmp_path):
         assert store.stats()["events"] == 0
     finally:
         app.extensions["sk_store"].close()
+
+
+def test_keys_and_reseal_refuse_what_the_store_cannot_take_as_400_not_500(dev):
+    """An approval naming its device by a list, and a reseal's 'first' past a
+    64-bit integer, are malformed requests (found from outside as 500s)."""
+    r, _ = dev.call("keys", {"approvals": [{"device": ["x"], "identity": "00" * 32,
+                                            "record": "00" * 32}]})
+    assert_refused(r, 400, "malformed")
+    r, _ = dev.call("reseal", {"first": 2 ** 70, "epoch": 1, "events": [], "writer": None})
+    assert_refused(r, 400, "malformed")

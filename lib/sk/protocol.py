@@ -244,7 +244,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             or len(blobs) != len(batches)):
         raise IntegrityError("malformed pull page from server")
     opened = []
-    for b, blob in zip(batches, blobs):
+    for n, (b, blob) in enumerate(zip(batches, blobs)):
         if not isinstance(b, dict) or type(b.get("epoch")) is not int or not isinstance(
                 b.get("manifest"), str):
             raise IntegrityError("malformed batch in a pull page from server")
@@ -256,9 +256,13 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             opened.append((manifest, writer, sealed.open_batch(keyring.team, b["epoch"], key,
                                                                manifest, writer, blob, True)))
         except sealed.Unauthentic:
-            raise IntegrityError(f"event {manifest[0][0]} (batch of {len(manifest)}) failed"
-                                 " authentication under the team key: altered on the server"
-                                 " or on the way; nothing of the page was applied") from None
+            seq = next((r[0] for r in rows if isinstance(r, list) and len(r) == 3
+                        and type(r[1]) is int and r[1] == n), None)
+            raise IntegrityError(f"event {manifest[0][0]}"
+                                 + (f" (seq {seq})" if seq is not None else "")
+                                 + f" (batch of {len(manifest)}) failed authentication under the"
+                                 " team key: altered on the server or on the way; nothing of"
+                                 " the page was applied") from None
         except sealed.Invalid as e:
             opened.append((manifest, writer, e))
     import hashlib

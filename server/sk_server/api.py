@@ -377,6 +377,8 @@ def keys():
             raise ValueError("'epoch' must be an integer from 1")
         if any(type(g[0]) is not int or not isinstance(g[1], str) for g in grants):
             raise ValueError("a grant is {\"epoch\", \"device\", \"recipient\", \"sealed\"}")
+        if any(not isinstance(a[0], str) for a in approvals):
+            raise ValueError("an approval is {\"device\", \"identity\", \"record\"}")
         if len(grants) > 10_000 or len(approvals) > 1000:
             raise ValueError("too many grants or approvals in one request")
     except (TypeError, KeyError, ValueError, AttributeError) as e:
@@ -417,7 +419,7 @@ def reseal():
     key, nonce, body = _authenticate("reseal")
     batch, _ = parse_batch(body)
     first = body.get("first")
-    if type(first) is not int or first < 1:
+    if type(first) is not int or not 1 <= first < 2 ** 63:
         raise Refused(400, "malformed", "'first' must be the seq of the first event sealed")
     try:
         n = _store().reseal(key.team, key.device, first, batch)
