@@ -171,7 +171,9 @@ def own_cluster():
     from pgcluster import PgCluster
     base = tempfile.mkdtemp(prefix="sk-pg-own-")
     os.chmod(base, 0o711)   # as root, the cluster runs as nobody, who must get in
-    cluster = PgCluster(base_dir=base).start()
+    # durable (fsync, synchronous commit): its outages are immediate shutdowns, which
+    # lose asynchronously committed work, such as a server's schema made just before
+    cluster = PgCluster(base_dir=base, fsync=True).start()
     yield cluster
     cluster.stop()
     shutil.rmtree(base, ignore_errors=True)
@@ -362,10 +364,32 @@ def push_request(team, events, epoch=1, writer=None, key=None, relay=(), known=N
 
 
 def begin_epoch(store, team, device, epoch=1):
-    """Begin the team's key epoch in a store, as its first member's sync does (the
-    key itself is the test's: team_key)."""
-    why = store.put_keys(team, device, epoch=epoch)
+    """Begin the team's key epoch in a store, as its first member's sync does, and
+    share it with every device of the team that has an identity (the key itself is
+    the test's: team_key; the server sees only that a grant is there)."""
+    why = store.put_keys(team, device, epoch=epoch,
+                         grants=grants_lacking(store, team, {epoch}))
     assert why is None, why
+
+
+def share_epochs(store, team, device=None):
+    """`device` (by default the member given the most epochs) shares every epoch it
+    was given with each device of the team that has an identity and lacks it, as its
+    next sync does (e.g. after a registration)."""
+    members = [m for m in store.keys(team, device or "")["members"] if not m["revoked"]]
+    member = max(members, key=lambda m: len(m["granted"])) if device is None else next(
+        m for m in members if m["device"] == device)
+    why = store.put_keys(team, member["device"],
+                         grants=grants_lacking(store, team, set(member["granted"])))
+    assert why is None, why
+
+
+def grants_lacking(store, team, epochs):
+    return [(e, m["device"], m["identity"],
+             (b"grant to " + m["device"].encode()).ljust(81, b".")[:81])
+            for m in store.keys(team, "")["members"]
+            if m["identity"] and not m["revoked"] for e in sorted(epochs)
+            if e not in m["granted"]]
 
 
 def open_page(page, team, keys=None):

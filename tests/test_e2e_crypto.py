@@ -217,6 +217,58 @@ def test_where_the_team_requires_approval_only_an_approved_device_gets_the_key(s
     assert "requires approval" in p.stderr
 
 
+def test_where_the_team_requires_approval_a_grant_from_a_device_of_the_servers_is_not_taken(
+        server, device):
+    """A server can register a device of its own (it then knows its key) and make it
+    begin an epoch, grants and all, by writing its own database. A member of a team
+    that requires approval takes a new epoch's key only from itself or an approved
+    member, so it never writes under a key the server knows."""
+    a = device("a")
+    append(a, secret_events())
+    sync(a)
+    run("sk", "team", "require-approval", home=a)
+    key = server.register("rogue")
+    rogue = crypto.identity_secret(key)
+    (ident,) = query(server.db, "SELECT identity FROM devices WHERE name = 'a'")[0]
+    (head,) = query(server.db, "SELECT head FROM teams WHERE team = 'default'")[0]
+    known = os.urandom(32)
+    write_server(server,
+                 ("UPDATE teams SET epoch = 2 WHERE team = 'default'", ()),
+                 ("INSERT INTO epochs(team, epoch, created_by, start_seq, created) VALUES"
+                  " ('default', 2, 'rogue', ?, '2026-12-01T00:00:00Z')", (head,)),
+                 ("INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by, granter,"
+                  " created) VALUES ('default', 2, 'a', ?, ?, 'rogue', ?, '2026-12-01T00:00:00Z')",
+                  (bytes(ident), crypto.seal_grant("default", 2, known, rogue, bytes(ident)),
+                   crypto.identity_public(rogue))))
+    append(a, [ev("note_added", "note:after", {"text": "must not be sealed under rogue's key"})])
+    p = sync(a, code=1)
+    assert "waiting for a member of team 'default' to share the team key (epoch 2)" in p.stderr
+    assert query(a / "sk.db", "SELECT epoch FROM team_keys") == [(1,)]
+    assert status(a)["queued"] == 1
+
+
+@pytest.mark.one_backend
+def test_where_the_team_requires_approval_a_rotated_member_is_approved_again(server, device):
+    """Rotating a key drops the device's approval (its identity is new). If that device
+    begins the next epoch, the others say whose key they wait for; approving it lets
+    them take it, and nothing is lost."""
+    a, b = device("a"), device("b")
+    append(a, [ev("note_added", "note:1", {"v": 1})])
+    sync(a)
+    sync(b)
+    run("sk", "team", "require-approval", home=a)
+    new_key = run("sk-register", "--rotate", "b", "--db", server.db, env=server.env()).stdout.strip()
+    run("sk", "sync", "setup", "--server", server.url, "--key", new_key, "--yes", home=b)
+    append(b, [ev("note_added", "note:2", {"v": 2})])
+    sync(b)   # b held epoch 1, so it begins epoch 2 and pushes under it
+    p = sync(a, code=1)
+    assert "its key came from 'b', which no member has approved" in p.stderr, p.stderr
+    assert "sk team approve b" in p.stderr
+    run("sk", "team", "approve", "b", "--yes", home=a)
+    sync(a)
+    assert state(a) == state(b) and set(state(a, "note")) == {"1", "2"}
+
+
 # -- a server that alters, moves or replays what it stores ---------------------------------
 def write_server(server, *statements):
     if is_pg(server.db):

@@ -18,8 +18,9 @@ import zlib
 
 import pytest
 
-from conftest import (HTTPServerThread, TcpProxy, begin_epoch, member_push, push_request, query, QuietHandler, append, command, log, run, server_count, state, status, sync,
-                      wait_until)
+from conftest import (HTTPServerThread, TcpProxy, begin_epoch, member_push, push_request, query,
+                      QuietHandler, append, command, log, run, server_count, share_key, state,
+                      status, sync, wait_until)
 from sk import crypto, wire
 
 
@@ -73,6 +74,11 @@ def test_a_copied_home_is_detected_and_fixed_in_one_command(server, device, tmp_
     append(copy, [{"event_type": "note_added", "aggregate_type": "note", "aggregate_id": "n-2",
                    "payload": {"by": "copy"}}])
     before = server_count(server)
+    # the copy holds the team key, but no member gave it to b: the server would not
+    # take what it seals, so it waits, and writes nothing
+    p = sync(copy, code=1)
+    assert "waiting for a member of team 'default' to share the team key" in p.stderr, p.stderr
+    share_key(server, "default")   # a's next sync gives it to b
     p = sync(copy, code=2)
     assert "belongs to device 'a'" in p.stderr and "sk-stamp --new-node" in p.stderr, p.stderr
     assert server_count(server) == before and status(copy)["queued"] == 1
@@ -113,6 +119,52 @@ def test_a_device_cannot_push_under_another_devices_node_id(server, device):
     answer = member_push(b, [forged])
     assert answer["node_taken"]["device"] == "a" and "results" not in answer
     assert server_count(server) == 1
+
+
+def test_a_device_never_given_the_team_key_cannot_stop_the_team(server, device):
+    """A registered device no member has shared the key with seals under a key of its
+    own: 0.4.0 stored that batch and every member's pull stopped at it (exit 5). Now
+    the server stores nothing under an epoch from a device it was not granted to, and
+    such a device can neither grant itself that epoch nor begin the next."""
+    import os
+    from sk.client import Client
+    from conftest import server_rows
+    a = device("a")
+    append(a, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "1"}])
+    sync(a)
+    key = server.register("rogue")            # registered; a has not synced since
+    me = crypto.identity_public(crypto.identity_secret(key))
+    c = Client(server.url, key)
+    keys = c.call("keys", {"identity": me.hex()})
+    assert keys["epoch"] == 1 and keys["holds"] == [] and keys["grants"] == []
+    own = os.urandom(32)                      # not the team's key: no member can open it
+    garbage = {"event_id": str(uuid.uuid4()), "event_type": "x_set", "aggregate_type": "x",
+               "aggregate_id": "1", "lamport_clock": 5, "node_id": "rogue-node",
+               "payload": {"garbage": True}, "timestamp": "2026-01-31T12:00:00Z"}
+    body, atts = push_request("default", [garbage], key=own)
+    assert c.call("push", body, atts)["rekey"] == {"epoch": 1, "rotate": False}
+    grant = crypto.seal_grant("default", 1, own, crypto.identity_secret(key), me)
+    for bad in ({"grants": [{"epoch": 1, "device": "rogue", "recipient": me.hex(),
+                             "sealed": grant.hex()}]},
+                {"epoch": 2}):
+        answer = c.call("keys", bad)
+        assert "was not given the team key of epoch 1" in answer["refused"], answer
+        assert answer["epoch"] == 1 and answer["holds"] == []
+    assert c.call("push", body, atts)["rekey"] == {"epoch": 1, "rotate": False}
+    head = c.call("hello", {})["head"]
+    chain = bytes(server_rows(server, "SELECT chain FROM teams")[0][0]).hex()
+    with pytest.raises(Exception, match="given the team key"):
+        c.call("snapshot", {"seq": head, "chain": chain, "epoch": 1}, [os.urandom(64)])
+    assert server_count(server) == 1
+    # the team goes on; a member's next sync shares the key with the new device,
+    # whose identity the admin registered (the default: registration is the approval)
+    b = device("b")
+    append(b, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "2"}])
+    sync(b)
+    sync(a)
+    assert set(state(a, "x")) == {"1", "2"} and server_count(server) == 2
+    assert c.call("keys", {})["holds"] == [1]
+    c.close()
 
 
 # -- 4. stalled connections do not hold the threads -------------------------------------

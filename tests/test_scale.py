@@ -150,9 +150,12 @@ def local_log(home):
 def begin_epoch(client, api_key):
     """Begin the team's first key epoch as its first member would (keys endpoint),
     so that a test may push batches sealed under conftest.team_key: the server
-    never checks what they are sealed with."""
+    never checks what they are sealed with, only that a member granted the epoch to
+    the device that writes under it (the grant here is the test's)."""
     identity = crypto.identity_public(crypto.identity_secret(api_key)).hex()
-    state = client.call("keys", {"identity": identity, "epoch": 1})
+    grant = {"epoch": 1, "device": client.call("hello", {})["device"], "recipient": identity,
+             "sealed": (b"test grant").ljust(81, b".").hex()}
+    state = client.call("keys", {"identity": identity, "epoch": 1, "grants": [grant]})
     assert "refused" not in state and state["epoch"] == 1 and not state["rekey"], state
 
 

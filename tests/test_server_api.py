@@ -27,7 +27,7 @@ from sk.client import Client
 from sk_server import create_app
 from sk_server.devices import register, revoke, rotate
 
-from conftest import begin_epoch, is_pg, open_page, push_request, query, sealed_batch
+from conftest import begin_epoch, is_pg, open_page, push_request, query, sealed_batch, share_epochs
 
 HYPO = settings(max_examples=100, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -237,6 +237,8 @@ def new_device(client, store):
         d = Device(client, name, team, register(store, name, team))
         if epoch and store.keys(team, name)["epoch"] == 0:
             begin_epoch(store, team, name)
+        elif epoch:   # a member's next sync shares the team key with it
+            share_epochs(store, team)
         return d
     return make
 

@@ -30,7 +30,8 @@ from sk_server.store import (GENESIS, SCHEMA_VERSION, STORED_COLUMNS, StoreError
 from sk_server.store.base import ROW_BYTES, secret_check
 from sk_server.store.sql import LEGACY_COST
 
-from conftest import begin_epoch, free_port, is_pg, query, sealed_batch, team_key
+from conftest import (begin_epoch, free_port, grants_lacking, is_pg, query, sealed_batch,
+                      share_epochs, team_key)
 
 
 _clock = itertools.count(1)   # a node stamps each clock value once
@@ -457,7 +458,7 @@ def test_rotate_and_revoke_stop_writes_until_the_next_epoch(store):
         assert store.keys("B", "b1")["rekey"] is False
         # a member begins the next epoch: that clears it; a second device beginning
         # the same epoch is refused, and so is skipping one
-        assert store.put_keys("A", "a1", epoch=epoch) is None
+        begin_epoch(store, "A", "a1", epoch)
         assert "cannot begin" in store.put_keys("A", "a1", epoch=epoch + 2)
         if epoch == 2:
             assert "another device began one first" in store.put_keys("A", "a2", epoch=epoch)
@@ -510,8 +511,10 @@ def test_of_devices_racing_one_wins(store):
     rotate(store, "a1")
     register(store, "a3", "A")
     devs = ["a1", "a2", "a3"]
-    got = race(store.db, 3, lambda s, i: s.put_keys("A", devs[i], epoch=2))
+    grants = grants_lacking(store, "A", {2})   # the winner's, to each of them
+    got = race(store.db, 3, lambda s, i: s.put_keys("A", devs[i], epoch=2, grants=grants))
     assert sorted(g is None for g in got) == [False, False, True], got
+    assert got[2] is not None   # a3 was never given epoch 1: it begins none after it
     winner = devs[got.index(None)]
     state = store.keys("A", "a1")
     assert state["epoch"] == 2 and not state["rekey"]
@@ -558,7 +561,7 @@ def test_key_state(store):
                 (1, "nobody", ids["c1"], g["c1"][3])):
         assert store.put_keys("C", "c1", grants=[bad]) is not None
     assert [m["granted"] for m in store.keys("C", "c1")["members"]] == [[1], [1], []]
-    assert store.keys("A", "a1")["grants"] == []
+    assert [g["granted_by"] for g in store.keys("A", "a1")["grants"]] == ["a1"]   # none of C's
     # an identity is stored only for a device without one: never replaced
     assert store.put_keys("C", "c2", identity=os.urandom(32)) is None
     assert store.keys("C", "c2")["identity"] == ids["c2"]
@@ -619,7 +622,8 @@ def test_a_refused_put_keys_stores_nothing(store):
         (2, "a2", me, crypto.seal_grant("A", 2, key, priv, me))])   # a2 is revoked now
     assert refused is not None
     after = store.keys("A", "a1")
-    assert (after["epoch"], after["rekey"], after["grants"]) == (1, True, [])
+    assert (after["epoch"], after["rekey"]) == (1, True)
+    assert [g["epoch"] for g in after["grants"]] == [1]   # epoch 1's, from the fixture
     assert [e["epoch"] for e in after["epochs"]] == [1]
     refused = store.put_keys("A", "a1", epoch=2, approvals=[("nobody", me, os.urandom(32))])
     assert refused is not None and store.keys("A", "a1")["epoch"] == 1
@@ -659,7 +663,7 @@ def test_reopen_keeps_everything(store):
     assert again.head("A") == 4 and again.stats()["devices"] == 3
     assert {(t, d): again.keys(t, d) for t, d in before} == before
     assert again.push("A", "a1", batch("A", [row(node_id="a1")])).rekey   # still to begin
-    assert again.put_keys("A", "a2", epoch=2) is None
+    begin_epoch(again, "A", "a2", 2)
     assert push(again, "A", "a2", [row(node_id="a2")], 2) == [("accepted", None)]
     assert again.push("A", "a2", batch("A", [row(node_id="a1")], 2)).node_taken  # a1's node
     assert again.head("A") == 5
@@ -1112,10 +1116,11 @@ def upgrade_and_reseal(server_db, schema):
                 ("A", 1, [evs[1], evs[0], evs[2]]),             # out of order
                 ("A", 1, evs[0:2] + [evs[2]._replace(lamport_clock=evs[2].lamport_clock + 1)]),
                 ("A", 6, evs[5:7] + [new]),                     # running into a sealed event
-                ("A", 1, [teams["B"][0][1]]),                   # another team's
-                ("B", 1, evs[0:1])):                            # in another team
+                ("A", 1, [teams["B"][0][1]])):                  # another team's
             with pytest.raises(StoreError, match="does not match the legacy events"):
                 s.reseal(team, "a2", first, batch(team, part))
+        with pytest.raises(StoreError, match="was given the team key"):  # in a team not its own
+            s.reseal("B", "a2", 1, batch("B", evs[0:1]))
         with pytest.raises(StoreError, match="epoch"):
             s.reseal("A", "a2", 1, batch("A", evs[0:3], 2))
         assert s.stats()["batches"] == batches and s.keys("A", "a1")["legacy"] == 7
@@ -1205,6 +1210,7 @@ def test_migrate_keeps_batches_legacy_keys_and_chains(tmp_path, server_db):
         me = identity(api_keys["a1"])
         grant = crypto.seal_grant("A", 1, team_key("A"), crypto.identity_secret(api_keys["a1"]), me)
         assert source.put_keys("A", "a1", epoch=1, grants=[(1, "a1", me, grant)]) is None
+        share_epochs(source, "A", "a1")
         begin_epoch(source, "B", "b1")
         evs = [ev for _, ev in teams["A"]]
         assert source.reseal("A", "a1", 1, batch("A", evs[:3])) == 3

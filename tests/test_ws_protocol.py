@@ -145,13 +145,27 @@ class Device:
         self.client = Client(server.url, self.key)
         self.sessions = []
 
+    @property
+    def identity(self):
+        return crypto.identity_public(crypto.identity_secret(self.key)).hex()
+
     def begin_epoch(self):
         """Begin the team's first key epoch, as a team's first member does before it
-        pushes (the key itself is the test's, conftest.team_key: the server never
-        sees one)."""
-        identity = crypto.identity_public(crypto.identity_secret(self.key)).hex()
-        state = self.client.call("keys", {"identity": identity, "epoch": 1})
+        pushes, granting it to itself (the key itself is the test's, conftest.team_key:
+        the server never sees one, only that a grant is there)."""
+        state = self.client.call("keys", {"identity": self.identity, "epoch": 1,
+                                          "grants": [self._grant(self)]})
         assert "refused" not in state and state["epoch"] == 1 and not state["rekey"], state
+
+    def share(self, other):
+        """Grant the team key to another device, as a member's next sync does."""
+        other.client.call("keys", {"identity": other.identity})
+        state = self.client.call("keys", {"grants": [self._grant(other)]})
+        assert "refused" not in state, state
+
+    def _grant(self, to):
+        return {"epoch": 1, "device": to.name, "recipient": to.identity,
+                "sealed": (b"grant to " + to.name.encode()).ljust(81, b".")[:81].hex()}
 
     def token(self):
         tok = self.client.call("ws-token", {})["token"]
@@ -198,14 +212,16 @@ def server(module_server):
 def devices(server):
     """A factory: devices(name, team) -> a registered Device; names and teams are
     made unique to the test, so tests sharing the server cannot see each other."""
-    made, tag, begun = [], uuid.uuid4().hex[:8], set()
+    made, tag, first = [], uuid.uuid4().hex[:8], {}
 
     def make(name, team="proto"):
         d = Device(server, f"{name}-{tag}", f"{team}-{tag}")
         made.append(d)
-        if d.team not in begun:   # the team's first device begins its key epoch
+        if d.team not in first:   # the team's first device begins its key epoch
             d.begin_epoch()
-            begun.add(d.team)
+            first[d.team] = d
+        else:                     # and shares it with each device after it
+            first[d.team].share(d)
         return d
     yield make
     for d in made:

@@ -27,9 +27,12 @@ class WaitingForKey(SkError):
 
     exit_code = 1
 
-    def __init__(self, team, epoch, device=None, approval=False):
+    def __init__(self, team, epoch, device=None, approval=False, unapproved=None):
         how = (f"run 'sk team approve {device}' on any device that has it" if approval
                else "run 'sk sync' on any device that has it")
+        if unapproved:   # e.g. a member whose key was rotated began the epoch
+            how = (f"its key came from '{unapproved}', which no member has approved: if that"
+                   f" device is yours, run 'sk team approve {unapproved}'")
         super().__init__(f"waiting for a member of team '{team}' to share the team key"
                          f"{f' (epoch {epoch})' if epoch > 1 else ''}; {how}")
         self.team, self.epoch = team, epoch
@@ -52,6 +55,7 @@ class Keyring:
         self.public = crypto.identity_public(self.private)
         self.team = store.meta("team")
         self._keys = None
+        self.unvouched = {}   # epoch -> the unapproved device whose grant of it was left
 
     def keys(self):
         if self._keys is None:
@@ -96,9 +100,9 @@ class Keyring:
             if pending and not state.get("refused") and state["epoch"] == pending[0]:
                 self.add(*pending, "this device")
             # refused: another member began that epoch first; the next turn takes theirs
-        if need and not self.get(state["epoch"]):
+        if need and not self.usable(state, state["epoch"]):
             raise WaitingForKey(state["team"], state["epoch"], state.get("device"),
-                                bool(state.get("approval")))
+                                bool(state.get("approval")), self.unvouched.get(state["epoch"]))
         return state
 
     def _take(self, state):
@@ -126,9 +130,13 @@ class Keyring:
             self.store.set_meta(epoch_starts=json.dumps({**{str(k): v for k, v in seen.items()},
                                                         **{str(k): v for k, v in starts.items()}}))
             self._starts = None
+        vetted = state.get("approval") and self.keys()
         for g in state.get("grants", []):
             if self.get(g["epoch"]) is not None:
                 continue
+            if vetted and not self._vouched(state, g):
+                self.unvouched[g["epoch"]] = g.get("granted_by")
+                continue   # where approval is required, only an approved member's grant
             try:
                 key = crypto.open_grant(self.team, g["epoch"], bytes.fromhex(g["sealed"]),
                                         self.private, bytes.fromhex(g["granter"]))
@@ -136,6 +144,12 @@ class Keyring:
                 continue   # not for this identity, or forged: worthless either way
             self.add(g["epoch"], key, g["granted_by"])
         return state
+
+    def usable(self, state, epoch):
+        """Whether this device holds `epoch`'s key and the server knows a member gave it
+        (`holds`): only then does the server take what it seals under it. A copied
+        home given a new device's key holds keys no member has given that device."""
+        return self.get(epoch) is not None and epoch in state.get("holds", [epoch])
 
     def eligible(self, state):
         """The members this device shares the team key with: not revoked, with an
@@ -149,6 +163,21 @@ class Keyring:
                 continue
             out.append((m, ident))
         return out
+
+    def _vouched(self, state, grant):
+        """Whether a grant comes from this device or from a member approved under a key
+        it holds: a server can register a device of its own and seal grants from it,
+        which a team requiring approval must not take. (A device holding no key yet
+        cannot tell: it takes the first grant it gets.)"""
+        try:
+            granter = bytes.fromhex(grant["granter"])
+        except (TypeError, ValueError):
+            return False
+        if granter == self.public:
+            return True
+        return any(m["device"] == grant.get("granted_by") and m["identity"] == granter.hex()
+                   and not m["revoked"] and self._approved(m, granter)
+                   for m in state.get("members", []))
 
     def _approved(self, member, identity):
         record = member.get("approval")
@@ -166,9 +195,9 @@ class Keyring:
         ({}, None) when there is nothing to do."""
         epoch = state["epoch"]
         pending = None
-        if epoch == 0 or (state.get("rekey") and self.get(epoch) is not None):
+        if epoch == 0 or (state.get("rekey") and self.usable(state, epoch)):
             pending = (epoch + 1, crypto.new_team_key())
-        held = dict(self.keys())
+        held = {e: k for e, k in self.keys().items() if self.usable(state, e)}
         if pending:
             held[pending[0]] = pending[1]
         grants = []

@@ -2,7 +2,7 @@
 
 from . import crypto
 from .errors import UsageError
-from .keyring import approval_record
+from .keyring import WaitingForKey, approval_record
 
 
 def members(ring, client):
@@ -41,8 +41,13 @@ def _approvals(ring, pairs):
 
 def approve(ring, client, name, confirm):
     """Approve device `name` (confirm(its fingerprint, this device's) says yes) and
-    share every epoch of the team key with it. False if not confirmed."""
-    state = ring.ensure(client)
+    share every epoch of the team key with it. False if not confirmed. (It may be
+    the device that began the current epoch, after its key was rotated: its grants
+    are taken once it is approved, so this needs only a key this device holds.)"""
+    state = ring.ensure(client, need=False)
+    if ring.current()[1] is None:
+        raise WaitingForKey(state["team"], state["epoch"], state.get("device"),
+                            bool(state.get("approval")))
     m, ident = _member(state, name)
     if not confirm(crypto.fingerprint(ident), crypto.fingerprint(ring.public)):
         return False

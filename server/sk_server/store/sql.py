@@ -162,6 +162,16 @@ class SQLStore(Store):
         return True
 
     @staticmethod
+    def _holds(db, team, device, epoch):
+        """Whether a member sealed the team key of `epoch` to this device (to any of
+        its identities: a rotated key's device still holds what it held). Only such a
+        device may write under that epoch, share it or begin the next: a registered
+        device that was never given the key cannot store a batch no member can open,
+        which would stop every member's pull at it."""
+        return db.execute("SELECT 1 FROM grants WHERE team = ? AND epoch = ? AND device = ?"
+                          " LIMIT 1", (team, epoch, device)).fetchone() is not None
+
+    @staticmethod
     def _chain_at(db, team):
         return lambda seq: bytes((db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
                                              (team, seq)).fetchone() or (b"",))[0])
@@ -182,6 +192,8 @@ class SQLStore(Store):
             if diverged:
                 return Pushed([], head, chain, diverged)
             wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
+            if not wrong_epoch and not self._holds(db, team, device, batch.epoch):
+                wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
             if wrong_epoch:
                 return Pushed([], head, chain, None, None, wrong_epoch)
             existing = {r[0]: tuple(r) for r in
@@ -296,6 +308,8 @@ class SQLStore(Store):
                               (team,)).fetchone()[0]
             if check_known((seq, chain), head, self._chain_at(db, team)):
                 raise StoreError(f"seq {seq} with that chain is not on this team's log")
+            if not self._holds(db, team, device, epoch):
+                raise StoreError(f"this device was not given the team key of epoch {epoch}")
             db.execute("INSERT INTO snapshots (team, seq, chain, epoch, sealed, size, device,"
                        " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                        (team, seq, chain, epoch, blob, len(blob), device, utc_now()))
@@ -332,8 +346,9 @@ class SQLStore(Store):
         """What a device of `team` needs to hold and share the team key: the current
         epoch, whether a new one must begin (rekey), the approval mode, the epochs,
         the grants sealed to this device's identity, every member (identity,
-        revoked, approval, the epochs granted to its identity), and how many events
-        are still in legacy."""
+        revoked, approval, the epochs granted to its identity), how many events
+        are still in legacy, and the epochs this device holds (was granted, to any of
+        its identities): only under those may it write, share or begin the next."""
         with self.d.read(snapshot=True) as db:
             epoch, rekey, approval, head = db.execute(
                 "SELECT epoch, rekey, approval, head FROM teams WHERE team = ?", (team,)).fetchone()
@@ -357,9 +372,11 @@ class SQLStore(Store):
                 "SELECT epoch, created_by, start_seq FROM epochs WHERE team = ? ORDER BY epoch",
                 (team,))]
             legacy = db.execute("SELECT count(*) FROM legacy WHERE team = ?", (team,)).fetchone()[0]
+            holds = [r[0] for r in db.execute("SELECT DISTINCT epoch FROM grants WHERE team = ?"
+                                              " AND device = ? ORDER BY epoch", (team, device))]
         return {"epoch": epoch, "rekey": bool(rekey), "approval": bool(approval), "head": head,
                 "identity": mine[0] and bytes(mine[0]) if mine else None, "epochs": epochs,
-                "grants": grants, "members": members, "legacy": legacy}
+                "grants": grants, "members": members, "legacy": legacy, "holds": holds}
 
     def put_keys(self, team, device, identity=None, epoch=None, grants=(), approval=None,
                  approvals=()):
@@ -391,15 +408,23 @@ class SQLStore(Store):
                 if epoch != current + 1:
                     raise _Refused(f"epoch {epoch} cannot begin: the team's key is at epoch"
                                    f" {current} (another device began one first)")
+                if current and not self._holds(db, team, device, current):
+                    raise _Refused(f"epoch {epoch} cannot begin: this device was not given"
+                                   f" the team key of epoch {current}")
                 db.execute("UPDATE teams SET epoch = ?, rekey = 0 WHERE team = ?", (epoch, team))
                 db.execute("INSERT INTO epochs(team, epoch, created_by, start_seq, created)"
                            " VALUES (?, ?, ?, ?, ?)", (team, epoch, device, head, now))
                 current = epoch
             members = {n for (n,) in db.execute("SELECT name FROM devices WHERE team = ? AND"
                                                 " revoked IS NULL", (team,))}
+            held = {e for e in {g[0] for g in grants} if e == epoch or
+                    self._holds(db, team, device, e)}
             for e, to, recipient, blob in grants:
                 if not 1 <= e <= current or to not in members:
                     raise _Refused(f"no grant of epoch {e} to '{to}' can be stored")
+                if e not in held:
+                    raise _Refused(f"this device was not given the team key of epoch {e},"
+                                   " so it cannot share it")
             self.d.many(db, "INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by,"
                             " granter, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                             " ON CONFLICT DO NOTHING",
@@ -421,8 +446,10 @@ class SQLStore(Store):
         with self.d.write() as db:
             epoch, rekey = db.execute("SELECT epoch, rekey FROM teams WHERE team = ?"
                                       + self.d.for_update, (team,)).fetchone()
-            if rekey_needed((epoch, rekey), batch.epoch):
-                raise StoreError(f"a reseal must be sealed under the team's epoch {epoch}")
+            if rekey_needed((epoch, rekey), batch.epoch) or not self._holds(
+                    db, team, device, batch.epoch):
+                raise StoreError(f"a reseal must be sealed under the team's epoch {epoch}"
+                                 " by a device that was given the team key of it")
             rows = db.execute("SELECT e.seq, e.event_id, e.node_id, e.lamport_clock FROM events e"
                               " JOIN legacy l ON l.team = e.team AND l.seq = e.seq"
                               " WHERE e.team = ? AND e.seq >= ? AND e.seq < ? ORDER BY e.seq",
