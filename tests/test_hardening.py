@@ -146,9 +146,11 @@ def test_a_device_never_given_the_team_key_cannot_stop_the_team(server, device):
     grant = crypto.seal_grant("default", 1, own, crypto.identity_secret(key), me)
     for bad in ({"grants": [{"epoch": 1, "device": "rogue", "recipient": me.hex(),
                              "sealed": grant.hex()}]},
-                {"epoch": 2}):
+                {"epoch": 2}, {"approval": True},
+                {"approvals": [{"device": "a", "identity": me.hex(), "record": "00" * 32}]}):
         answer = c.call("keys", bad)
-        assert "was not given the team key of epoch 1" in answer["refused"], answer
+        assert "was not given the team key" in answer["refused"], answer
+        assert answer["approval"] is False
         assert answer["epoch"] == 1 and answer["holds"] == []
     assert c.call("push", body, atts)["rekey"] == {"epoch": 1, "rotate": False}
     head = c.call("hello", {})["head"]

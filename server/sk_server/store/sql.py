@@ -430,6 +430,11 @@ class SQLStore(Store):
                             " ON CONFLICT DO NOTHING",
                         [(team, e, to, recipient, blob, device, mine, now)
                          for e, to, recipient, blob in grants])
+            if (approval or approvals) and not db.execute(
+                    "SELECT 1 FROM grants WHERE team = ? AND device = ? LIMIT 1",
+                    (team, device)).fetchone():
+                raise _Refused("this device was not given the team key, so it cannot approve"
+                               " devices or require approval")
             if approval:
                 db.execute("UPDATE teams SET approval = 1 WHERE team = ?", (team,))
             for to, ident, record in approvals:
