@@ -363,6 +363,21 @@ def push_request(team, events, epoch=1, writer=None, key=None, relay=(), known=N
     return body, [b.sealed]
 
 
+def results(answer, events=None):
+    """A push answer's statuses (one letter an event, in the batch's order) as
+    [{"status", "reason"?}], with "event_id" too when given the events pushed (dicts)
+    or their ids."""
+    words = {"a": "accepted", "d": "duplicate", "r": "rejected"}
+    reasons = answer.get("reasons", {})
+    out = [{"status": words[c], **({"reason": reasons[str(i)]} if str(i) in reasons else {})}
+           for i, c in enumerate(answer["statuses"])]
+    if events is None:
+        return out
+    ids = [e if isinstance(e, str) else e["event_id"] for e in events]
+    assert len(ids) == len(out), (ids, answer)
+    return [{"event_id": i, **r} for i, r in zip(ids, out)]
+
+
 def begin_epoch(store, team, device, epoch=1):
     """Begin the team's key epoch in a store, as its first member's sync does, and
     share it with every device of the team that has an identity (the key itself is

@@ -15,8 +15,8 @@ import uuid
 import pytest
 
 from conftest import ServerProcess, free_port
-from conftest import (append, member_push, check_server_log, ev, log, run, server_rows, state, status,
-                      sync)
+from conftest import (append, member_push, check_server_log, ev, log, results, run, server_rows,
+                      state, status, sync)
 
 pytestmark = pytest.mark.one_backend   # device-side: see conftest
 
@@ -400,7 +400,7 @@ def test_lamport_clock_at_the_limit_is_rejected(server, device):
            "aggregate_type": "feature", "aggregate_id": "F-1", "lamport_clock": 2 ** 63 - 1,
            "node_id": "evil-node", "payload": {"n": 666}, "timestamp": "2026-01-31T12:00:00Z"}
     answer = member_push(evil, [bad])
-    [res] = answer["results"]
+    [res] = results(answer, [bad])
     assert res["event_id"] == bad["event_id"] and res["status"] == "rejected", res
     assert "2^32" in res["reason"], res
     assert bad["event_id"] not in {r[2] for r in server_rows(server)}

@@ -496,7 +496,7 @@ def test_proxy_cuts_every_push_then_heals(server, device):
     before = 1200
     for trial in range(4):
         action = rng.choice([("cut_request", rng.randrange(0, 5000)),
-                             ("cut_response", rng.randrange(0, 200))])
+                             ("cut_response", rng.randrange(0, 100))])   # a push answer is ~150 B
         px = FaultProxy(server.port, lambda i, path: action if path == "/api/push" else None)
         try:
             run("sk", "sync", "--server", px.url, home=a, code=3)

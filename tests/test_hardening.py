@@ -117,7 +117,7 @@ def test_a_device_cannot_push_under_another_devices_node_id(server, device):
               "aggregate_id": "1", "lamport_clock": 999, "node_id": node,
               "payload": {"forged": True}, "timestamp": "2026-01-31T12:00:00Z"}
     answer = member_push(b, [forged])
-    assert answer["node_taken"]["device"] == "a" and "results" not in answer
+    assert answer["node_taken"]["device"] == "a" and "statuses" not in answer
     assert server_count(server) == 1
 
 

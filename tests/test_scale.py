@@ -28,7 +28,7 @@ import websocket
 from websocket import ABNF
 
 from conftest import (BACKENDS, ROOT, ServerProcess, member_push, new_server_db, opened_log,
-                      push_request, query, run, wait_until)
+                      push_request, query, results, run, wait_until)
 from sk import PROTOCOL_VERSION, crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -330,7 +330,7 @@ def test_request_replayed_to_another_server_is_refused(cluster3):
 
         def push(url, evs=evs, gate=gate):
             gate.wait(TIMEOUT)
-            return [r["status"] for r in rest_push(Client(url, key), team, evs)["results"]]
+            return [r["status"] for r in results(rest_push(Client(url, key), team, evs))]
         with ThreadPoolExecutor(len(urls)) as pool:
             answers = list(pool.map(push, urls))
         for j in range(len(evs)):
@@ -433,7 +433,7 @@ def test_watcher_on_one_server_gets_events_pushed_through_another_at_once(cluste
         for i in range(20):
             ev = new_event(f"node-{t}", i)
             t0 = time.monotonic()
-            assert member_push(pusher, [ev])["results"][0]["status"] == "accepted"
+            assert member_push(pusher, [ev])["statuses"] == "a"
             wait_until(lambda: query(db, "SELECT 1 FROM events WHERE event_id = ?",
                                      (ev["event_id"],)), 5, f"event {i} at the watcher",
                        interval=0.003)

@@ -27,7 +27,8 @@ from sk.client import Client
 from sk_server import create_app
 from sk_server.devices import register, revoke, rotate
 
-from conftest import begin_epoch, is_pg, open_page, push_request, query, sealed_batch, share_epochs
+from conftest import (begin_epoch, is_pg, open_page, push_request, query, results, sealed_batch,
+                      share_epochs)
 
 HYPO = settings(max_examples=100, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -158,9 +159,9 @@ class Device:
 
     def push(self, events, epoch=1, **kw):
         answer = self.push_answer(events, epoch, **kw)
-        assert "results" in answer, answer
+        assert "statuses" in answer, answer
         assert answer["team"] == self.team
-        return answer["results"]
+        return results(answer, events)
 
     def pull(self, after=0, limit=1000, skip=None):
         body = {"after": after, "limit": limit}
@@ -288,11 +289,11 @@ def test_unknown_routes_and_methods_are_json_errors(client, dev):
 def test_push_accepts_then_reports_duplicate(dev, store):
     ev = make_event()
     answer = dev.push_answer([ev])
-    assert answer["results"] == [{"event_id": ev["event_id"], "status": "accepted"}]
+    assert answer["statuses"] == "a" and "reasons" not in answer
     assert answer["head"] == 1 and answer["chain"] == chain_of([ev["event_id"]])
     assert count(store) == 1
     answer = dev.push_answer([ev])
-    assert answer["results"] == [{"event_id": ev["event_id"], "status": "duplicate"}]
+    assert answer["statuses"] == "d" and "reasons" not in answer
     assert answer["head"] == 1 and answer["chain"] == chain_of([ev["event_id"]])
     assert count(store) == 1
     assert store.stats()["batches"] == 1     # a batch of duplicates is not kept
@@ -529,7 +530,7 @@ def test_node_ids_belong_to_the_device_that_first_pushed_under_them(new_device, 
     assert answer["head"] == 1 and count(store) == 1
     # nothing of that push was stored, not even the binding of node-b to b
     c_own = make_event(node_id="node-b")
-    assert c.ok("push", *push_request("T", [c_own]))["results"][0]["status"] == "accepted"
+    assert c.ok("push", *push_request("T", [c_own]))["statuses"] == "a"
     assert count(store) == 2
     # a stamp (node, clock) holds one event: dev-a's own node, a clock it used
     answer = a.push_answer([make_event(lamport_clock=mine["lamport_clock"])])
@@ -537,11 +538,11 @@ def test_node_ids_belong_to_the_device_that_first_pushed_under_them(new_device, 
     assert str(mine["lamport_clock"]) in answer["node_taken"]["reason"]
     assert count(store) == 2
     # an event already stored is a duplicate, whoever pushes it again
-    assert b.ok("push", *push_request("T", [dict(mine)]))["results"] == [
+    assert results(b.ok("push", *push_request("T", [dict(mine)])), [mine]) == [
         {"event_id": mine["event_id"], "status": "duplicate"}]
     # another device's events given back to a (restored) server travel as relay
     body, atts = push_request("T", [stolen], relay=[0])
-    assert b.ok("push", body, atts)["results"] == [
+    assert results(b.ok("push", body, atts), [stolen]) == [
         {"event_id": stolen["event_id"], "status": "accepted"}]
     assert count(store) == 3
     got = [{k: v for k, v in e.items() if k != "seq"} for e in a.read()]
@@ -561,7 +562,7 @@ def test_push_answered_with_an_error_commits_nothing(new_device, store):
     assert count(store) == 0
     # node-a is still nobody's: another device may take it
     b = new_device("b")
-    assert b.ok("push", *push_request("team-a", [good]))["results"][0]["status"] == "accepted"
+    assert b.ok("push", *push_request("team-a", [good]))["statuses"] == "a"
     assert [e["node_id"] for e in b.read()] == ["node-a"]
 
 
@@ -733,7 +734,7 @@ def test_api_key_never_crosses_the_wire(client, dev, store):
     ev = make_event(event_type="wire_needle_type", aggregate_id="wire-needle-aggregate",
                     payload={"note": "wire needle payload text"})
     body, atts = dev.push_request([ev])
-    assert c.call("push", body, atts)["results"][0]["status"] == "accepted"
+    assert c.call("push", body, atts)["statuses"] == "a"
     page = c.pull(0, 10)
     assert open_page(page, dev.team) == [{**ev, "seq": 1}]
     secret_text = dev.api_key.split(".")[2]
@@ -861,7 +862,7 @@ def test_every_flipped_byte_of_a_small_request_is_refused(dev, store):
     r = dev.send("push", blob)
     assert r.status_code == 200
     res = wire.open_response(dev.master, dev.key_id, "push", nonce, r.data)
-    assert res["results"][0]["status"] == "accepted"
+    assert res["statuses"] == "a"
     assert count(store) == 1
 
 
@@ -1054,7 +1055,7 @@ def test_lone_surrogates_where_the_server_does_not_look(dev, store):
     body, atts = dev.push_request([make_event()])
     body["x"] = "\ud800"
     r = dev.send("push", dev.seal_plain("push", frame(gz(jbytes(body)), atts))[0])
-    assert r.status_code == 200 and r.sk_answer["results"][0]["status"] == "accepted"
+    assert r.status_code == 200 and r.sk_answer["statuses"] == "a"
     r = dev.send("pull", dev.seal_plain("pull", frame(gz(jbytes(
         {"after": 0, "skip": {"node_id": "\ud800", "upto": 5}}))))[0])
     assert r.status_code != 500, r.data[:300]
@@ -1079,7 +1080,7 @@ def test_deep_payload_never_poisons_pull(dev, store, depth, request):
     blob, nonce = dev.seal("push", body, atts)
     r = dev.send("push", blob)
     assert r.status_code == 200, r.data[:300]
-    res = wire.open_response(dev.master, dev.key_id, "push", nonce, r.data)["results"][0]
+    res = results(wire.open_response(dev.master, dev.key_id, "push", nonce, r.data), [ev])[0]
     assert res == {"event_id": ev["event_id"], "status": "accepted"}
     page = dev.pull()
     assert page["attachments"] == atts        # byte for byte as it was sealed
@@ -1191,7 +1192,7 @@ def test_a_large_sealed_batch_travels(dev, store):
     ev = make_event(payload={"blob": base64.b64encode(os.urandom(180 * 1024)).decode()})
     body, atts = dev.push_request([ev])
     assert len(atts[0]) > 180 * 1024
-    assert dev.ok("push", body, atts)["results"][0]["status"] == "accepted"
+    assert dev.ok("push", body, atts)["statuses"] == "a"
     page = dev.pull()
     assert page["attachments"] == atts
     assert open_page(page, dev.team)[0]["payload"] == ev["payload"]
@@ -1360,7 +1361,7 @@ def _check_answer(dev, store, endpoint, r, nonce, before):
     assert r.status_code != 500 and r.status_code < 500, (r.status_code, r.data[:300])
     if r.status_code == 200:
         body = wire.open_response(dev.master, dev.key_id, endpoint, nonce, r.data)
-        accepted = sum(1 for x in body.get("results", []) if x["status"] == "accepted")
+        accepted = body.get("statuses", "").count("a")
         assert count(store) == before + accepted
         return body
     assert_refused(r)
@@ -1398,7 +1399,7 @@ def test_fuzz_random_headers(dev, store, proto, key, extra):
     body = _check_answer(dev, store, "push", r, nonce, before)
     if body is not None:    # only the genuine headers can succeed
         assert proto == str(PROTOCOL_VERSION) and key == dev.key_id
-        assert body["results"][0]["status"] == "accepted"
+        assert body["statuses"] == "a"
 
 
 @HYPO
@@ -1430,8 +1431,8 @@ def test_fuzz_sealed_push_manifests(dev, store, case):
         assert count(store) == before and got["node_taken"]["reason"]
         assert got["node_taken"]["node_id"] in {e[1] for e in body["events"]}
     else:
-        assert [x["event_id"] for x in got["results"]] == [e[0] for e in body["events"]]
-        for res in got["results"]:
+        assert len(got["statuses"]) == len(body["events"])
+        for res in results(got):
             assert res["status"] in ("accepted", "duplicate", "rejected")
             if res["status"] == "rejected":
                 assert res["reason"]

@@ -407,6 +407,35 @@ def test_mark_pushed_applies_statuses(store):
     assert [e["event_id"] for e in events(store, status="rejected")] == ids[2:]
 
 
+def test_a_push_moves_the_cursor_over_its_own_events_only_when_the_chain_says_so(store):
+    """A device caught up to the server's log pushes: when the answer's head is the
+    cursor plus exactly the accepted events and its chain is the one they make, the
+    cursor moves there (a pull would only read their ids back to check that chain);
+    otherwise (another device's events in between, a chain that differs) it stays."""
+    import hashlib
+    ids = _stamp(store, 5)
+
+    def chain(start, eids):
+        for e in eids:
+            start = hashlib.sha256(start + e.encode()).digest()
+        return start
+
+    genesis = bytes(32)
+    assert store.cursor() == 0 and store.cursor_chain() == genesis
+    # accepted, duplicate (no seq for it), accepted: the log is the cursor's plus two
+    store.mark_pushed([(ids[0], "accepted", None), (ids[1], "duplicate", None),
+                       (ids[2], "accepted", None)], (2, chain(genesis, [ids[0], ids[2]]).hex()))
+    assert store.cursor() == 2 and store.cursor_chain() == chain(genesis, [ids[0], ids[2]])
+    # another device's event came in between: head 4, not 3; the cursor stays
+    at = store.cursor_chain()
+    store.mark_pushed([(ids[3], "accepted", None)], (4, chain(at, [str(uuid.uuid4()), ids[3]]).hex()))
+    assert store.cursor() == 2 and store.known()[0] == 4
+    # the right head, a chain that is not the one these events make: it stays
+    other = chain(at, [str(uuid.uuid4())]).hex()
+    store.mark_pushed([(ids[4], "accepted", None)], (3, other))
+    assert store.cursor() == 2 and store.cursor_chain() == at
+
+
 def test_mark_pushed_only_touches_queued_events(store):
     ids = _stamp(store, 2)
     store.append([ev("tok", "setting_changed", "setting", payload={"v": 1})])

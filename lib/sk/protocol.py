@@ -18,6 +18,8 @@ from .event import EventError, check_stamped, dumps
 from .wire import MAX_BATCH_BYTES, event_cost
 
 PUSH_STATUSES = ("accepted", "duplicate", "rejected")
+# a push answer says each event's status in one letter, in the batch's order
+STATUS_LETTERS = {s[0]: s for s in PUSH_STATUSES}
 
 
 # -- divergence -------------------------------------------------------------------
@@ -166,20 +168,20 @@ def settle_push(store, batch, answer, counts, on_event=None):
     check_answer(store, answer)
     if answer.get("rekey") is not None:
         raise Rekey(answer["rekey"])
-    results = answer.get("results")
-    ids = [item[1].event_id for item in batch]
-    if (not isinstance(results, list) or len(results) != len(ids)
-            or any(not isinstance(r, dict) or r.get("event_id") != i for r, i in zip(results, ids))):
+    statuses, reasons = answer.get("statuses"), answer.get("reasons", {})
+    if not isinstance(statuses, str) or len(statuses) != len(batch) or not isinstance(
+            reasons, dict):
         raise IntegrityError("server's push answer does not match the events sent")
+    if statuses.strip("adr"):
+        raise IntegrityError(f"server answered unknown push status {statuses.strip('adr')[:1]!r}")
     out = []
-    for r in results:
-        status = r.get("status")
-        if status not in PUSH_STATUSES:
-            raise IntegrityError(f"server answered unknown push status {str(status)[:40]!r}")
-        reason = r.get("reason") if status == "rejected" else None
-        if reason is not None and not isinstance(reason, str):
-            reason = str(reason)
-        out.append((r["event_id"], status, reason))
+    for i, (item, letter) in enumerate(zip(batch, statuses)):
+        status, reason = STATUS_LETTERS[letter], None
+        if letter == "r":
+            reason = reasons.get(str(i))
+            if reason is not None and not isinstance(reason, str):
+                reason = str(reason)
+        out.append((item[1].event_id, status, reason))
     store.mark_pushed(out, point_in(answer, "head"), [item[0] for item in batch])
     for (eid, status, reason), item in zip(out, batch):
         counts[status] += 1

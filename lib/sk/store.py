@@ -494,9 +494,25 @@ class LocalStore:
                            " AND status = 'queued'", sent)
             if point:
                 self._see(*point)
+                self._follow_own(point, [eid for eid, st, _ in results if st == "accepted"])
             for eid, st, reason in results:
                 if st == "rejected":
                     self._set_aside(db, eid, reason or "rejected by server")
+
+    def _follow_own(self, point, accepted):
+        """Move the cursor over this push's own events when the server's log after it
+        is the cursor's plus exactly them, in order: the hash chain they make from the
+        cursor's must be the one the server answered. A pull would read back only
+        their ids, to check that same chain."""
+        cursor, chain = self.cursor(), self.cursor_chain()
+        if not accepted or chain is None or point[0] != cursor + len(accepted):
+            return
+        import hashlib
+        for eid in accepted:
+            chain = hashlib.sha256(chain + eid.encode()).digest()
+        if chain.hex() == point[1]:
+            self.put("cursor", point[0])
+            self.put("cursor_chain", point[1])
 
     def set_aside(self, event_id, reason):
         with self.write() as db:

@@ -147,6 +147,7 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
     else:
         from concurrent.futures import ThreadPoolExecutor
         inflight, after = None, 0
+        left = _queued(store)   # counted once, then less each batch (a count is a scan)
         sender = client.twin()
         pool = ThreadPoolExecutor(1)
         try:
@@ -156,7 +157,8 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
                     break
                 for batch in batches(rows):
                     after = batch[-1][0]
-                    body = push_body(batch, ring, known_out(store), _queued(store))
+                    body = push_body(batch, ring, known_out(store), left)
+                    left = max(0, left - len(batch))
                     done = inflight[0].result() if inflight else None  # wait for n-1
                     future = pool.submit(_call_push, sender, body)      # send n
                     if inflight:                                        # settle n-1

@@ -209,7 +209,7 @@ def push():
         raise
     answer = push_batch(key, batch, relay, ticket, known)
     if queued is not None:   # what the device had queued, less what this push settled
-        _store().note_device(key.device, queued=max(0, queued - len(answer.get("results", ()))))
+        _store().note_device(key.device, queued=max(0, queued - len(answer.get("statuses", ""))))
     return _sealed(key, "push", nonce, answer)
 
 
@@ -250,8 +250,9 @@ def parse_batch(body):
 
 
 def push_batch(key, batch, relay=(), ticket=None, known=None):
-    """Store a sealed batch for device `key`; the answer: per-event results in
-    order and the log's new (head, chain), or why nothing was stored (diverged,
+    """Store a sealed batch for device `key`; the answer: each event's status, one
+    letter in the batch's order (accepted "a", duplicate "d", rejected "r", with
+    reasons by index), and the log's new (head, chain), or why nothing was stored (diverged,
     node_taken, rekey). The REST push (with its request's ticket) and the
     WebSocket push come here."""
     stored = _store().push(key.team, key.device, batch, ticket, known, relay)
@@ -263,15 +264,16 @@ def push_batch(key, batch, relay=(), ticket=None, known=None):
                 ops.pushed(key.team, (), "node_taken", len(batch.manifest))
             return {why: getattr(stored, why), "head": stored.head, "team": key.team}
     ops.pushed(key.team, stored.results)
-    results = []
-    for (eid, _, _), (status, reason) in zip(batch.manifest, stored.results):
-        results.append({"event_id": eid, "status": status, **({"reason": reason} if reason else {})})
-    if any(r["status"] == "accepted" for r in results):
+    statuses = "".join(status[0] for status, _ in stored.results)   # accepted: "a", ...
+    if "a" in statuses:
         notify = current_app.extensions.get("sk_notify")
         if notify:
             notify(key.team)
-    answer = {"results": results, "head": stored.head, "chain": stored.chain.hex(),
+    answer = {"statuses": statuses, "head": stored.head, "chain": stored.chain.hex(),
               "team": key.team}
+    reasons = {str(i): why for i, (_, why) in enumerate(stored.results) if why}
+    if reasons:
+        answer["reasons"] = reasons
     if wanted(key.team):
         answer["snapshot_wanted"] = True
     return answer

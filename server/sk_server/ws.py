@@ -239,7 +239,7 @@ class Session:
         answer = push_batch(self.key, batch, relay, known=self.known)
         if queued is not None:   # as a REST push: what was queued, less what this settled
             self.store.note_device(self.key.device,
-                                   queued=max(0, queued - len(answer.get("results", ()))))
+                                   queued=max(0, queued - len(answer.get("statuses", ""))))
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:
