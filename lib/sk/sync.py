@@ -242,31 +242,92 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
         counts = {}
     counts.update(received=0, new=0, pages=0, skipped=[])
     queued = _queued(store)
-    while True:
+    ahead = _Ahead(client, page_size, skip, queued)
+    try:
         page = client.pull(cursor, page_size, skip, known_out(store), queued)
-        if isinstance(page.get("diverged"), str) and not moves_cursor:
-            raise UsageError(f"--since {since}: {page['diverged']}")
-        try:
-            got = accept_page(store, page, cursor, ring, moves_cursor, chain,
-                              counts["skipped"].append, fold=fold)
-        except NeedKey as e:   # a batch of an epoch not held yet: a grant may be waiting
-            ring.ensure(client)
-            if ring.get(e.epoch) is None:
-                raise WaitingForKey(ring.team, e.epoch) from None
-            continue
-        counts["new"] += got.new
-        counts["received"] += len(got.events)
-        counts["pages"] += 1
-        if on_event:
-            for ev in got.events:
-                on_event("pulled", ev)
-        if progress:
-            progress(len(got.events))
-        cursor, chain = got.next, got.chain
-        if not got.more:
-            break
+        while True:
+            if isinstance(page.get("diverged"), str) and not moves_cursor:
+                raise UsageError(f"--since {since}: {page['diverged']}")
+            ahead.fetch(page, cursor, known_out(store))   # page n+1 while n is stored
+            try:
+                got = accept_page(store, page, cursor, ring, moves_cursor, chain,
+                                  counts["skipped"].append, fold=fold)
+            except NeedKey as e:   # a batch of an epoch not held yet: a grant may be waiting
+                ring.ensure(client)
+                if ring.get(e.epoch) is None:
+                    raise WaitingForKey(ring.team, e.epoch) from None
+                ahead.drop()
+                page = client.pull(cursor, page_size, skip, known_out(store), queued)
+                continue
+            counts["new"] += got.new
+            counts["received"] += len(got.events)
+            counts["pages"] += 1
+            if on_event:
+                for ev in got.events:
+                    on_event("pulled", ev)
+            if progress:
+                progress(len(got.events))
+            cursor, chain = got.next, got.chain
+            if not got.more:
+                break
+            page = ahead.take(cursor) or client.pull(cursor, page_size, skip, known_out(store),
+                                                     queued)
+    except BaseException:   # Ctrl-C, a signal, an error: stop the call in flight now
+        ahead.abort()
+        raise
+    finally:
+        ahead.close()
     counts["cursor"] = store.cursor()
     return counts
+
+
+class _Ahead:
+    """The next pull page, fetched on a connection and thread of its own while this
+    one is checked and stored (the server builds it meanwhile)."""
+
+    def __init__(self, client, page_size, skip, queued):
+        self.client, self.args = client, (page_size, skip)
+        self.queued, self.twin, self.pool, self.pending = queued, None, None, None
+
+    def fetch(self, page, cursor, known):
+        nxt = page.get("next")
+        if page.get("more") is not True or type(nxt) is not int or nxt <= cursor or (
+                "diverged" in page):
+            return
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool, self.twin = ThreadPoolExecutor(1), self.client.twin()
+        self.pending = (nxt, self.pool.submit(self.twin.pull, nxt, *self.args, known,
+                                              self.queued))
+
+    def take(self, cursor):
+        """The page after `cursor` if it was fetched ahead (its error, if it failed)."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != cursor:
+            self._wait(pending)
+            return None
+        return pending[1].result()
+
+    def drop(self):
+        pending, self.pending = self.pending, None
+        self._wait(pending)
+
+    @staticmethod
+    def _wait(pending):
+        if pending is not None:
+            try:
+                pending[1].result()
+            except Exception:   # noqa: BLE001 - a page not wanted any more
+                pass
+
+    def abort(self):
+        if self.twin is not None:
+            _abort(self.twin)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.twin.close()
 
 
 def reseal_legacy(store, client, ring, state):
