@@ -342,7 +342,9 @@ def run_config(name, args, work, templates, pg, base_env):
         db = pg.create_database(dbname)
         env["SK_SERVER_SECRET_FILE"] = str(cdir / "server.secret")
     else:
-        db = str(cdir / "server.db")
+        db = str(cdir / "server.db")   # sk-register opens only a database that exists
+        subprocess.run([str(BIN / "sk-admin"), "--db", db, "init"], env=env, check=True,
+                       capture_output=True)
     say(f"[{name}] registering {args.devices} devices, starting {nservers} server(s)")
     register = [([BIN / "sk-register", "--db", db, "--name", f"dev{i}", "--team", TEAM, "-q"], env)
                 for i in range(args.devices)]
