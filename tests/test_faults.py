@@ -222,7 +222,10 @@ def test_kill9_client_mid_push_then_sync_is_exactly_once(server, device, procs, 
         pulled = []
         for trial in range(3):
             p = procs.start("sk", "sync", home=b)
-            time.sleep(rng.uniform(0.2, 0.6))
+            held = len(local_events(b))   # killed once a page more (5,000 events) is in
+            assert wait_until(lambda: len(local_events(b)) > held or p.poll() is not None,
+                              30, interval=0.005)
+            time.sleep(rng.uniform(0.0, 0.02))
             Procs.kill9(p)
             rows = local_events(b)
             pulled.append(len(rows))
@@ -231,6 +234,7 @@ def test_kill9_client_mid_push_then_sync_is_exactly_once(server, device, procs, 
             # b holds no events of its own: its cursor counts exactly what it stored
             assert (int(cursor[0][0]) if cursor else 0) == len(rows), (cursor, len(rows))
         print(f"kills of sync mid-pull (events held at kill): {pulled}")
+        assert any(0 < n < len(expected) for n in pulled), pulled   # one landed mid-pull
     run("sk", "sync", home=b)
     assert_device_clean(b, expected)
     run("sk", "sync", home=a)    # idempotent: nothing more moves
