@@ -267,7 +267,6 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                                  " the page was applied") from None
         except sealed.Invalid as e:
             opened.append((manifest, writer, e))
-    import hashlib
     events, extras, at, legacy = [], [], cursor, 0
     payloads, parsed = [], []   # for the fold: what was opened, not parsed again
     for row in rows:
@@ -324,7 +323,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                 payloads.append(payload)
                 parsed.append(extra or None)
         if chain is not None:
-            chain = hashlib.sha256(chain + str(eid).encode()).digest()
+            chain = sealed.chain_next(chain, str(eid))
     if at != nxt:   # the log is dense: a page holds every event up to where it ends
         raise IntegrityError("the server's page does not end where it says")
     claimed = page.get("chain")

@@ -32,6 +32,16 @@ _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
 MAX_CONTENT = 8 * 1024 * 1024    # a batch's content inflates to at most this (wire.MAX_PLAIN)
 
+# Each team's log is a hash chain, git style: the chain value after event `seq` is
+# sha256(chain before it + its event_id), from GENESIS. The server keeps it by seq;
+# a device checks every page against it, and keeps the (seq, chain) it last saw.
+GENESIS = bytes(32)
+
+
+def chain_next(prev, event_id):
+    """The log's chain value after `event_id`, from the one before it."""
+    return hashlib.sha256(prev + event_id.encode()).digest()
+
 
 class SealedError(ValueError):
     """A sealed batch that does not authenticate, or whose clear part is malformed."""

@@ -507,9 +507,9 @@ class LocalStore:
         cursor, chain = self.cursor(), self.cursor_chain()
         if not accepted or chain is None or point[0] != cursor + len(accepted):
             return
-        import hashlib
+        from .sealed import chain_next
         for eid in accepted:
-            chain = hashlib.sha256(chain + eid.encode()).digest()
+            chain = chain_next(chain, eid)
         if chain.hex() == point[1]:
             self.put("cursor", point[0])
             self.put("cursor_chain", point[1])

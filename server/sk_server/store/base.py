@@ -8,13 +8,13 @@ postgresql.py).
 """
 
 import abc
-import hashlib
 import os
 import time
 from collections import namedtuple
 from datetime import datetime, timezone
 
 from sk import crypto, wire
+from sk.sealed import GENESIS, chain_next  # noqa: F401 - the store's, from the one definition
 
 
 def utc_now():
@@ -43,16 +43,10 @@ class KeyRecord:
         self.retired, self.retired_why, self.revoked = retired, retired_why, revoked
 
 
-# Each team's log is a hash chain, git style: the chain value after event `seq` is
-# sha256(chain before it + its event_id). A device keeps the (seq, chain) of the
-# last point of the log it saw; if the server's log at that seq is not the same
-# chain (the database was put back to an older copy, or replaced) every request
-# that carries the point is told so, and the device heals the server.
-GENESIS = bytes(32)
-
-
-def chain_next(prev, event_id):
-    return hashlib.sha256(prev + event_id.encode()).digest()
+# Each team's log is a hash chain (sk.sealed.chain_next). A device keeps the (seq,
+# chain) of the last point of the log it saw; if the server's log at that seq is not
+# the same chain (the database was put back to an older copy, or replaced) every
+# request that carries the point is told so, and the device heals the server.
 
 
 # One device must not be able to push the team's Lamport clock to its end (2^63)
