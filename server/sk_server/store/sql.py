@@ -162,14 +162,14 @@ class SQLStore(Store):
         return True
 
     @staticmethod
-    def _holds(db, team, device, epoch):
-        """Whether a member sealed the team key of `epoch` to this device (to any of
-        its identities: a rotated key's device still holds what it held). Only such a
-        device may write under that epoch, share it or begin the next: a registered
-        device that was never given the key cannot store a batch no member can open,
-        which would stop every member's pull at it."""
-        return db.execute("SELECT 1 FROM grants WHERE team = ? AND epoch = ? AND device = ?"
-                          " LIMIT 1", (team, epoch, device)).fetchone() is not None
+    def _held(db, team, device):
+        """The epochs whose team key a member sealed to this device (to any of its
+        identities: a rotated key's device still holds what it held). Only under those
+        may it write, share them, begin the next or approve: a registered device that
+        was never given the key cannot store a batch no member can open, which would
+        stop every member's pull at it."""
+        return {r[0] for r in db.execute("SELECT DISTINCT epoch FROM grants WHERE team = ?"
+                                         " AND device = ?", (team, device))}
 
     @staticmethod
     def _chain_at(db, team):
@@ -192,7 +192,7 @@ class SQLStore(Store):
             if diverged:
                 return Pushed([], head, chain, diverged)
             wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
-            if not wrong_epoch and not self._holds(db, team, device, batch.epoch):
+            if not wrong_epoch and batch.epoch not in self._held(db, team, device):
                 wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
             if wrong_epoch:
                 return Pushed([], head, chain, None, None, wrong_epoch)
@@ -308,7 +308,7 @@ class SQLStore(Store):
                               (team,)).fetchone()[0]
             if check_known((seq, chain), head, self._chain_at(db, team)):
                 raise StoreError(f"seq {seq} with that chain is not on this team's log")
-            if not self._holds(db, team, device, epoch):
+            if epoch not in self._held(db, team, device):
                 raise StoreError(f"this device was not given the team key of epoch {epoch}")
             db.execute("INSERT INTO snapshots (team, seq, chain, epoch, sealed, size, device,"
                        " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -372,8 +372,7 @@ class SQLStore(Store):
                 "SELECT epoch, created_by, start_seq FROM epochs WHERE team = ? ORDER BY epoch",
                 (team,))]
             legacy = db.execute("SELECT count(*) FROM legacy WHERE team = ?", (team,)).fetchone()[0]
-            holds = [r[0] for r in db.execute("SELECT DISTINCT epoch FROM grants WHERE team = ?"
-                                              " AND device = ? ORDER BY epoch", (team, device))]
+            holds = sorted(self._held(db, team, device))
         return {"epoch": epoch, "rekey": bool(rekey), "approval": bool(approval), "head": head,
                 "identity": mine[0] and bytes(mine[0]) if mine else None, "epochs": epochs,
                 "grants": grants, "members": members, "legacy": legacy, "holds": holds}
@@ -402,13 +401,14 @@ class SQLStore(Store):
                 db.execute("UPDATE devices SET identity = ? WHERE name = ? AND identity IS NULL",
                            (identity, device))
             mine = db.execute("SELECT identity FROM devices WHERE name = ?", (device,)).fetchone()[0]
+            held = self._held(db, team, device)
             if (epoch is not None or grants or approvals) and mine is None:
                 raise _Refused("this device has no identity on the server yet")
             if epoch is not None:
                 if epoch != current + 1:
                     raise _Refused(f"epoch {epoch} cannot begin: the team's key is at epoch"
                                    f" {current} (another device began one first)")
-                if current and not self._holds(db, team, device, current):
+                if current and current not in held:
                     raise _Refused(f"epoch {epoch} cannot begin: this device was not given"
                                    f" the team key of epoch {current}")
                 db.execute("UPDATE teams SET epoch = ?, rekey = 0 WHERE team = ?", (epoch, team))
@@ -417,12 +417,10 @@ class SQLStore(Store):
                 current = epoch
             members = {n for (n,) in db.execute("SELECT name FROM devices WHERE team = ? AND"
                                                 " revoked IS NULL", (team,))}
-            held = {e for e in {g[0] for g in grants} if e == epoch or
-                    self._holds(db, team, device, e)}
             for e, to, recipient, blob in grants:
                 if not 1 <= e <= current or to not in members:
                     raise _Refused(f"no grant of epoch {e} to '{to}' can be stored")
-                if e not in held:
+                if e not in held and e != epoch:
                     raise _Refused(f"this device was not given the team key of epoch {e},"
                                    " so it cannot share it")
             self.d.many(db, "INSERT INTO grants(team, epoch, device, recipient, sealed, granted_by,"
@@ -430,9 +428,7 @@ class SQLStore(Store):
                             " ON CONFLICT DO NOTHING",
                         [(team, e, to, recipient, blob, device, mine, now)
                          for e, to, recipient, blob in grants])
-            if (approval or approvals) and not db.execute(
-                    "SELECT 1 FROM grants WHERE team = ? AND device = ? LIMIT 1",
-                    (team, device)).fetchone():
+            if (approval or approvals) and not (held or any(g[1] == device for g in grants)):
                 raise _Refused("this device was not given the team key, so it cannot approve"
                                " devices or require approval")
             if approval:
@@ -451,8 +447,8 @@ class SQLStore(Store):
         with self.d.write() as db:
             epoch, rekey = db.execute("SELECT epoch, rekey FROM teams WHERE team = ?"
                                       + self.d.for_update, (team,)).fetchone()
-            if rekey_needed((epoch, rekey), batch.epoch) or not self._holds(
-                    db, team, device, batch.epoch):
+            if rekey_needed((epoch, rekey), batch.epoch) or batch.epoch not in self._held(
+                    db, team, device):
                 raise StoreError(f"a reseal must be sealed under the team's epoch {epoch}"
                                  " by a device that was given the team key of it")
             rows = db.execute("SELECT e.seq, e.event_id, e.node_id, e.lamport_clock FROM events e"
