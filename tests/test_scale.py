@@ -28,7 +28,7 @@ import websocket
 from websocket import ABNF
 
 from conftest import (BACKENDS, ROOT, ServerProcess, member_push, new_server_db, opened_log,
-                      push_request, query, results, run, wait_until)
+                      push_request, query, results, run, fake_grant, wait_until)
 from sk import PROTOCOL_VERSION, crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -153,8 +153,9 @@ def begin_epoch(client, api_key):
     never checks what they are sealed with, only that a member granted the epoch to
     the device that writes under it (the grant here is the test's)."""
     identity = crypto.identity_public(crypto.identity_secret(api_key)).hex()
-    grant = {"epoch": 1, "device": client.call("hello", {})["device"], "recipient": identity,
-             "sealed": (b"test grant").ljust(81, b".").hex()}
+    device = client.call("hello", {})["device"]
+    grant = {"epoch": 1, "device": device, "recipient": identity,
+             "sealed": fake_grant(device).hex()}
     state = client.call("keys", {"identity": identity, "epoch": 1, "grants": [grant]})
     assert "refused" not in state and state["epoch"] == 1 and not state["rekey"], state
 

@@ -13,7 +13,7 @@ import pytest
 import websocket
 from websocket import ABNF
 
-from conftest import open_page, push_request, query, results
+from conftest import open_page, push_request, query, results, fake_grant
 from sk import crypto, wire
 from sk.client import Client
 from sk.crypto import C2S, S2C
@@ -165,7 +165,7 @@ class Device:
 
     def _grant(self, to):
         return {"epoch": 1, "device": to.name, "recipient": to.identity,
-                "sealed": (b"grant to " + to.name.encode()).ljust(81, b".")[:81].hex()}
+                "sealed": fake_grant(to.name).hex()}
 
     def token(self):
         tok = self.client.call("ws-token", {})["token"]
