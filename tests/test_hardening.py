@@ -19,8 +19,8 @@ import zlib
 import pytest
 
 from conftest import (HTTPServerThread, TcpProxy, begin_epoch, member_push, push_request, query,
-                      QuietHandler, append, command, log, run, server_count, share_key, state,
-                      status, sync, wait_until)
+                      QuietHandler, append, command, log, run, server_count, server_rows,
+                      share_key, state, status, sync, wait_until)
 from sk import crypto, wire
 
 
@@ -123,12 +123,12 @@ def test_a_device_cannot_push_under_another_devices_node_id(server, device):
 
 def test_a_device_never_given_the_team_key_cannot_stop_the_team(server, device):
     """A registered device no member has shared the key with seals under a key of its
-    own: 0.4.0 stored that batch and every member's pull stopped at it (exit 5). Now
+    own: the server used to store that batch, and every member's pull stopped at it
+    (exit 5). Now
     the server stores nothing under an epoch from a device it was not granted to, and
     such a device can neither grant itself that epoch nor begin the next."""
-    import os
     from sk.client import Client
-    from conftest import server_rows
+    from sk.errors import IntegrityError
     a = device("a")
     append(a, [{"event_type": "x_set", "aggregate_type": "x", "aggregate_id": "1"}])
     sync(a)
@@ -155,7 +155,7 @@ def test_a_device_never_given_the_team_key_cannot_stop_the_team(server, device):
     assert c.call("push", body, atts)["rekey"] == {"epoch": 1, "rotate": False}
     head = c.call("hello", {})["head"]
     chain = bytes(server_rows(server, "SELECT chain FROM teams")[0][0]).hex()
-    with pytest.raises(Exception, match="given the team key"):
+    with pytest.raises(IntegrityError, match="409: this device was not given the team key"):
         c.call("snapshot", {"seq": head, "chain": chain, "epoch": 1}, [os.urandom(64)])
     assert server_count(server) == 1
     # the team goes on; a member's next sync shares the key with the new device,

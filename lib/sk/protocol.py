@@ -172,8 +172,9 @@ def settle_push(store, batch, answer, counts, on_event=None):
     if not isinstance(statuses, str) or len(statuses) != len(batch) or not isinstance(
             reasons, dict):
         raise IntegrityError("server's push answer does not match the events sent")
-    if statuses.strip("adr"):
-        raise IntegrityError(f"server answered unknown push status {statuses.strip('adr')[:1]!r}")
+    unknown = statuses.strip("adr")
+    if unknown:
+        raise IntegrityError(f"server answered unknown push status {unknown[:1]!r}")
     out = []
     for i, (item, letter) in enumerate(zip(batch, statuses)):
         status, reason = STATUS_LETTERS[letter], None
