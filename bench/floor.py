@@ -138,7 +138,9 @@ def run(workdir, events):
 
 
 if __name__ == "__main__":
+    import gc
     import sys
+    gc.disable()   # as sk's commands run (sk.cmd._common): the floor must not pay what sk does not
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
     from sk.event import new_event_id   # the ids sk-stamp gives

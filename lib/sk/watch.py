@@ -66,6 +66,8 @@ class Watch:
     # -- the loop ------------------------------------------------------------
     def run(self):
         """Watch until stopped; returns an exit code (4 when the key is refused)."""
+        import gc
+        gc.enable()   # it runs for days (a one-shot command runs without it: cmd._common)
         if self.store is None:
             self.store = open_store(self.cfg)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
