@@ -86,11 +86,11 @@ def ref_open_batch(team, epoch, team_key, manifest, writer, blob):
     return json.loads(content)["events"]
 
 
-def ref_seal_batch(team, epoch, team_key, manifest, writer, rows, nonce):
+def ref_seal_batch(team, epoch, team_key, manifest, writer, rows, nonce, **dumps_kw):
     key = hkdf(team_key, b"", f"sk/2 events|{team}".encode())
     ad = f"sk/2 batch|{team}|{epoch}|".encode() + hashlib.sha256(
         ref_canonical(manifest, writer)).hexdigest().encode()
-    content = gzip.compress(json.dumps({"events": rows}).encode())
+    content = gzip.compress(json.dumps({"events": rows}, **dumps_kw).encode())
     return b"\x02" + nonce + AESGCM(key).encrypt(nonce, content, ad)
 
 
@@ -237,6 +237,57 @@ def test_an_authentic_batch_holding_invalid_events_is_told_apart():
         bytes(12), z.compress(b" " * (9 << 20)) + z.flush(), ad)
     with pytest.raises(sealed.Invalid):
         sealed.open_batch("core", 3, TEAM_KEY, MANIFEST, WRITER, bomb)
+
+
+COMPACT = {"separators": (",", ":")}   # as sk writes content (read by cutting it)
+SPACED = {}                             # as json.dumps writes it (read whole)
+ROWS = [["x_set", "x", "1", {"v": [1, 2.5, None, True], "s": "caf\u00e9 \"q\""},
+         "2026-02-01T00:00:00Z", {"prior": {"v": [[3, "n1"]]}, "actor": "ada"}],
+        ["x_deleted", "x", "a \"quoted\" id", {}, "2026-02-01T00:00:01.5Z", {}]]
+IDS = ["0190a1b2-c3d4-7e5f-8a6b-7c8d9e0f1a2" + c for c in "bc"]
+TWO = [(IDS[0], "n2", 11), (IDS[1], "n2", 12)]
+
+
+@pytest.mark.parametrize("style", [COMPACT, SPACED, {**COMPACT, "ensure_ascii": False}])
+def test_a_batch_reads_the_same_however_its_content_is_spaced(style):
+    """sk cuts each payload's and extra's text out of content it wrote (no spacing)
+    instead of writing them again; any other spacing is read whole. Both give the
+    same events, with the payload's text as sk writes it."""
+    blob = ref_seal_batch("core", 3, TEAM_KEY, TWO, WRITER, ROWS, bytes(12), **style)
+    got = sealed.open_batch("core", 3, TEAM_KEY, TWO, WRITER, blob, payloads=True)
+    assert [ev.payload for ev, *_ in got] == ['{"v":[1,2.5,null,true],"s":"café \\"q\\""}', "{}"]
+    assert [ev.aggregate_id for ev, *_ in got] == ["1", 'a "quoted" id']
+    assert [(extra, payload) for _, extra, payload, _ in got] == [(r[5], r[3]) for r in ROWS]
+    assert [json.loads(text) if text else None for *_, text in got] == [ROWS[0][5], None]
+    assert got[1][0].timestamp == "2026-02-01T00:00:01.5Z"
+    cut = sealed._rows(json.dumps({"events": ROWS}, **style))
+    assert (cut is not None) == (style is not SPACED)   # the way sk writes it is cut
+    if cut:
+        assert [r[4] for r in cut] == [json.dumps(r[3], **style) for r in ROWS]
+
+
+@pytest.mark.parametrize("style", [COMPACT, SPACED])
+@pytest.mark.parametrize("row", [
+    ["x_set", "x", "1", {"v": "\ud800"}, "2026-02-01T00:00:00Z", {}],    # a lone surrogate
+    ["x_set", "x", "1", {"v": 1e999}, "2026-02-01T00:00:00Z", {}],       # infinity
+    [["x_set"], "x", "1", {}, "2026-02-01T00:00:00Z", {}],               # a type not text
+    ["x_set", {"x": 1}, "1", {}, "2026-02-01T00:00:00Z", {}],
+    ["x_set", "x", "", {}, "2026-02-01T00:00:00Z", {}],                  # an empty id
+    ["x_set", "x", "1", [], "2026-02-01T00:00:00Z", {}],                 # payload not an object
+    ["x_set", "x", "1", {}, "yesterday", {}],
+    ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", []],                 # extra not an object
+    ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", {}, "more"],         # 7 values
+    ["x_set", "x", "1", {}, "{}", "2026-02-01T00:00:00Z", {}, "{}"],     # 8 (what sk cuts)
+])
+def test_an_invalid_event_is_refused_however_its_content_is_spaced(style, row):
+    text = json.dumps(row, allow_nan=True, **style)
+    if style is COMPACT:   # the writer of an infinity, a lone surrogate: not json.dumps
+        text = text.replace("Infinity", "1e999")
+    blob = b"\x02" + bytes(12) + AESGCM(hkdf(TEAM_KEY, b"", b"sk/2 events|core")).encrypt(
+        bytes(12), gzip.compress(('{"events":[' + text + "]}").encode()),
+        b"sk/2 batch|core|3|" + hashlib.sha256(ref_canonical(MANIFEST, WRITER)).hexdigest().encode())
+    with pytest.raises(sealed.Invalid):
+        sealed.open_batch("core", 3, TEAM_KEY, MANIFEST, WRITER, blob, payloads=True)
 
 
 # -- snapshots ---------------------------------------------------------------------------

@@ -62,6 +62,30 @@ dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=Fa
 _decode = json.JSONDecoder(parse_constant=_no_constants).decode
 
 
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is too large")
+    return value
+
+
+# One JSON value of a text from an index, as loads reads it but for a number too large
+# for a float (ValueError: loads reads 1e999 as infinity, which dumps then refuses):
+# (value, the index after it); StopIteration if no value starts there.
+scan_value = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite).scan_once
+
+
+_SCALARS = {str: json.encoder.encode_basestring, int: int.__repr__,
+            bool: lambda b: "true" if b else "false", type(None): lambda _: "null"}
+
+
+def dumps_value(value):
+    """dumps(value), without the encoder's set-up for a string, integer, boolean or
+    null (a payload's values mostly are: the fold writes one for each)."""
+    enc = _SCALARS.get(type(value))
+    return enc(value) if enc is not None else dumps(value)
+
+
 def loads(text):
     if isinstance(text, (bytes, bytearray)):
         text = text.decode("utf-8")   # UnicodeDecodeError is a ValueError
@@ -237,6 +261,27 @@ def check_opened(entry, row):
         {"event_type": row[0], "aggregate_type": row[1], "aggregate_id": row[2]}, new=False)
     return Event(entry[0], etype, atype, aid, entry[2], entry[1], check_payload(row[3], None),
                  check_timestamp(row[4]))
+
+
+def check_opened_text(entry, row, names):
+    """check_opened for a content row read with its payload's JSON text as the
+    writer wrote it: row (event_type, aggregate_type, aggregate_id, payload dict,
+    payload text, timestamp). The text is kept as it is (it is JSON of the same
+    value, read by scan_value, so no number in it is too large for a float) unless
+    it holds an escape (\\u...: a lone surrogate hides there) or may be over the
+    size limit: then check_payload writes it again, and refuses what it refuses. `names`: a
+    set of (event_type, aggregate_type) pairs checked already, kept up to date
+    (a batch repeats them). Returns an Event."""
+    etype, atype, aid, payload, text, ts = row
+    if type(etype) is not str or type(atype) is not str or (etype, atype) not in names:
+        _check_str({"event_type": etype}, "event_type", _TYPE_RE, 64)
+        _check_str({"aggregate_type": atype}, "aggregate_type", _TYPE_RE, 64)
+        names.add((etype, atype))
+    if type(aid) is not str or not 1 <= len(aid) <= 256 or not aid.isascii():
+        _check_str({"aggregate_id": aid}, "aggregate_id", nul_ok=True)
+    if type(payload) is not dict or "\\u" in text or len(text) > MAX_PAYLOAD_BYTES // 4:
+        text = check_payload(payload, None)
+    return Event(entry[0], etype, atype, aid, entry[2], entry[1], text, check_timestamp(ts))
 
 
 def is_deletion(event_type):

@@ -163,13 +163,18 @@ def suspects_of(rows, held):
         if check and extra:
             x = loads(extra) if isinstance(extra, str) else extra
             prior = x.get("prior") if isinstance(x, dict) else None
+            if prior is not None and not isinstance(prior, dict):
+                prior = {}
         for key in payload:
             have = cur.get(key)
             if have is not None and prior is not None:
-                known = prior.get(key) if isinstance(prior, dict) else None
-                # anything but "knew exactly the value it replaces": a possible loss, or
-                # a write that knew of losers (it may close their conflict)
-                if stamp < have or known != [list(have)]:
+                # anything but "knew exactly the value it replaces" ([[lamport, node]]):
+                # a possible loss, or a write that knew of losers (it may close their
+                # conflict)
+                known = prior.get(key)
+                if (stamp < have or type(known) is not list or len(known) != 1
+                        or type(known[0]) is not list or len(known[0]) != 2
+                        or known[0][0] != have[0] or known[0][1] != have[1]):
                     out.add((atype, aid))
             if have is None or stamp > have:
                 cur[key] = stamp

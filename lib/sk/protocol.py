@@ -14,7 +14,7 @@ from collections import namedtuple
 
 from . import sealed
 from .errors import ConfigError, IntegrityError, SkError
-from .event import EventError, check_stamped, dumps
+from .event import EventError, check_stamped
 from .wire import MAX_BATCH_BYTES, event_cost
 
 PUSH_STATUSES = ("accepted", "duplicate", "rejected")
@@ -318,9 +318,9 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                 if warn:
                     warn(f"event {eid} (seq {seq}) authenticates but is invalid, skipped: {got}")
             else:
-                ev, extra, payload = got[row[2]]
+                ev, extra, payload, extra_text = got[row[2]]
                 events.append(ev)
-                extras.append(dumps(extra) if extra else None)
+                extras.append(extra_text)
                 payloads.append(payload)
                 parsed.append(extra or None)
         if chain is not None:

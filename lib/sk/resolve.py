@@ -14,7 +14,7 @@ mapped prefix or start with it followed by '/'.
 
 import json
 
-from .event import dumps, is_deletion
+from .event import dumps, dumps_value, is_deletion
 
 CHUNK = 5000
 STATE_VERSION = "2"
@@ -74,7 +74,7 @@ def fold(events, aggs=None, fields=None):
         if stamp > slot[0]:
             slot[0] = stamp
         for name, value in payload.items():
-            cand = (lamport, node, dumps(value))
+            cand = (lamport, node, dumps_value(value))
             fkey = (atype, aid, name)
             cur = fields.get(fkey)
             if cur is None or cand > cur:
@@ -241,7 +241,9 @@ def _fold_in(db, items, pairs, check_upto=0, stamps=None):
     db.executemany(_AGG_UPSERT, [(t, i, live[0], live[1], dead[0], dead[1])
                                  for (t, i), (live, dead) in aggs.items()])
     db.executemany(_FIELD_UPSERT, [(t, i, k, v, _mapped(v, pairs), lam, node)
-                                   for (t, i, k), (lam, node, v) in fields.items()])
+                                   for (t, i, k), (lam, node, v) in fields.items()] if pairs
+                   else [(t, i, k, v, None, lam, node)
+                         for (t, i, k), (lam, node, v) in fields.items()])
 
 
 def _flag_suspects(db, items, check_upto=0, stamps=None):

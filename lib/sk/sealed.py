@@ -26,7 +26,8 @@ import re
 import zlib
 
 from .crypto import data_key, open_data, seal_data
-from .event import MAX_LAMPORT, Event, EventError, check_opened, dumps, loads
+from .event import (MAX_LAMPORT, Event, EventError, check_opened, check_opened_text,
+                    dumps, loads, scan_value)
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
@@ -120,10 +121,11 @@ def seal_batch(team, epoch, team_key, events, writer=None, extras=None, nonce=No
 
 def open_batch(team, epoch, team_key, manifest, writer, blob, payloads=False):
     """The events of a sealed batch, in the manifest's order: [(Event, extra)]
-    (with payloads, [(Event, extra, payload dict)]). SealedError if it does not
-    authenticate under this team's key of `epoch` with this manifest, or if what it
-    holds is not valid events. The manifest and writer are as check_manifest
-    returns them (their ids, nodes and clocks are taken as checked there)."""
+    (with payloads, [(Event, extra, payload dict, extra's JSON text or None)]).
+    SealedError if it does not authenticate under this team's key of `epoch` with
+    this manifest, or if what it holds is not valid events. The manifest and
+    writer are as check_manifest returns them (their ids, nodes and clocks are
+    taken as checked there)."""
     from .crypto import CryptoError
     try:
         content = open_data(data_key(team_key, team, "events"), blob,
@@ -135,24 +137,97 @@ def open_batch(team, epoch, team_key, manifest, writer, blob, payloads=False):
         text = d.decompress(content, MAX_CONTENT)
         if d.unconsumed_tail or not d.eof:
             raise Invalid("a sealed batch's content is too large or truncated")
-        rows = loads(text)["events"]
+        text = text.decode("utf-8")
+        rows = _rows(text)
+        cut = rows is not None
+        if not cut:   # not as sk writes it (spacing, another client): read it whole
+            rows = loads(text)["events"]
     except (zlib.error, ValueError, KeyError, TypeError, RecursionError) as e:
         if isinstance(e, SealedError):
             raise
         raise Invalid(f"a sealed batch's content is not what it should be: {e}") from None
     if not isinstance(rows, list) or len(rows) != len(manifest):
         raise Invalid("a sealed batch holds another number of events than its manifest")
-    out = []
+    out, names = [], set()
     for entry, row in zip(manifest, rows):
         eid = entry[0]
-        if not isinstance(row, list) or len(row) != 6 or not isinstance(row[5], dict):
+        if cut:
+            etype, atype, aid, payload, text, ts, extra, extra_text = row
+        elif isinstance(row, list) and len(row) == 6:
+            (etype, atype, aid, payload, ts, extra), text, extra_text = row, None, None
+        else:
+            extra = None
+        if not isinstance(extra, dict):
             raise Invalid(f"event {eid} in a sealed batch is malformed")
         try:
-            ev = check_opened(entry, row)
+            if text is None:
+                ev = check_opened(entry, (etype, atype, aid, payload, ts))
+            else:
+                ev = check_opened_text(entry, (etype, atype, aid, payload, text, ts), names)
         except EventError as e:
             raise Invalid(f"event {eid} in a sealed batch is invalid: {e}") from None
-        out.append((ev, row[5], row[3]) if payloads else (ev, row[5]))
+        if not payloads:
+            out.append((ev, extra))
+        else:
+            if extra and extra_text is None:
+                extra_text = dumps(extra)
+            out.append((ev, extra, payload, extra_text if extra else None))
     return out
+
+
+_HEAD = '{"events":['
+# a row's first three values, strings without an escape or a control character
+_ROW_HEAD = re.compile(r'\["([^"\\\x00-\x1f]{1,256})","([^"\\\x00-\x1f]{1,256})",'
+                       r'"([^"\\\x00-\x1f]{1,256})",')
+
+
+def _rows(text):
+    """The content's rows as sk writes it (no spacing between the values of a row):
+    [[event_type, aggregate_type, aggregate_id, payload, payload's text, timestamp,
+    extra, extra's text]], the two texts cut from the content as written; None if
+    the content is written otherwise (it is then read whole, as JSON)."""
+    if not text.startswith(_HEAD) or text[len(_HEAD)] != "[":
+        return None
+    scan, head, out, i = scan_value, _ROW_HEAD.match, [], len(_HEAD)
+    try:
+        while True:
+            m = head(text, i)
+            if m is not None:   # the names without escapes, as they mostly are
+                etype, atype, aid = m.groups()
+                i = m.end() - 1
+            else:
+                if text[i] != "[":
+                    return None
+                etype, i = scan(text, i + 1)
+                if text[i] != ",":
+                    return None
+                atype, i = scan(text, i + 1)
+                if text[i] != ",":
+                    return None
+                aid, i = scan(text, i + 1)
+                if text[i] != ",":
+                    return None
+            start = i + 1
+            payload, i = scan(text, start)
+            payload_text = text[start:i]
+            if text[i] != ",":
+                return None
+            ts, i = scan(text, i + 1)
+            if text[i] != ",":
+                return None
+            start = i + 1
+            extra, i = scan(text, start)
+            out.append([etype, atype, aid, payload, payload_text, ts, extra, text[start:i]])
+            if text[i] != "]":
+                return None
+            if text[i + 1] == ",":
+                i += 2
+            elif text[i + 1:] == "]}":
+                return out
+            else:
+                return None
+    except (StopIteration, IndexError, ValueError):
+        return None
 
 
 __all__ = ["Event", "Invalid", "SealedError", "Unauthentic", "batch_ad", "canonical",
