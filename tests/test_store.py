@@ -436,6 +436,35 @@ def test_a_push_moves_the_cursor_over_its_own_events_only_when_the_chain_says_so
     assert store.cursor() == 2 and store.cursor_chain() == at
 
 
+def test_a_pushed_run_is_marked_sent_only_when_it_is_still_the_queue(store):
+    """A batch as queued() read it is marked sent in one statement over its seqs;
+    when the queue changed under it (an event of the run no longer queued, another
+    queued between), only the batch's own events are marked, one by one."""
+    ids = _stamp(store, 6)
+    rows = store.queued(3)
+    store.mark_pushed([(r[1].event_id, "accepted", None) for r in rows], None,
+                      [r[0] for r in rows])
+    by_id = {e["event_id"]: e["status"] for e in events(store)}
+    assert [by_id[i] for i in ids] == ["sent"] * 3 + ["queued"] * 3
+    rows = store.queued(3, after=rows[-1][0])
+    # meanwhile the middle one was sent by someone else, and an older one queued again
+    store.db.execute("UPDATE events SET status = 'sent' WHERE event_id = ?", (ids[4],))
+    store.db.execute("UPDATE events SET status = 'queued' WHERE event_id = ?", (ids[0],))
+    store.mark_pushed([(r[1].event_id, "duplicate", None) for r in rows[::2]], None,
+                      [r[0] for r in rows[::2]])
+    by_id = {e["event_id"]: e["status"] for e in events(store)}
+    assert [by_id[i] for i in ids] == ["queued"] + ["sent"] * 5
+    # the run with another event queued inside it: marked one by one, that one kept
+    more = _stamp(store, 3)[6:]
+    rows = [r for r in store.queued(10) if r[1].event_id in more]
+    assert [r[1].event_id for r in rows] == more
+    store.db.execute("UPDATE events SET status = 'queued' WHERE event_id = ?", (ids[3],))
+    store.mark_pushed([(rows[0][1].event_id, "accepted", None),
+                       (rows[2][1].event_id, "accepted", None)], None, [rows[0][0], rows[2][0]])
+    by_id = {e["event_id"]: e["status"] for e in events(store)}
+    assert (by_id[more[0]], by_id[more[1]], by_id[more[2]]) == ("sent", "queued", "sent")
+
+
 def test_mark_pushed_only_touches_queued_events(store):
     ids = _stamp(store, 2)
     store.append([ev("tok", "setting_changed", "setting", payload={"v": 1})])

@@ -489,15 +489,35 @@ class LocalStore:
             where = "event_id = ?"
             sent = sorted((eid,) for eid, st, _ in results if st in done)  # the index in order
         with self.write() as db:
-            db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
-                           " THEN 'remote' ELSE 'sent' END WHERE " + where +
-                           " AND status = 'queued'", sent)
+            if not self._mark_run(db, sent if seqs is not None and len(sent) == len(results)
+                                  else None):
+                db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
+                               " THEN 'remote' ELSE 'sent' END WHERE " + where +
+                               " AND status = 'queued'", sent)
             if point:
                 self._see(*point)
                 self._follow_own(point, [eid for eid, st, _ in results if st == "accepted"])
             for eid, st, reason in results:
                 if st == "rejected":
                     self._set_aside(db, eid, reason or "rejected by server")
+
+    @staticmethod
+    def _mark_run(db, sent):
+        """Mark sent [(seq, event_id)], in seq order, in one statement when they are
+        exactly the queued events from the first seq to the last (as queued() read
+        them, and nothing changed since): True if it did. One statement over a run
+        of the log instead of a statement an event."""
+        if not sent:
+            return False
+        lo, hi = sent[0][0], sent[-1][0]
+        have = db.execute("SELECT count(*), group_concat(event_id, ',') FROM (SELECT event_id"
+                          " FROM events WHERE status = 'queued' AND seq BETWEEN ? AND ?"
+                          " ORDER BY seq)", (lo, hi)).fetchone()
+        if have[0] != len(sent) or have[1] != ",".join(eid for _, eid in sent):
+            return False
+        db.execute("UPDATE events SET status = CASE WHEN stamped_at IS NULL THEN 'remote'"
+                   " ELSE 'sent' END WHERE status = 'queued' AND seq BETWEEN ? AND ?", (lo, hi))
+        return True
 
     def _follow_own(self, point, accepted):
         """Move the cursor over this push's own events when the server's log after it

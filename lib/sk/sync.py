@@ -146,26 +146,26 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
             progress(moved())
     else:
         from concurrent.futures import ThreadPoolExecutor
-        inflight, after = None, 0
+        inflight = None
         left = _queued(store)   # counted once, then less each batch (a count is a scan)
         sender = client.twin()
-        pool = ThreadPoolExecutor(1)
+        pool, sealer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        cut = _cut(store, max_n)
         try:
-            while True:
-                rows = store.queued(max_n, after)
-                if not rows:
-                    break
-                for batch in batches(rows):
-                    after = batch[-1][0]
-                    body = push_body(batch, ring, known_out(store), left)
-                    left = max(0, left - len(batch))
-                    done = inflight[0].result() if inflight else None  # wait for n-1
-                    future = pool.submit(_call_push, sender, body)      # send n
-                    if inflight:                                        # settle n-1
-                        _settle(store, client, ring, inflight, counts, on_event, progress,
-                                moved, done)
-                    inflight = (future, batch)
-                    counts["batches"] += 1
+            ahead = _seal_next(sealer, cut, ring, known_out(store), left)
+            while ahead is not None:
+                batch, sealing, left = ahead
+                body = sealing.result()
+                # batch n+1 is sealed on a thread of its own (compression and AES work
+                # without the GIL) while n is sent and n-1's answer is applied here
+                ahead = _seal_next(sealer, cut, ring, known_out(store), left)
+                done = inflight[0].result() if inflight else None  # wait for n-1
+                future = pool.submit(_call_push, sender, body)      # send n
+                if inflight:                                        # settle n-1
+                    _settle(store, client, ring, inflight, counts, on_event, progress,
+                            moved, done)
+                inflight = (future, batch)
+                counts["batches"] += 1
             if inflight:
                 _settle(store, client, ring, inflight, counts, on_event, progress, moved,
                         inflight[0].result())
@@ -176,10 +176,44 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
         finally:
             if inflight:
                 inflight[0].cancel()
+            sealer.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             sender.close()
     counts["queued"] = store.counts(totals=False)["queued"]
     return counts
+
+
+def _cut(store, max_n):
+    """The queued events in batches (protocol.batches), read from the queue page by
+    page from a cursor."""
+    after = 0
+    while True:
+        rows = store.queued(max_n, after)
+        if not rows:
+            return
+        after = rows[-1][0]
+        yield from batches(rows)
+
+
+class _Sealing:
+    """The team key a batch is sealed under, as it was when the batch was cut (what
+    push_body reads from a Keyring), for the sealing thread."""
+
+    def __init__(self, ring):
+        self.team, self._current = ring.team, ring.current()
+
+    def current(self):
+        return self._current
+
+
+def _seal_next(sealer, cut, ring, known, left):
+    """The next batch of `cut`, its push body being sealed on the `sealer` thread,
+    and what is left queued after it: (batch, future body, left), or None."""
+    batch = next(cut, None)
+    if batch is None:
+        return None
+    return batch, sealer.submit(push_body, batch, _Sealing(ring), known, left), max(
+        0, left - len(batch))
 
 
 def _abort(client):
