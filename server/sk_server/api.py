@@ -207,9 +207,7 @@ def push():
         if not _store().admit(*ticket):   # refused for its content, but seen all the same
             raise _replay() from None
         raise
-    answer = push_batch(key, batch, relay, ticket, known)
-    if queued is not None:   # what the device had queued, less what this push settled
-        _store().note_device(key.device, queued=max(0, queued - len(answer.get("statuses", ""))))
+    answer = push_batch(key, batch, relay, ticket, known, queued)
     return _sealed(key, "push", nonce, answer)
 
 
@@ -249,13 +247,14 @@ def parse_batch(body):
     return Batch(epoch, manifest, point, attachments[0]), set(relay)
 
 
-def push_batch(key, batch, relay=(), ticket=None, known=None):
+def push_batch(key, batch, relay=(), ticket=None, known=None, queued=None):
     """Store a sealed batch for device `key`; the answer: each event's status, one
     letter in the batch's order (accepted "a", duplicate "d", rejected "r", with
     reasons by index), and the log's new (head, chain), or why nothing was stored (diverged,
     node_taken, rekey). The REST push (with its request's ticket) and the
-    WebSocket push come here."""
-    stored = _store().push(key.team, key.device, batch, ticket, known, relay)
+    WebSocket push come here; `queued`, what the device says it has queued, is
+    kept in the same transaction."""
+    stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
     if stored is None:
         raise _replay()
     for why in ("diverged", "node_taken", "rekey"):

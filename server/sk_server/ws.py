@@ -236,10 +236,7 @@ class Session:
         except Refused as e:
             raise Closed(4400, f"push frame: {e.message}") from None
         self.check_key()
-        answer = push_batch(self.key, batch, relay, known=self.known)
-        if queued is not None:   # as a REST push: what was queued, less what this settled
-            self.store.note_device(self.key.device,
-                                   queued=max(0, queued - len(answer.get("statuses", ""))))
+        answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:

@@ -176,47 +176,59 @@ class SQLStore(Store):
         return lambda seq: bytes((db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
                                              (team, seq)).fetchone() or (b"",))[0])
 
-    def push(self, team, device, batch, ticket=None, known=None, relay=()):
+    def push(self, team, device, batch, ticket=None, known=None, relay=(), queued=None):
+        """Store a sealed batch of `device` (Pushed), in one transaction with its
+        request's admission (ticket) and what the device says it has queued
+        (`queued`, less what this push settled; sk-admin status, the metrics)."""
         self._maybe_prune()
-        now = utc_now()
-        manifest, writer = batch.manifest, batch.writer
         with self.d.write() as db:
             if ticket is not None and not self._admit(db, *ticket):
                 return None
-            # the team's row, held to the commit, orders this team's commits
-            head, lamport, chain, epoch, rekey = db.execute(
-                "SELECT head, lamport, chain, epoch, rekey FROM teams WHERE team = ?"
-                + self.d.for_update, (team,)).fetchone()
-            chain = bytes(chain)
-            diverged = check_known(known, head, self._chain_at(db, team))
-            if diverged:
-                return Pushed([], head, chain, diverged)
-            wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
-            if not wrong_epoch and batch.epoch not in self._held(db, team, device):
-                wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
-            if wrong_epoch:
-                return Pushed([], head, chain, None, None, wrong_epoch)
-            existing = {r[0]: tuple(r) for r in
-                        self.d.events_by_id(db, team, [e[0] for e in manifest])}
-            results, new, lamport = plan_push(manifest, existing, lamport)
-            taken = self._node_taken(db, team, device,
-                                     [e for i, e in new if i not in relay])
-            if taken:
-                return Pushed([], head, chain, None, taken)
-            if new:
-                number_ = db.execute("SELECT coalesce(max(batch), 0) + 1 FROM batches"
-                                     " WHERE team = ?", (team,)).fetchone()[0]
-                text = sealed.canonical(manifest, writer)
-                self.d.insert_many(db, "batches", ("team", *BATCH_COLUMNS), [(
-                    team, number_, batch.epoch, text, batch.sealed,
-                    len(text) + len(batch.sealed), device, now)])
-                numbered, head, chain = number(new, head, chain)
-                self.d.insert_many(db, "events", ("team", *STORED_COLUMNS), [
-                    (team, seq, e[0], e[1], e[2], number_, idx, c, device, now)
-                    for seq, c, idx, e in numbered])
-                db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
-                           (head, lamport, chain, team))
-                self.d.notify(db, team)
+            got = self._push(db, team, device, batch, known, relay)
+            if queued is not None:
+                left = max(0, int(queued) - len(got.results))
+                db.execute("UPDATE devices SET queued = ? WHERE name = ? AND (queued IS NULL OR"
+                           " queued <> ?)", (left, device, left))
+            return got
+
+    def _push(self, db, team, device, batch, known, relay):
+        """push(), inside its transaction."""
+        now = utc_now()
+        manifest, writer = batch.manifest, batch.writer
+        # the team's row, held to the commit, orders this team's commits
+        head, lamport, chain, epoch, rekey = db.execute(
+            "SELECT head, lamport, chain, epoch, rekey FROM teams WHERE team = ?"
+            + self.d.for_update, (team,)).fetchone()
+        chain = bytes(chain)
+        diverged = check_known(known, head, self._chain_at(db, team))
+        if diverged:
+            return Pushed([], head, chain, diverged)
+        wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
+        if not wrong_epoch and batch.epoch not in self._held(db, team, device):
+            wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
+        if wrong_epoch:
+            return Pushed([], head, chain, None, None, wrong_epoch)
+        existing = {r[0]: tuple(r) for r in
+                    self.d.events_by_id(db, team, [e[0] for e in manifest])}
+        results, new, lamport = plan_push(manifest, existing, lamport)
+        taken = self._node_taken(db, team, device,
+                                 [e for i, e in new if i not in relay])
+        if taken:
+            return Pushed([], head, chain, None, taken)
+        if new:
+            number_ = db.execute("SELECT coalesce(max(batch), 0) + 1 FROM batches"
+                                 " WHERE team = ?", (team,)).fetchone()[0]
+            text = sealed.canonical(manifest, writer)
+            self.d.insert_many(db, "batches", ("team", *BATCH_COLUMNS), [(
+                team, number_, batch.epoch, text, batch.sealed,
+                len(text) + len(batch.sealed), device, now)])
+            numbered, head, chain = number(new, head, chain)
+            self.d.insert_many(db, "events", ("team", *STORED_COLUMNS), [
+                (team, seq, e[0], e[1], e[2], number_, idx, c, device, now)
+                for seq, c, idx, e in numbered])
+            db.execute("UPDATE teams SET head = ?, lamport = ?, chain = ? WHERE team = ?",
+                       (head, lamport, chain, team))
+            self.d.notify(db, team)
         return Pushed(results, head, chain, None)
 
     def _node_taken(self, db, team, device, entries):
