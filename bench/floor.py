@@ -12,6 +12,7 @@ Pull: page the server's index 5,000 events a time (the protocol's page), with th
 batches those rows come from; seal the page once; on B open it, open each batch
 (GCM, gunzip, JSON), insert the events and fold them into the state (last writer wins
 per key), one transaction a page. The server never parses an event: it cannot.
+It runs with Python's cyclic garbage collector off, as sk's device commands do.
 """
 
 import json

@@ -19,7 +19,7 @@ import zlib
 import pytest
 
 from conftest import (HTTPServerThread, TcpProxy, begin_epoch, member_push, push_request, query,
-                      QuietHandler, append, command, log, run, server_count, server_rows,
+                      QuietHandler, append, command, ev, log, run, server_count, server_rows,
                       share_key, state, status, sync, wait_until)
 from sk import crypto, wire
 
@@ -484,3 +484,92 @@ def test_a_push_bomb_costs_the_server_little_memory(server, device):
     print(f"push bombs: the worker's peak RSS {hwm.split()[1]} KiB")
     assert int(hwm.split()[1]) < 150_000, hwm    # KiB; the worker idles at ~50 MB
     assert server_count(server) == 0
+
+
+class _Answers:
+    """A device's client whose push answers come from `answer(body, attachments)` (a
+    server that lies) instead of the server; the rest goes through."""
+
+    def __init__(self, real, answer):
+        self.real, self.answer = real, answer
+
+    def call(self, endpoint, body, attachments=()):
+        if endpoint == "push":
+            return self.answer(body, attachments)
+        return self.real.call(endpoint, body, attachments)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _in_process(home):
+    from sk.config import Config
+    from sk.keyring import Keyring
+    from sk.store import open_store
+    from sk.sync import open_client
+    cfg = Config(home)
+    store = open_store(cfg)
+    client = open_client(cfg)
+    ring = Keyring(store, cfg.api_key)
+    ring.ensure(client)
+    return store, client, ring
+
+
+@pytest.mark.one_backend
+def test_a_duplicate_the_log_does_not_hold_is_found_and_queued_again(server, device):
+    """A server that answers "duplicate" for an event it never stored (found from
+    outside: the device took it as sent, and it was gone): the device keeps the
+    claim until a pull shows the event on the log; at the log's head it reads the
+    log from its start, its chain checked, and queues what is not there again (exit
+    5 says so). Events a lost answer left queued, answered "duplicate" rightly, are
+    not taken for lies, whether a pull showed them before or after."""
+    from sk import sync as sk_sync
+    from sk.errors import IntegrityError
+    a, b = device("a"), device("b")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    sync(b)
+    append(a, [ev("x_set", "x:y", {"v": 2}), ev("x_set", "x:z", {"v": 3})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    team = ring.team
+    liar = _Answers(client, lambda body, _: {"statuses": "d" * len(body["events"]), "team": team})
+    sk_sync.push(store, liar, ring)
+    lied = [e["event_id"] for e in store.log(status="sent")][1:]
+    assert len(lied) == 2 and sorted(store.claims()) == sorted(lied)
+    with pytest.raises(IntegrityError, match="answered 'duplicate' for 2 events its log does not"
+                                             " hold"):
+        sk_sync.pull(store, client, ring)
+    assert [e["event_id"] for e in store.log(status="queued")] == lied and store.claims() == []
+    store.close()
+    client.close()
+    sync(a)
+    sync(b)
+    assert set(state(b, "x")) == {"x", "y", "z"}
+
+    # a push whose answer was lost, pulled before it is pushed again, or after; or pulled
+    # by a build that kept no note of it (before this schema): the walk finds it
+    for case in ("pulled between", "pulled after", "pulled unnoted"):
+        append(a, [ev("x_set", "x:" + case.replace(" ", "_"), {"v": 4})])
+        run("sk-stamp", home=a)
+        store, client, ring = _in_process(a)
+        real = []
+
+        def lose(body, attachments, real=real, client=client):
+            real.append(client.call("push", body, attachments))
+            raise OSError("the answer was lost")
+
+        with pytest.raises(OSError):
+            sk_sync.push(store, _Answers(client, lose), ring)
+        assert real[0]["statuses"] == "a" and store.counts()["queued"] == 1
+        if case != "pulled after":
+            sk_sync.pull(store, client, ring)
+        if case == "pulled unnoted":
+            store.db.execute("DELETE FROM seen_queued")
+        counts = sk_sync.push(store, client, ring)
+        assert (counts["duplicate"], store.counts()["queued"]) == (1, 0)
+        assert len(store.claims()) == (0 if case == "pulled between" else 1)
+        sk_sync.pull(store, client, ring)     # no error: the log holds it
+        assert store.claims() == [] and store.counts()["queued"] == 0
+        store.close()
+        client.close()

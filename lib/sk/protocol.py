@@ -270,6 +270,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
             opened.append((manifest, writer, e))
     events, extras, at, legacy = [], [], cursor, 0
     payloads, parsed = [], []   # for the fold: what was opened, not parsed again
+    own = []   # this device's events, shown by id only (it holds them)
     for row in rows:
         if not isinstance(row, list) or len(row) != 3 or type(row[0]) is not int:
             raise IntegrityError("malformed row in a pull page from server")
@@ -279,6 +280,8 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
         at = seq
         if row[1] is None:              # this device's own, left out: the id for the chain
             eid = row[2]
+            if isinstance(eid, str):
+                own.append(eid)
         elif row[1] == "legacy":
             if store.meta("legacy_trust") != "1":
                 raise WaitingForSeal(
@@ -336,7 +339,7 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
     try:
         new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
                             chain, applied,
-                            fold and (lambda db: fold(db, events, payloads, parsed)))
+                            fold and (lambda db: fold(db, events, payloads, parsed)), own)
     except BaseException:
         if fold:
             fold.forget()   # what it folded was rolled back

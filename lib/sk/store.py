@@ -52,6 +52,14 @@ CREATE INDEX IF NOT EXISTS events_local ON events(seq) WHERE status = 'local_onl
 CREATE INDEX IF NOT EXISTS events_aggregate ON events(aggregate_type, aggregate_id);
 -- the event behind a (node, clock) stamp: blame, snapshots
 CREATE INDEX IF NOT EXISTS events_stamp ON events(node_id, lamport_clock);
+-- a server's "duplicate" is a claim that the team's log holds the event already: the
+-- device takes it as sent, and keeps the claim until a pull shows the event on the log
+-- (sk.sync.confirm_claims): a server that says so of an event it does not hold
+-- cannot drop it unnoticed
+CREATE TABLE IF NOT EXISTS claims (event_id TEXT PRIMARY KEY);
+-- this device's queued events a pull showed on the log (pushed before, their answer
+-- lost): the "duplicate" they are answered next holds already
+CREATE TABLE IF NOT EXISTS seen_queued (event_id TEXT PRIMARY KEY);
 -- the team keys this device holds (sk.keyring): whoever reads this file reads the log
 -- anyway, so they are kept as the log is, in a file of mode 600
 CREATE TABLE IF NOT EXISTS team_keys (
@@ -66,9 +74,14 @@ CREATE TABLE IF NOT EXISTS team_keys (
 # the event's fields, as both tables that hold events declare them
 SCHEMA = SCHEMA.replace("{envelope}", ",\n".join(
     f"    {f:<14} {'INTEGER' if f == 'lamport_clock' else 'TEXT'} NOT NULL" for f in FIELDS))
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 CHUNK = 5000
 COLUMNS = ", ".join(FIELDS)
+
+
+def _chunks(items, size=500):
+    items = list(items)
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def utc_now():
@@ -117,10 +130,11 @@ class LocalStore:
         self.path = path
 
     def _create(self, version):
-        """The schema, or schema 1 (sk 0.3.0) brought to 2: events keep the extra of
+        """The schema, or schema 1 (sk 0.3.0) brought to 3: events keep the extra of
         their sealed content (actor, ...), the team keys get their table, and a log
         that synced before end-to-end encryption may read its team's events that
-        the server still holds in plaintext, until a member seals them."""
+        the server still holds in plaintext, until a member seals them; schema 2
+        gets the tables of the server's "duplicate" claims."""
         if version == "1":
             for table in ("events", "rejected"):
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN extra TEXT")
@@ -494,12 +508,66 @@ class LocalStore:
                 db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
                                " THEN 'remote' ELSE 'sent' END WHERE " + where +
                                " AND status = 'queued'", sent)
+            self._claim(db, [eid for eid, st, _ in results if st == "duplicate"],
+                        [eid for eid, st, _ in results if st == "accepted"])
             if point:
                 self._see(*point)
                 self._follow_own(point, [eid for eid, st, _ in results if st == "accepted"])
             for eid, st, reason in results:
                 if st == "rejected":
                     self._set_aside(db, eid, reason or "rejected by server")
+
+    @staticmethod
+    def _claim(db, duplicates, accepted):
+        """Keep the server's "duplicate" for each of `duplicates` as a claim, but for
+        those a pull has shown on the log already (seen_queued)."""
+        if not duplicates and not accepted:
+            return
+        seen = set()
+        if db.execute("SELECT 1 FROM seen_queued LIMIT 1").fetchone():
+            for part in _chunks(duplicates + accepted):
+                marks = ",".join("?" * len(part))
+                seen.update(r[0] for r in db.execute(
+                    f"SELECT event_id FROM seen_queued WHERE event_id IN ({marks})", part))
+                db.execute(f"DELETE FROM seen_queued WHERE event_id IN ({marks})", part)
+        db.executemany("INSERT OR IGNORE INTO claims(event_id) VALUES (?)",
+                       [(eid,) for eid in duplicates if eid not in seen])
+
+    def claims(self):
+        """The event ids a server answered "duplicate" for that no pull has shown on
+        the team's log yet."""
+        return [r[0] for r in self.db.execute("SELECT event_id FROM claims ORDER BY event_id")]
+
+    def keep_claims(self, ids):
+        """The claims are `ids` (after a read of the log that settled them)."""
+        with self.write() as db:
+            db.execute("DELETE FROM claims")
+            db.executemany("INSERT INTO claims(event_id) VALUES (?)", [(i,) for i in ids])
+
+    def requeue(self, ids):
+        """Queue again these sent events (a server's "duplicate" the log does not bear
+        out); returns how many."""
+        n = 0
+        with self.write() as db:
+            for part in _chunks(sorted(ids)):
+                n += db.execute("UPDATE events SET status = 'queued' WHERE status IN ('sent',"
+                                f" 'remote') AND event_id IN ({','.join('?' * len(part))})",
+                                part).rowcount
+        return n
+
+    @staticmethod
+    def _on_log(db, ids, own):
+        """A pull showed `ids` on the team's log (`own`: those of this device's node):
+        the claims about them hold, and those of this device's events still queued
+        will be answered "duplicate" rightly."""
+        if ids and db.execute("SELECT 1 FROM claims LIMIT 1").fetchone():
+            for part in _chunks(ids):
+                db.execute(f"DELETE FROM claims WHERE event_id IN ({','.join('?' * len(part))})",
+                           part)
+        for part in _chunks(own):
+            db.execute("INSERT OR IGNORE INTO seen_queued(event_id) SELECT event_id FROM events"
+                       f" WHERE status = 'queued' AND event_id IN ({','.join('?' * len(part))})",
+                       part)
 
     @staticmethod
     def _mark_run(db, sent):
@@ -572,7 +640,7 @@ class LocalStore:
 
     # -- pull side -------------------------------------------------------------
     def receive(self, rows, cursor, point=None, extras=None, chain=None, applied=False,
-                fold=None):
+                fold=None, own=()):
         """Store pulled events (Events, validated; extras: their JSON extra text or
         None), advance the Lamport clock past them and move the cursor forward to
         `cursor` with its `chain` (never back, so a watcher and a sync on one device
@@ -582,7 +650,9 @@ class LocalStore:
         callable fold(db) that folds them into the state in this transaction
         (sk.resolve.Folder), called when every one of them is new here and no
         event held here waits to be folded (this device's own come first, in the
-        order it wrote them); otherwise they are left for sk-resolve, as without it."""
+        order it wrote them); otherwise they are left for sk-resolve, as without it.
+        own: the ids of this device's events the page showed without their bodies
+        (they are in the log here): with the rows', what a pull saw on the log."""
         insert = ("INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
                   " lamport_clock, node_id, payload, timestamp, status, extra, applied)"
                   " VALUES (?,?,?,?,?,?,?,?,'remote',?,{})")
@@ -605,6 +675,10 @@ class LocalStore:
                 before = db.total_changes
                 db.executemany(insert.format(int(bool(applied))), values)
                 new = db.total_changes - before
+            if rows or own:
+                node = self.meta("node_id")   # (none yet: no event of this node here)
+                self._on_log(db, [r.event_id for r in rows] + list(own),
+                             [r.event_id for r in rows if r.node_id == node] + list(own))
             if rows:
                 top = max(r.lamport_clock for r in rows)
                 self.put("clock", max(self.clock(), top) + 1)

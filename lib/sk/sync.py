@@ -150,10 +150,16 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
         left = _queued(store)   # counted once, then less each batch (a count is a scan)
         sender = client.twin()
         pool, sealer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
-        cut = _cut(store, max_n)
+        cut = _Cut(store, max_n)
         try:
             ahead = _seal_next(sealer, cut, ring, known_out(store), left)
-            while ahead is not None:
+            while ahead is not None or inflight:
+                if ahead is None:   # the queue looked empty: settle the last batch, look again
+                    _settle(store, client, ring, inflight, counts, on_event, progress, moved,
+                            inflight[0].result())
+                    inflight = None
+                    ahead = _seal_next(sealer, cut, ring, known_out(store), left)
+                    continue
                 batch, sealing, left = ahead
                 body = sealing.result()
                 # batch n+1 is sealed on a thread of its own (compression and AES work
@@ -166,10 +172,6 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
                             moved, done)
                 inflight = (future, batch)
                 counts["batches"] += 1
-            if inflight:
-                _settle(store, client, ring, inflight, counts, on_event, progress, moved,
-                        inflight[0].result())
-                inflight = None
         except BaseException:   # Ctrl-C, a signal, an error: stop the call in flight now
             _abort(sender)
             raise
@@ -183,16 +185,22 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
     return counts
 
 
-def _cut(store, max_n):
+class _Cut:
     """The queued events in batches (protocol.batches), read from the queue page by
-    page from a cursor."""
-    after = 0
-    while True:
-        rows = store.queued(max_n, after)
-        if not rows:
-            return
-        after = rows[-1][0]
-        yield from batches(rows)
+    page from a cursor; next() is None when the queue holds nothing more after it
+    (asked again, it looks again)."""
+
+    def __init__(self, store, max_n):
+        self.store, self.max_n, self.after, self.cut = store, max_n, 0, []
+
+    def next(self):
+        if not self.cut:
+            rows = self.store.queued(self.max_n, self.after)
+            if not rows:
+                return None
+            self.after = rows[-1][0]
+            self.cut = list(batches(rows))[::-1]
+        return self.cut.pop()
 
 
 class _Sealing:
@@ -209,7 +217,7 @@ class _Sealing:
 def _seal_next(sealer, cut, ring, known, left):
     """The next batch of `cut`, its push body being sealed on the `sealer` thread,
     and what is left queued after it: (batch, future body, left), or None."""
-    batch = next(cut, None)
+    batch = cut.next()
     if batch is None:
         return None
     return batch, sealer.submit(push_body, batch, _Sealing(ring), known, left), max(
@@ -311,8 +319,61 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
         raise
     finally:
         ahead.close()
+    if moves_cursor:   # at the head of the log: a "duplicate" not seen on it is looked for
+        confirm_claims(store, client, ring)
     counts["cursor"] = store.cursor()
     return counts
+
+
+def confirm_claims(store, client, ring):
+    """Look for the events a server answered "duplicate" for that no pull has shown
+    on its log (store.claims): read the log from its start to the cursor, its hash
+    chain checked against the one this device holds there, and queue again those it
+    does not hold (IntegrityError, exit 5: the server said it held events it does
+    not). Only a server that lost or lied about events makes this read the log; a
+    log from before protocol 2 (no chain at the cursor) cannot be checked."""
+    pending = set(store.claims())
+    if not pending or store.cursor_chain() is None:
+        return
+    try:
+        seen = _ids_on_log(store, client, ring)
+    except BaseException:
+        store.keep_claims(pending)   # what the read took as shown on the log holds nothing
+        raise
+    missing = pending - seen
+    store.keep_claims(())
+    if missing:
+        n = store.requeue(missing)
+        raise IntegrityError(f"the server answered 'duplicate' for {len(missing)} events its"
+                             f" log does not hold (one: {sorted(missing)[0]}): {n} queued again"
+                             " to push; nothing was lost, but the server lost or hid them")
+
+
+def _ids_on_log(store, client, ring):
+    """Every event id of the team's log from its start to the cursor, the hash chain
+    they make checked against the one this device holds at the cursor."""
+    from .sealed import GENESIS
+    end, want = store.cursor(), store.cursor_chain()
+    at, chain, seen = 0, GENESIS, set()
+    skip = store.own_events()
+    while at < end:
+        page = client.pull(at, min(wire.MAX_PAGE, end - at), skip, known_out(store))
+        try:
+            got = accept_page(store, page, at, ring, False, chain, None, applied=True)
+        except NeedKey as e:
+            ring.ensure(client)
+            if ring.get(e.epoch) is None:
+                raise WaitingForKey(ring.team, e.epoch) from None
+            continue
+        if got.next <= at:
+            break
+        seen.update(ev.event_id for ev in got.events)
+        seen.update(r[2] for r in page["rows"] if r[1] is None)
+        at, chain = got.next, got.chain
+    if at != end or chain != want:
+        raise IntegrityError(f"the server's log read from its start does not end on the hash"
+                             f" chain this device checked at seq {end}: the log was altered")
+    return seen
 
 
 class _Ahead:
