@@ -276,6 +276,8 @@ def test_a_batch_reads_the_same_however_its_content_is_spaced(style):
     ["x_set", "x", "1", [], "2026-02-01T00:00:00Z", {}],                 # payload not an object
     ["x_set", "x", "1", {}, "yesterday", {}],
     ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", []],                 # extra not an object
+    ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", {"actor": "\ud800"}],
+    ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", {"seen": [1e999, "n"]}],
     ["x_set", "x", "1", {}, "2026-02-01T00:00:00Z", {}, "more"],         # 7 values
     ["x_set", "x", "1", {}, "{}", "2026-02-01T00:00:00Z", {}, "{}"],     # 8 (what sk cuts)
 ])

@@ -284,6 +284,16 @@ def check_opened_text(entry, row, names):
     return Event(entry[0], etype, atype, aid, entry[2], entry[1], text, check_timestamp(ts))
 
 
+def extra_text(extra):
+    """The compact JSON text of an event's extra (an object), or EventError: a
+    number too large for a float, a lone surrogate."""
+    try:
+        text = dumps(extra)
+    except (ValueError, RecursionError) as e:
+        raise EventError(f"extra is not encodable JSON: {str(e)[:80]}") from None
+    return _utf8("extra", text)
+
+
 def is_deletion(event_type):
     return event_type.endswith("_deleted")
 

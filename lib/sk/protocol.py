@@ -227,17 +227,43 @@ def _manifest(text):
 
 def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, warn=None,
                 applied=False, fold=None):
-    """Check a pull page or events frame that follows `cursor` and store its
-    events, advancing the cursor (if moves_cursor, with its chain value) and the
-    known point in the same transaction. Every sealed batch must authenticate
+    """Check a pull page or events frame that follows `cursor` (check_page) and
+    store its events, advancing the cursor (if moves_cursor, with its chain value)
+    and the known point in the same transaction. fold: a sk.resolve.Folder that
+    folds the page into the state as it is stored (not with applied). A page
+    chained from the cursor's known chain also settles what the server claimed of
+    the log (store.claims): nothing else is taken to show it."""
+    got = check_page(store, page, cursor, keyring, chain, warn)
+    events, payloads, parsed = got.events, got.payloads, got.parsed
+    try:
+        new = store.receive(events, got.next if moves_cursor else 0, got.point, got.extras,
+                            got.chain, applied,
+                            fold and (lambda db: fold(db, events, payloads, parsed)),
+                            got.own if moves_cursor and chain is not None else None)
+    except BaseException:
+        if fold:
+            fold.forget()   # what it folded was rolled back
+        raise
+    if fold:
+        fold.commit()
+    return Accepted(events, new, got.next, got.more, got.chain)
+
+
+# a page checked and opened (check_page): its events and their payloads, extras
+# (text, parsed), where it ends, the chain there, the server's point, and the ids of
+# this device's events it showed by id only
+Checked = namedtuple("Checked", "events payloads extras parsed next more chain point own")
+
+
+def check_page(store, page, cursor, keyring, chain=None, warn=None):
+    """Check a pull page or events frame that follows `cursor` and open its events,
+    storing nothing: Checked. Every sealed batch must authenticate
     under the team key with its manifest, every row must be where its manifest
     says, after its writer's point, the sequence dense, and (when the chain at
     `cursor` is known) the hash chain the page ends on must be the one its rows
     make. Anything else is an IntegrityError (exit 5) naming the event and seq,
     and nothing of the page is stored. A batch that authenticates but holds
-    invalid events (a bad member's) is skipped with a warning: it blocks no one.
-    fold: a sk.resolve.Folder that folds the page into the state as it is stored
-    (not with applied)."""
+    invalid events (a bad member's) is skipped with a warning: it blocks no one."""
     check_answer(store, page)
     rows, batches, nxt, more = (page.get("rows"), page.get("batches"), page.get("next"),
                                 page.get("more"))
@@ -336,14 +362,5 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
                              " make: events were altered, dropped or moved on the server")
     if chain is None and isinstance(claimed, str) and re.fullmatch(r"[0-9a-f]{64}", claimed):
         chain = bytes.fromhex(claimed)   # (a log from before protocol 2: checked from here on)
-    try:
-        new = store.receive(events, nxt if moves_cursor else 0, point_in(page, "next"), extras,
-                            chain, applied,
-                            fold and (lambda db: fold(db, events, payloads, parsed)), own)
-    except BaseException:
-        if fold:
-            fold.forget()   # what it folded was rolled back
-        raise
-    if fold:
-        fold.commit()
-    return Accepted(events, new, nxt, more, chain)
+    return Checked(events, payloads, extras, parsed, nxt, more, chain, point_in(page, "next"),
+                   own)

@@ -28,6 +28,7 @@ import zlib
 from .crypto import data_key, open_data, seal_data
 from .event import (MAX_LAMPORT, Event, EventError, check_opened, check_opened_text,
                     dumps, loads, scan_value)
+from .event import extra_text as check_extra
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
@@ -164,13 +165,13 @@ def open_batch(team, epoch, team_key, manifest, writer, blob, payloads=False):
                 ev = check_opened(entry, (etype, atype, aid, payload, ts))
             else:
                 ev = check_opened_text(entry, (etype, atype, aid, payload, text, ts), names)
+            if extra and (extra_text is None or "\\u" in extra_text):
+                extra_text = check_extra(extra)   # (the text as written may hide a surrogate)
         except EventError as e:
             raise Invalid(f"event {eid} in a sealed batch is invalid: {e}") from None
         if not payloads:
             out.append((ev, extra))
         else:
-            if extra and extra_text is None:
-                extra_text = dumps(extra)
             out.append((ev, extra, payload, extra_text if extra else None))
     return out
 

@@ -233,6 +233,8 @@ class LocalStore:
             self._from_start()
             self.put("team_from", db.execute("SELECT coalesce(max(seq), 0) FROM events")
                       .fetchone()[0])
+            db.execute("DELETE FROM claims")        # what the old team's server claimed
+            db.execute("DELETE FROM seen_queued")
             return True
 
     def heal(self):
@@ -503,13 +505,19 @@ class LocalStore:
             where = "event_id = ?"
             sent = sorted((eid,) for eid, st, _ in results if st in done)  # the index in order
         with self.write() as db:
+            # a "duplicate" claims the log holds the event: kept for those this answer
+            # takes out of the queue (another push of it may have been answered already)
+            claimed = []
+            for part in _chunks(eid for eid, st, _ in results if st == "duplicate"):
+                claimed += [r[0] for r in db.execute(
+                    "SELECT event_id FROM events WHERE status = 'queued' AND event_id IN"
+                    f" ({','.join('?' * len(part))})", part)]
             if not self._mark_run(db, sent if seqs is not None and len(sent) == len(results)
                                   else None):
                 db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
                                " THEN 'remote' ELSE 'sent' END WHERE " + where +
                                " AND status = 'queued'", sent)
-            self._claim(db, [eid for eid, st, _ in results if st == "duplicate"],
-                        [eid for eid, st, _ in results if st == "accepted"])
+            self._claim(db, claimed, [eid for eid, st, _ in results if st == "accepted"])
             if point:
                 self._see(*point)
                 self._follow_own(point, [eid for eid, st, _ in results if st == "accepted"])
@@ -538,36 +546,36 @@ class LocalStore:
         the team's log yet."""
         return [r[0] for r in self.db.execute("SELECT event_id FROM claims ORDER BY event_id")]
 
-    def keep_claims(self, ids):
-        """The claims are `ids` (after a read of the log that settled them)."""
-        with self.write() as db:
-            db.execute("DELETE FROM claims")
-            db.executemany("INSERT INTO claims(event_id) VALUES (?)", [(i,) for i in ids])
-
-    def requeue(self, ids):
-        """Queue again these sent events (a server's "duplicate" the log does not bear
-        out); returns how many."""
+    def settle_claims(self, ids, missing):
+        """A read of the whole log settled the claims about `ids`: drop them, and
+        queue again those of `missing` (not on the log) this device still holds of
+        its team as sent. Returns how many were queued again."""
         n = 0
         with self.write() as db:
             for part in _chunks(sorted(ids)):
+                db.execute(f"DELETE FROM claims WHERE event_id IN ({','.join('?' * len(part))})",
+                           part)
+            for part in _chunks(sorted(missing)):
                 n += db.execute("UPDATE events SET status = 'queued' WHERE status IN ('sent',"
-                                f" 'remote') AND event_id IN ({','.join('?' * len(part))})",
-                                part).rowcount
+                                f" 'remote') AND seq > ? AND event_id IN"
+                                f" ({','.join('?' * len(part))})",
+                                [int(self.meta("team_from", "0")), *part]).rowcount
         return n
 
     @staticmethod
-    def _on_log(db, ids, own):
-        """A pull showed `ids` on the team's log (`own`: those of this device's node):
-        the claims about them hold, and those of this device's events still queued
-        will be answered "duplicate" rightly."""
-        if ids and db.execute("SELECT 1 FROM claims LIMIT 1").fetchone():
+    def _on_log(db, ids):
+        """A pull showed `ids` on the team's log: the claims about them hold, and
+        those of this device's events still queued (a first push whose answer was
+        lost, a relay) will be answered "duplicate" rightly."""
+        if db.execute("SELECT 1 FROM claims LIMIT 1").fetchone():
             for part in _chunks(ids):
                 db.execute(f"DELETE FROM claims WHERE event_id IN ({','.join('?' * len(part))})",
                            part)
-        for part in _chunks(own):
-            db.execute("INSERT OR IGNORE INTO seen_queued(event_id) SELECT event_id FROM events"
-                       f" WHERE status = 'queued' AND event_id IN ({','.join('?' * len(part))})",
-                       part)
+        if db.execute("SELECT 1 FROM events WHERE status = 'queued' LIMIT 1").fetchone():
+            for part in _chunks(ids):
+                db.execute("INSERT OR IGNORE INTO seen_queued(event_id) SELECT event_id FROM"
+                           " events WHERE status = 'queued' AND event_id IN"
+                           f" ({','.join('?' * len(part))})", part)
 
     @staticmethod
     def _mark_run(db, sent):
@@ -640,7 +648,7 @@ class LocalStore:
 
     # -- pull side -------------------------------------------------------------
     def receive(self, rows, cursor, point=None, extras=None, chain=None, applied=False,
-                fold=None, own=()):
+                fold=None, own=None):
         """Store pulled events (Events, validated; extras: their JSON extra text or
         None), advance the Lamport clock past them and move the cursor forward to
         `cursor` with its `chain` (never back, so a watcher and a sync on one device
@@ -652,7 +660,8 @@ class LocalStore:
         event held here waits to be folded (this device's own come first, in the
         order it wrote them); otherwise they are left for sk-resolve, as without it.
         own: the ids of this device's events the page showed without their bodies
-        (they are in the log here): with the rows', what a pull saw on the log."""
+        (they are in the log here), when the page is chained from the cursor's known
+        chain: with the rows', what the pull saw on the log (None: not so chained)."""
         insert = ("INSERT OR IGNORE INTO events(event_id, event_type, aggregate_type, aggregate_id,"
                   " lamport_clock, node_id, payload, timestamp, status, extra, applied)"
                   " VALUES (?,?,?,?,?,?,?,?,'remote',?,{})")
@@ -675,10 +684,8 @@ class LocalStore:
                 before = db.total_changes
                 db.executemany(insert.format(int(bool(applied))), values)
                 new = db.total_changes - before
-            if rows or own:
-                node = self.meta("node_id")   # (none yet: no event of this node here)
-                self._on_log(db, [r.event_id for r in rows] + list(own),
-                             [r.event_id for r in rows if r.node_id == node] + list(own))
+            if own is not None and (rows or own):
+                self._on_log(db, [r.event_id for r in rows] + list(own))
             if rows:
                 top = max(r.lamport_clock for r in rows)
                 self.put("clock", max(self.clock(), top) + 1)

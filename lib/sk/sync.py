@@ -11,8 +11,8 @@ from .errors import (AuthError, ConfigError, IntegrityError, ServerError, SkErro
                      UsageError)
 from .event import EventError, NeverSync, check_stamped
 from .keyring import Keyring, WaitingForKey
-from .protocol import (NeedKey, Rekey, accept_page, batches, healing, known_out, push_body,
-                       settle_push)
+from .protocol import (NeedKey, Rekey, accept_page, batches, check_page, healing, known_out,
+                       push_body, settle_push)
 from .store import open_store
 
 def open_client(cfg):
@@ -327,23 +327,23 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
 
 def confirm_claims(store, client, ring):
     """Look for the events a server answered "duplicate" for that no pull has shown
-    on its log (store.claims): read the log from its start to the cursor, its hash
-    chain checked against the one this device holds there, and queue again those it
-    does not hold (IntegrityError, exit 5: the server said it held events it does
-    not). Only a server that lost or lied about events makes this read the log; a
-    log from before protocol 2 (no chain at the cursor) cannot be checked."""
+    on its log (store.claims): read the log from its start to the cursor, storing
+    nothing, its hash chain checked against the one this device holds there, and
+    queue again those it does not hold (IntegrityError, exit 5: the server said it
+    held events it does not). Only a server that lost or lied about events makes
+    this read the log; a log from before protocol 2 (no chain at the cursor), or one
+    whose oldest events the server still holds unsealed, cannot be checked."""
     pending = set(store.claims())
     if not pending or store.cursor_chain() is None:
         return
+    from .protocol import WaitingForSeal
     try:
         seen = _ids_on_log(store, client, ring)
-    except BaseException:
-        store.keep_claims(pending)   # what the read took as shown on the log holds nothing
-        raise
+    except WaitingForSeal:
+        return   # the claims stay, to be looked for once the log is sealed
     missing = pending - seen
-    store.keep_claims(())
+    n = store.settle_claims(pending, missing)
     if missing:
-        n = store.requeue(missing)
         raise IntegrityError(f"the server answered 'duplicate' for {len(missing)} events its"
                              f" log does not hold (one: {sorted(missing)[0]}): {n} queued again"
                              " to push; nothing was lost, but the server lost or hid them")
@@ -351,7 +351,8 @@ def confirm_claims(store, client, ring):
 
 def _ids_on_log(store, client, ring):
     """Every event id of the team's log from its start to the cursor, the hash chain
-    they make checked against the one this device holds at the cursor."""
+    they make checked against the one this device holds at the cursor; nothing of
+    it is stored."""
     from .sealed import GENESIS
     end, want = store.cursor(), store.cursor_chain()
     at, chain, seen = 0, GENESIS, set()
@@ -359,7 +360,7 @@ def _ids_on_log(store, client, ring):
     while at < end:
         page = client.pull(at, min(wire.MAX_PAGE, end - at), skip, known_out(store))
         try:
-            got = accept_page(store, page, at, ring, False, chain, None, applied=True)
+            got = check_page(store, page, at, ring, chain)
         except NeedKey as e:
             ring.ensure(client)
             if ring.get(e.epoch) is None:
@@ -368,7 +369,7 @@ def _ids_on_log(store, client, ring):
         if got.next <= at:
             break
         seen.update(ev.event_id for ev in got.events)
-        seen.update(r[2] for r in page["rows"] if r[1] is None)
+        seen.update(got.own)
         at, chain = got.next, got.chain
     if at != end or chain != want:
         raise IntegrityError(f"the server's log read from its start does not end on the hash"
