@@ -269,22 +269,22 @@ def check_opened_text(entry, row, names):
     payload text, timestamp). The text is kept as it is (it is JSON of the same
     value, read by scan_value, so no number in it is too large for a float) unless
     it holds an escape (\\u...: a lone surrogate hides there) or may be over the
-    size limit: then check_payload writes it again, and refuses what it refuses. `names`: a
-    set of (event_type, aggregate_type) pairs checked already, kept up to date
-    (a batch repeats them). Returns an Event."""
+    size limit: then check_payload writes it again, and refuses what it refuses.
+    `names`: a set of (event_type, aggregate_type) pairs checked already, kept up to
+    date (a batch repeats them). Returns an Event."""
     etype, atype, aid, payload, text, ts = row
     if type(etype) is not str or type(atype) is not str or (etype, atype) not in names:
-        _check_str({"event_type": etype}, "event_type", _TYPE_RE, 64)
-        _check_str({"aggregate_type": atype}, "aggregate_type", _TYPE_RE, 64)
+        _check_names({"event_type": etype, "aggregate_type": atype, "aggregate_id": aid},
+                     new=False)
         names.add((etype, atype))
-    if type(aid) is not str or not 1 <= len(aid) <= 256 or not aid.isascii():
-        _check_str({"aggregate_id": aid}, "aggregate_id", nul_ok=True)
+    elif type(aid) is not str or not 1 <= len(aid) <= 256 or not aid.isascii():
+        _check_str({"aggregate_id": aid}, "aggregate_id", nul_ok=True)   # as _check_names
     if type(payload) is not dict or "\\u" in text or len(text) > MAX_PAYLOAD_BYTES // 4:
         text = check_payload(payload, None)
     return Event(entry[0], etype, atype, aid, entry[2], entry[1], text, check_timestamp(ts))
 
 
-def extra_text(extra):
+def check_extra(extra):
     """The compact JSON text of an event's extra (an object), or EventError: a
     number too large for a float, a lone surrogate."""
     try:

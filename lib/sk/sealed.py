@@ -26,9 +26,8 @@ import re
 import zlib
 
 from .crypto import data_key, open_data, seal_data
-from .event import (MAX_LAMPORT, Event, EventError, check_opened, check_opened_text,
-                    dumps, loads, scan_value)
-from .event import extra_text as check_extra
+from .event import (MAX_LAMPORT, Event, EventError, check_extra, check_opened,
+                    check_opened_text, dumps, loads, scan_value)
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NODE_RE = re.compile(r"[^\t\n\x00]{1,64}")
@@ -187,9 +186,16 @@ def _rows(text):
     [[event_type, aggregate_type, aggregate_id, payload, payload's text, timestamp,
     extra, extra's text]], the two texts cut from the content as written; None if
     the content is written otherwise (it is then read whole, as JSON)."""
-    if not text.startswith(_HEAD) or text[len(_HEAD)] != "[":
+    if not text.startswith(_HEAD):
         return None
     scan, head, out, i = scan_value, _ROW_HEAD.match, [], len(_HEAD)
+
+    def value(sep, i):   # the value after `sep` at text[i]: (value, its start, its end)
+        if text[i] != sep:
+            raise ValueError("not cut")
+        got, end = scan(text, i + 1)
+        return got, i + 1, end
+
     try:
         while True:
             m = head(text, i)
@@ -197,27 +203,13 @@ def _rows(text):
                 etype, atype, aid = m.groups()
                 i = m.end() - 1
             else:
-                if text[i] != "[":
-                    return None
-                etype, i = scan(text, i + 1)
-                if text[i] != ",":
-                    return None
-                atype, i = scan(text, i + 1)
-                if text[i] != ",":
-                    return None
-                aid, i = scan(text, i + 1)
-                if text[i] != ",":
-                    return None
-            start = i + 1
-            payload, i = scan(text, start)
+                etype, _, i = value("[", i)
+                atype, _, i = value(",", i)
+                aid, _, i = value(",", i)
+            payload, start, i = value(",", i)
             payload_text = text[start:i]
-            if text[i] != ",":
-                return None
-            ts, i = scan(text, i + 1)
-            if text[i] != ",":
-                return None
-            start = i + 1
-            extra, i = scan(text, start)
+            ts, _, i = value(",", i)
+            extra, start, i = value(",", i)
             out.append([etype, atype, aid, payload, payload_text, ts, extra, text[start:i]])
             if text[i] != "]":
                 return None

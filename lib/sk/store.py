@@ -79,9 +79,14 @@ CHUNK = 5000
 COLUMNS = ", ".join(FIELDS)
 
 
-def _chunks(items, size=500):
-    items = list(items)
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _in(db, sql, ids, *args):
+    """Run `sql`, whose "{ids}" stands for a list of placeholders, for `ids`, 500 a
+    statement, `args` bound before them; returns the rows it read."""
+    ids, out = list(ids), []
+    for i in range(0, len(ids), 500):
+        part = ids[i:i + 500]
+        out += db.execute(sql.format(ids=",".join("?" * len(part))), [*args, *part]).fetchall()
+    return out
 
 
 def utc_now():
@@ -507,20 +512,19 @@ class LocalStore:
         with self.write() as db:
             # a "duplicate" claims the log holds the event: kept for those this answer
             # takes out of the queue (another push of it may have been answered already)
-            claimed = []
-            for part in _chunks(eid for eid, st, _ in results if st == "duplicate"):
-                claimed += [r[0] for r in db.execute(
-                    "SELECT event_id FROM events WHERE status = 'queued' AND event_id IN"
-                    f" ({','.join('?' * len(part))})", part)]
+            claimed = [r[0] for r in _in(
+                db, "SELECT event_id FROM events WHERE status = 'queued' AND event_id IN ({ids})",
+                (eid for eid, st, _ in results if st == "duplicate"))]
             if not self._mark_run(db, sent if seqs is not None and len(sent) == len(results)
                                   else None):
                 db.executemany("UPDATE events SET status = CASE WHEN stamped_at IS NULL"
                                " THEN 'remote' ELSE 'sent' END WHERE " + where +
                                " AND status = 'queued'", sent)
-            self._claim(db, claimed, [eid for eid, st, _ in results if st == "accepted"])
+            accepted = [eid for eid, st, _ in results if st == "accepted"]
+            self._claim(db, claimed, accepted)
             if point:
                 self._see(*point)
-                self._follow_own(point, [eid for eid, st, _ in results if st == "accepted"])
+                self._follow_own(point, accepted)
             for eid, st, reason in results:
                 if st == "rejected":
                     self._set_aside(db, eid, reason or "rejected by server")
@@ -533,11 +537,10 @@ class LocalStore:
             return
         seen = set()
         if db.execute("SELECT 1 FROM seen_queued LIMIT 1").fetchone():
-            for part in _chunks(duplicates + accepted):
-                marks = ",".join("?" * len(part))
-                seen.update(r[0] for r in db.execute(
-                    f"SELECT event_id FROM seen_queued WHERE event_id IN ({marks})", part))
-                db.execute(f"DELETE FROM seen_queued WHERE event_id IN ({marks})", part)
+            ids = duplicates + accepted
+            seen.update(r[0] for r in _in(
+                db, "SELECT event_id FROM seen_queued WHERE event_id IN ({ids})", ids))
+            _in(db, "DELETE FROM seen_queued WHERE event_id IN ({ids})", ids)
         db.executemany("INSERT OR IGNORE INTO claims(event_id) VALUES (?)",
                        [(eid,) for eid in duplicates if eid not in seen])
 
@@ -550,17 +553,13 @@ class LocalStore:
         """A read of the whole log settled the claims about `ids`: drop them, and
         queue again those of `missing` (not on the log) this device still holds of
         its team as sent. Returns how many were queued again."""
-        n = 0
         with self.write() as db:
-            for part in _chunks(sorted(ids)):
-                db.execute(f"DELETE FROM claims WHERE event_id IN ({','.join('?' * len(part))})",
-                           part)
-            for part in _chunks(sorted(missing)):
-                n += db.execute("UPDATE events SET status = 'queued' WHERE status IN ('sent',"
-                                f" 'remote') AND seq > ? AND event_id IN"
-                                f" ({','.join('?' * len(part))})",
-                                [int(self.meta("team_from", "0")), *part]).rowcount
-        return n
+            _in(db, "DELETE FROM claims WHERE event_id IN ({ids})", sorted(ids))
+            before = db.total_changes
+            _in(db, "UPDATE events SET status = 'queued' WHERE status IN ('sent', 'remote')"
+                    " AND seq > ? AND event_id IN ({ids})", sorted(missing),
+                int(self.meta("team_from", "0")))
+            return db.total_changes - before
 
     @staticmethod
     def _on_log(db, ids):
@@ -568,14 +567,10 @@ class LocalStore:
         those of this device's events still queued (a first push whose answer was
         lost, a relay) will be answered "duplicate" rightly."""
         if db.execute("SELECT 1 FROM claims LIMIT 1").fetchone():
-            for part in _chunks(ids):
-                db.execute(f"DELETE FROM claims WHERE event_id IN ({','.join('?' * len(part))})",
-                           part)
+            _in(db, "DELETE FROM claims WHERE event_id IN ({ids})", ids)
         if db.execute("SELECT 1 FROM events WHERE status = 'queued' LIMIT 1").fetchone():
-            for part in _chunks(ids):
-                db.execute("INSERT OR IGNORE INTO seen_queued(event_id) SELECT event_id FROM"
-                           " events WHERE status = 'queued' AND event_id IN"
-                           f" ({','.join('?' * len(part))})", part)
+            _in(db, "INSERT OR IGNORE INTO seen_queued(event_id) SELECT event_id FROM events"
+                    " WHERE status = 'queued' AND event_id IN ({ids})", ids)
 
     @staticmethod
     def _mark_run(db, sent):

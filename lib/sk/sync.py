@@ -333,12 +333,12 @@ def confirm_claims(store, client, ring):
     held events it does not). Only a server that lost or lied about events makes
     this read the log; a log from before protocol 2 (no chain at the cursor), or one
     whose oldest events the server still holds unsealed, cannot be checked."""
-    pending = set(store.claims())
-    if not pending or store.cursor_chain() is None:
+    pending, want = set(store.claims()), store.cursor_chain()
+    if not pending or want is None:
         return
     from .protocol import WaitingForSeal
     try:
-        seen = _ids_on_log(store, client, ring)
+        seen = _ids_on_log(store, client, ring, want)
     except WaitingForSeal:
         return   # the claims stay, to be looked for once the log is sealed
     missing = pending - seen
@@ -349,12 +349,12 @@ def confirm_claims(store, client, ring):
                              " to push; nothing was lost, but the server lost or hid them")
 
 
-def _ids_on_log(store, client, ring):
+def _ids_on_log(store, client, ring, want):
     """Every event id of the team's log from its start to the cursor, the hash chain
-    they make checked against the one this device holds at the cursor; nothing of
-    it is stored."""
+    they make checked against `want`, the one this device holds at the cursor;
+    nothing of it is stored."""
     from .sealed import GENESIS
-    end, want = store.cursor(), store.cursor_chain()
+    end = store.cursor()
     at, chain, seen = 0, GENESIS, set()
     skip = store.own_events()
     while at < end:
