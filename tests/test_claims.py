@@ -5,7 +5,7 @@ unchecked, or cost a read of the whole log for nothing; a member's odd extra sto
 no one. (Written by a reviewer as probes of the first version, which failed them.)"""
 import pytest
 
-from conftest import append, ev, run, server_rows, state, sync
+from conftest import append, ev, run, server_rows, state, sync, wait_until
 from test_hardening import _Answers, _in_process
 
 
@@ -34,6 +34,11 @@ def _chain(ids):
     for i in ids:
         c = chain_next(c, i)
     return c
+
+
+def _status(home):
+    import json
+    return json.loads(run("sk", "sync", "status", "--json", home=home, code=None).stdout)
 
 
 def _ids_on_server(server):
@@ -67,6 +72,40 @@ def test_a_claim_made_while_the_log_is_read_is_kept(server, device):
         sk_sync.pull(store, _Pages(client, during), ring)
     assert w not in _ids_on_server(server)
     assert store.claims() == [w], "the watcher's claim was wiped: w is lost silently"
+
+
+@pytest.mark.one_backend
+def test_a_watcher_settles_a_claim_its_live_stream_never_bore_out(server, device, watch,
+                                                                 monkeypatch):
+    """A device that only runs `sk sync watch` checks a claim still unsettled an
+    interval later against the log, says so, and pushes the event again: a lying
+    "duplicate" loses nothing there either."""
+    a, b = device("a"), device("b")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    sync(b)
+    append(a, [ev("x_set", "x:z", {"v": 2})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    from sk import sync as sk_sync
+    sk_sync.push(store, _liar(client, ring.team), ring)
+    (z,) = store.claims()
+    assert z not in _ids_on_server(server)
+    store.close()
+    client.close()
+    assert _status(a)["unconfirmed"] == 1
+    assert "unconfirmed:    1 (the server answered 'duplicate'" in run("sk", "sync", "status",
+                                                                      home=a).stdout
+    monkeypatch.setenv("SK_WATCH_SHARE_INTERVAL", "0.5")
+    w = watch(a)
+    w.wait_connected()
+    wait_until(lambda: z in _ids_on_server(server), 30, f"the watcher to push {z} again\n{w.text()}")
+    assert "answered 'duplicate' for 1 events its log does not hold" in w.text()
+    assert "answered 'duplicate'" in _status(a)["last_error"]   # and status exits 1 for it
+    wait_until(lambda: _status(a)["unconfirmed"] == 0, 10, "the claim settled")
+    sync(b)
+    assert set(state(b, "x")) == {"x", "z"}
+    assert w.proc.poll() is None, w.text()
 
 
 @pytest.mark.one_backend

@@ -283,8 +283,11 @@ def write_server(server, *statements):
 
 
 @pytest.mark.parametrize("attack", ["flip-a-byte", "swap-bodies", "other-id", "drop-an-event",
-                                    "other-team"])
+                                    "other-team", "sealed-as-text", "manifest-as-text",
+                                    "chain-as-text", "epoch-as-text"])
 def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack):
+    if attack.endswith("-as-text") and is_pg(server.db):
+        pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
     a, b = device("a"), device("b")
     append(a, [ev("note_added", f"note:{i}", {"v": i}) for i in range(3)])
     sync(a)
@@ -305,6 +308,12 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
                      ("UPDATE events SET seq = -seq WHERE seq > 2", ()),
                      ("UPDATE events SET seq = -seq - 1 WHERE seq < 0", ()),
                      ("UPDATE teams SET head = head - 1", ()))
+    elif attack.endswith("-as-text"):   # a cell's type changed at rest (SQLite keeps any)
+        table, column = {"sealed": ("batches", "sealed"), "manifest": ("batches", "manifest"),
+                         "chain": ("events", "chain"), "epoch": ("batches", "epoch")}[
+            attack.split("-")[0]]
+        value = "'not a number'" if column == "epoch" else f"CAST({column} AS TEXT)"
+        write_server(server, (f"UPDATE {table} SET {column} = {value}", ()))
     else:                             # a body from another team's log
         other = device("x", team="other")
         append(other, [ev("note_added", "note:x", {"v": 99})])
@@ -320,6 +329,27 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
     assert after["cursor"] == before["cursor"] == 0      # the cursor did not move past it
     assert log(b) == []                                   # and nothing was applied
     assert state(b) == {}
+
+
+@pytest.mark.one_backend
+def test_a_push_onto_a_head_altered_at_rest_stops_with_the_reason(server, device, watch):
+    """A team's head whose chain was stored as text: the server says, sealed, that it
+    cannot read it; the push stops there (exit 5) and the event stays queued; a
+    watcher says so and stays up."""
+    if is_pg(server.db):
+        pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
+    a = device("a")
+    append(a, [ev("note_added", "note:1", {"v": 1})])
+    sync(a)
+    write_server(server, ("UPDATE teams SET chain = CAST(chain AS TEXT)", ()))
+    append(a, [ev("note_added", "note:2", {"v": 2})])
+    p = sync(a, code=5)
+    assert "cannot be read as they were written (altered at rest?)" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert status(a)["queued"] == 1
+    w = watch(a)
+    wait_until(lambda: "cannot be read as they were written" in w.text(), 30, w.text())
+    assert w.proc.poll() is None
 
 
 @pytest.mark.one_backend

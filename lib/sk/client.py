@@ -297,6 +297,8 @@ def _error(status, reason, err, theirs, server, endpoint, authenticated):
         return AuthError(f"key rejected{': ' + message if message else ''} (HTTP {status},"
                          " unsealed: the server does not know this key, or something"
                          " between this device and the server answered)")
+    if code == "damaged" and authenticated:   # the server says it cannot read what it stored
+        return IntegrityError(message or "the server's stored events cannot be read")
     if code == "protocol_version":
         side = ("upgrade the sk server" if isinstance(theirs, int) and theirs < PROTOCOL_VERSION
                 else "upgrade sk on this device")

@@ -549,6 +549,13 @@ class LocalStore:
         the team's log yet."""
         return [r[0] for r in self.db.execute("SELECT event_id FROM claims ORDER BY event_id")]
 
+    def count_claims(self):
+        """How many claims() there are (0 in a file from before them)."""
+        try:
+            return self.db.execute("SELECT count(*) FROM claims").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
     def settle_claims(self, ids, missing):
         """A read of the whole log settled the claims about `ids`: drop them, and
         queue again those of `missing` (not on the log) this device still holds of

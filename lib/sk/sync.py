@@ -325,15 +325,18 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
     return counts
 
 
-def confirm_claims(store, client, ring):
+def confirm_claims(store, client, ring, only=None):
     """Look for the events a server answered "duplicate" for that no pull has shown
-    on its log (store.claims): read the log from its start to the cursor, storing
-    nothing, its hash chain checked against the one this device holds there, and
-    queue again those it does not hold (IntegrityError, exit 5: the server said it
-    held events it does not). Only a server that lost or lied about events makes
-    this read the log; a log from before protocol 2 (no chain at the cursor), or one
-    whose oldest events the server still holds unsealed, cannot be checked."""
+    on its log (store.claims; with `only`, those of them): read the log from its
+    start to the cursor, storing nothing, its hash chain checked against the one
+    this device holds there, and queue again those it does not hold (IntegrityError,
+    exit 5: the server said it held events it does not). Only a server that lost or
+    lied about events makes this read the log; a log from before protocol 2 (no
+    chain at the cursor), or one whose oldest events the server still holds
+    unsealed, cannot be checked."""
     pending, want = set(store.claims()), store.cursor_chain()
+    if only is not None:
+        pending &= set(only)
     if not pending or want is None:
         return
     from .protocol import WaitingForSeal
@@ -683,6 +686,7 @@ def status(cfg, check=False):
     info.update(store.counts(totals=False) if store else
                 {"queued": 0, "rejected": 0, "local_only": 0, "unstamped": 0, "unapplied": 0,
                  "oldest_queued": None})
+    info["unconfirmed"] = store.count_claims() if store else 0
     info["cursor"] = int(meta("cursor", "0"))
     info["clock"] = int(meta("clock", "0"))
     info["last_success"] = meta("last_success")

@@ -140,6 +140,7 @@ class Watch:
         in_flight = None
         next_id = 0
         live = False
+        claims = set()   # the "duplicate" claims unsettled at the last look
         try:
             while not self.stop.is_set():
                 msg = conn.next(LOCAL_POLL)
@@ -152,6 +153,8 @@ class Watch:
                         self._asked(msg)
                         store.record_outcome(True)
                         self.set_state("connected", f"{self.cfg.server}, caught up at {msg.get('cursor')}")
+                    elif t == "damaged":   # the server cannot read what it stored
+                        raise IntegrityError(str(msg.get("message"))[:500])
                     elif t == "diverged":  # restored server: give it back what it lost
                         self._diverged(msg)
                         return
@@ -179,8 +182,26 @@ class Watch:
                 if time.monotonic() - last_share >= SHARE_INTERVAL:   # a new member's grant
                     last_share = time.monotonic()
                     self.ring.ensure(self.client)
+                    if live and in_flight is None:
+                        claims = self._claims(claims)
+                        last_version = None   # what it queued again goes out now
         finally:
             watcher.close()
+
+    def _claims(self, before):
+        """Settle the server's "duplicate" claims that were already unsettled at the
+        last look (an interval ago: the live stream has shown the log since), as sk
+        sync does (sync.confirm_claims): a claim the log does not bear out is logged,
+        and its event queued again. Returns the claims unsettled now."""
+        from .sync import confirm_claims
+        old = before & set(self.store.claims())
+        if old:
+            try:
+                confirm_claims(self.store, self.client, self.ring, only=old)
+            except IntegrityError as e:
+                self.store.record_outcome(False, f"watch: {_why(e)}")
+                self.log(f"{e}")
+        return set(self.store.claims())
 
     def _apply(self, msg):
         from .resolve import Folder

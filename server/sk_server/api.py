@@ -10,7 +10,7 @@ from sk import PROTOCOL_VERSION, crypto, sealed, wire
 from sk.event import dumps
 
 from . import ops
-from .store import Batch, StoreError, StoreUnavailable
+from .store import UNREADABLE, Batch, Damaged, StoreError, StoreUnavailable
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -254,7 +254,11 @@ def push_batch(key, batch, relay=(), ticket=None, known=None, queued=None):
     node_taken, rekey). The REST push (with its request's ticket) and the
     WebSocket push come here; `queued`, what the device says it has queued, is
     kept in the same transaction."""
-    stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
+    try:
+        stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
+    except Damaged as e:   # said to the device, sealed: it stops there (exit 5)
+        current_app.logger.error("push of '%s': %s", key.device, e)
+        raise Refused(500, "damaged", str(e)) from None
     if stored is None:
         raise _replay()
     for why in ("diverged", "node_taken", "rekey"):
@@ -313,17 +317,31 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     queued = parse_queued(body.get("queued"))
     store = _store()
-    page = store.pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
-                      parse_known(body.get("known")))
+    try:
+        page = store.pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
+                          parse_known(body.get("known")))
+        extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
+        text, attachments = page_out(page, team=key.team, **extra)
+    except Damaged as e:   # said to the device, sealed: it stops there (exit 5)
+        current_app.logger.error("pull of '%s': %s", key.device, e)
+        raise Refused(500, "damaged", str(e)) from None
     ops.pulled(key.team, page)
     store.note_device(key.device, pulled=None if page.diverged else page.next, queued=queued,
                       end=not page.more)
-    extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
-    text, attachments = page_out(page, team=key.team, **extra)
     return _sealed(key, "pull", nonce, text, attachments)
 
 
 def page_out(page, **fields):
+    """A store Page as the wire's pull answer (page_text); Damaged if what the store
+    read cannot be said as it should (a cell altered at rest)."""
+    try:
+        return page_text(page, **fields)
+    except UNREADABLE as e:
+        first = page.rows[0][0] if page.rows else None
+        raise Damaged.at(first - 1 if type(first) is int else None, e) from None
+
+
+def page_text(page, **fields):
     """A store Page as the wire's pull answer (REST) or events frame (WebSocket,
     which adds its own fields): (JSON text, attachments). rows are [seq, batch
     index, manifest index] for a sealed event, [seq, null, event_id] for one the

@@ -31,6 +31,7 @@ from sk.crypto import C2S, S2C
 from . import ops
 from .api import (Refused, page_out, parse_batch, parse_known, parse_queued, parse_skip,
                   push_batch, wanted)
+from .store import Damaged
 
 PING_INTERVAL = 20          # seconds between WebSocket pings (a silent client is dropped)
 CHECK_INTERVAL = 1.0        # seconds between looks at the store for events from elsewhere
@@ -197,14 +198,19 @@ class Session:
         Every look shows the store the last point of the log this session saw (the
         device's, at first), so a log put back under a live session is noticed."""
         while True:
-            page = self.store.pull(self.key.team, cursor, 1000, exclude, self.known)
+            try:
+                page = self.store.pull(self.key.team, cursor, 1000, exclude, self.known)
+                frame = page_out(page, t="events", catchup=catchup)
+            except Damaged as e:   # said, sealed (the close frame proves nothing)
+                self.send({"t": "damaged", "message": str(e)})
+                raise Closed(1011, "stored events cannot be read") from None
             if page.diverged:
                 self.diverged(page.diverged)
             if page.chain is not None:
                 self.known = (page.next, page.chain)
             if not page.rows and page.next == cursor:
                 return self.reached(cursor)
-            self.send(*page_out(page, t="events", catchup=catchup))
+            self.send(*frame)
             ops.pulled(self.key.team, page)
             cursor = page.next
             if not page.more:
@@ -236,7 +242,13 @@ class Session:
         except Refused as e:
             raise Closed(4400, f"push frame: {e.message}") from None
         self.check_key()
-        answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
+        try:
+            answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
+        except Refused as e:   # the store cannot read what it stored: said, sealed
+            if e.code != "damaged":
+                raise
+            self.send({"t": "damaged", "message": e.message})
+            raise Closed(1011, "stored events cannot be read") from None
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:

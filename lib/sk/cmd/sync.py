@@ -203,6 +203,9 @@ def _status_rows(args, info):
          + (" (kept on this device by the never-sync rules)" if info["local_only"] else "")),
         ("unstamped", str(info["unstamped"])),
         ("unapplied", str(info["unapplied"])),
+        ("unconfirmed", str(info["unconfirmed"])
+         + (" (the server answered 'duplicate' for them; the next pull checks its log"
+            " holds them)" if info["unconfirmed"] else "")),
         ("last sync", _ago(info["last_success"])),
         ("failures since", str(info["failures_since"])
          + (f" (last {_ago(info['last_failure'])}: {info['last_error']})"

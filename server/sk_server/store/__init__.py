@@ -10,12 +10,12 @@ insert many rows, and notify other processes.
 
 import os
 
-from .base import (GENESIS, Batch, KeyRecord, Page, Pushed, Store, StoreError,
+from .base import (GENESIS, UNREADABLE, Batch, Damaged, KeyRecord, Page, Pushed, Store, StoreError,
                    StoreUnavailable, chain_next, redact)
 from .schema import EVENT_COLUMNS, SCHEMA_VERSION, STORED_COLUMNS
 from .sql import SQLStore
 
-__all__ = ["GENESIS", "Batch", "EVENT_COLUMNS", "KeyRecord", "Page", "Pushed", "SCHEMA_VERSION",
+__all__ = ["GENESIS", "UNREADABLE", "Batch", "Damaged", "EVENT_COLUMNS", "KeyRecord", "Page", "Pushed", "SCHEMA_VERSION",
            "STORED_COLUMNS", "SQLStore", "Store", "StoreError", "StoreUnavailable",
            "chain_next", "check_path", "open_store", "redact", "sqlite_store", "postgres_store",
            "is_url"]

@@ -30,6 +30,23 @@ class StoreError(Exception):
     an sk server's, ..."""
 
 
+class Damaged(StoreError):
+    """What the server stored cannot be read back as it was written (a cell altered
+    at rest: text where bytes were, a word where a number was): the device is told
+    so, sealed, and stops on it (exit 5) as on an event that fails authentication."""
+
+    @classmethod
+    def at(cls, after, e):
+        why = str(e).split(" with text ")[0][:200]   # (SQLite quotes the cell's bytes)
+        where = f" after seq {after}" if type(after) is int else ""
+        return cls(f"the server's stored events{where} cannot be read as they were written"
+                   f" (altered at rest?): {type(e).__name__}: {why}")
+
+
+# what reading a cell altered at rest raises, on any database
+UNREADABLE = (TypeError, ValueError, UnicodeError)
+
+
 class StoreUnavailable(StoreError):
     """The database does not answer (PostgreSQL down, no pooled connection free):
     the caller should wait and retry (HTTP 503, exit 3)."""

@@ -120,6 +120,10 @@ class PostgresDialect:
                         if snapshot else None)
 
     @staticmethod
+    def unreadable(e):
+        return False   # a PostgreSQL column keeps its type (what else fails: base.UNREADABLE)
+
+    @staticmethod
     def iter_rows(db, sql, args):
         """The rows of a query, fetched a hundred at a time (a server-side cursor),
         so a page of large events reads only what it sends."""

@@ -11,7 +11,7 @@ from sk import crypto
 
 from sk import sealed
 
-from .base import (GENESIS, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
+from .base import (GENESIS, UNREADABLE, Damaged, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
                    cut_page, follow, node_taken, now_ms, number, plan_push, rekey_needed,
                    secret_check, token_refusal, unwrap, usable_key, utc_now)
 from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUMNS, statements,
@@ -179,8 +179,17 @@ class SQLStore(Store):
     def push(self, team, device, batch, ticket=None, known=None, relay=(), queued=None):
         """Store a sealed batch of `device` (Pushed), in one transaction with its
         request's admission (ticket) and what the device says it has queued
-        (`queued`, less what this push settled; sk-admin status, the metrics)."""
+        (`queued`, less what this push settled; sk-admin status, the metrics).
+        Damaged if what the push must read (the team's head) cannot be read."""
         self._maybe_prune()
+        try:
+            return self._push_tx(team, device, batch, ticket, known, relay, queued)
+        except Exception as e:
+            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
+                raise Damaged.at(None, e) from None
+            raise
+
+    def _push_tx(self, team, device, batch, ticket, known, relay, queued):
         with self.d.write() as db:
             if ticket is not None and not self._admit(db, *ticket):
                 return None
@@ -262,6 +271,16 @@ class SQLStore(Store):
         return None
 
     def pull(self, team, after, limit, skip=None, known=None):
+        """A Page of the team's log after seq `after` (Damaged if what is stored there
+        cannot be read as it was written)."""
+        try:
+            return self._pull(team, after, limit, skip, known)
+        except Exception as e:
+            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
+                raise Damaged.at(after, e) from None
+            raise
+
+    def _pull(self, team, after, limit, skip, known):
         with self.d.read(snapshot=True) as db:
             row = db.execute("SELECT head, chain FROM teams WHERE team = ?", (team,)).fetchone()
             head, chain = row if row else (0, GENESIS)
@@ -296,7 +315,9 @@ class SQLStore(Store):
                 for b, epoch, manifest, blob, dev in db.execute(
                         "SELECT batch, epoch, manifest, sealed, device FROM batches WHERE team = ?"
                         " AND batch IN (" + ",".join("?" * len(chunk)) + ")", (team, *chunk)):
-                    batches[b] = (epoch, bytes(manifest), bytes(blob), dev)
+                    manifest = bytes(manifest)
+                    manifest.decode()   # (the wire carries it as text)
+                    batches[b] = (int(epoch), manifest, bytes(blob), dev)
             plain = [r[0] for r in taken if r[2] is None and r[5]]
             for i in range(0, len(plain), 500):
                 chunk = plain[i:i + 500]

@@ -62,6 +62,12 @@ class SQLiteDialect:
         return self._tx("BEGIN")
 
     @staticmethod
+    def unreadable(e):
+        """Whether `e` is SQLite failing to read a cell as its column's type (text
+        that is not UTF-8 where bytes were kept: altered at rest)."""
+        return isinstance(e, sqlite3.OperationalError) and str(e).startswith("Could not decode")
+
+    @staticmethod
     def iter_rows(db, sql, args):
         """The rows of a query, read one at a time as they are taken."""
         return db.execute(sql, args)
