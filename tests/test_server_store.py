@@ -1248,3 +1248,31 @@ def test_migrate_keeps_batches_legacy_keys_and_chains(tmp_path, server_db):
     finally:
         source.close()
         target.close()
+
+
+def test_a_push_wakes_the_listeners_of_every_server_on_the_database(store, server_db):
+    """What makes a watcher on one server get an event pushed through another at
+    once (test_scale measures how soon): on PostgreSQL a push that stores something
+    notifies every store listening on the database, with the team; SQLite, one
+    process's, says it has no such thing (its sessions are woken in-process)."""
+    other = open_store(server_db)
+    heard = []
+    try:
+        if not other.d.listen(heard.append):
+            assert not is_pg(server_db)
+            return
+        other.pull("A", 0, 1)   # (a store listens from its first use on)
+        deadline = time.monotonic() + 10
+        while None not in heard and time.monotonic() < deadline:   # listening now
+            time.sleep(0.01)
+        e = row(node_id="n-wake")
+        push(store, "A", "a1", [e])
+        while "A" not in heard and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "A" in heard, heard
+        before = len(heard)
+        assert push(store, "A", "a1", [e]) == [("duplicate", None)]   # nothing new stored:
+        time.sleep(0.3)                                               # no one woken
+        assert heard[before:] == []
+    finally:
+        other.close()
