@@ -193,10 +193,14 @@ def test_readiness_and_database_up_follow_postgresql(own_cluster, tmp_path, monk
         assert get(srv.port, "/readyz")[0] == 200
         assert value(scrape(mport)[0], "sk_database_up") == 1
         own_cluster.stop()
+        t0 = time.monotonic()
         status, body = get(srv.port, "/readyz")
         assert (status, json.loads(body)) == (503, {"ok": False, "database": "unavailable"})
         assert get(srv.port, "/healthz")[0] == 200
         assert value(scrape(mport)[0], "sk_database_up") == 0     # the scrape still answers
+        took = time.monotonic() - t0    # both, soon: not after the pool's 10 s wait (or a
+        print(f"readiness and a scrape with PostgreSQL down: {took:.1f} s")  # check's timeout)
+        assert took < 8, took
         own_cluster.start()
         wait_until(lambda: get(srv.port, "/readyz")[0] == 200, 90, "readiness after the outage")   # the pool reconnects
         assert value(scrape(mport)[0], "sk_database_up") == 1

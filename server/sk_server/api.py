@@ -502,7 +502,7 @@ def healthz():
 def readyz():
     """Ready: the database answers (503 otherwise), for a load balancer's check."""
     try:
-        _store().ping()
+        _store().ping(quick=True)
     except StoreError:
         _store().reset()
         resp = jsonify({"ok": False, "database": "unavailable"})

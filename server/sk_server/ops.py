@@ -185,6 +185,7 @@ class StoreCollector:
         up = GaugeMetricFamily("sk_database_up", "1 if the database answered this scrape")
         try:
             try:
+                self.store.ping(quick=True)   # a database that is down: say so within ~2 s
                 status = self.store.status(events=False)
             finally:
                 # no connection is kept in the master between scrapes (nor given to the

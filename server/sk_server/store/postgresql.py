@@ -112,6 +112,17 @@ class PostgresDialect:
             raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}': no"
                                    " connection free in time") from None
 
+    @contextlib.contextmanager
+    def probe(self):
+        """A connection of its own, made within 2 s or StoreUnavailable (libpq's
+        shortest connect timeout; a refused connection fails at once)."""
+        try:
+            with self.psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
+                yield _Conn(conn)
+        except self.psycopg.OperationalError as e:
+            raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}':"
+                                   f" {str(e).strip().splitlines()[0]}") from None
+
     def write(self, schema=False):
         return self._tx(schema=schema)
 

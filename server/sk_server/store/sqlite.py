@@ -61,6 +61,9 @@ class SQLiteDialect:
     def read(self, snapshot=False):
         return self._tx("BEGIN")
 
+    def probe(self):
+        return self.read()   # a file: it answers at once or not at all
+
     @staticmethod
     def unreadable(e):
         """Whether `e` is SQLite failing to read a cell as its column's type (text
