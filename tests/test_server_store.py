@@ -1217,6 +1217,11 @@ def test_migrate_keeps_batches_legacy_keys_and_chains(tmp_path, server_db):
         for n in (2, 1, 4):
             push(source, "A", "a3", [row(node_id="a3") for _ in range(n)])
         rotate(source, "a2")   # team A must begin epoch 2 before writing more
+        with closing(sqlite3.connect(src_path)) as c, c:   # a1 and b1 made requests
+            c.execute("UPDATE devices SET last_seen = '2026-12-01T10:00:00Z' WHERE name IN"
+                      " ('a1', 'b1')")
+        source.note_device("a1", pulled=9, queued=4)
+        source.note_device("b1", pulled=3, queued=0)
         meta, work = migrate.plan(source, target)
         assert sorted(work) == [("A", 0, 14), ("B", 0, 3)]
         done = migrate.migrate(source, target, meta, work, chunk=3)
@@ -1226,6 +1231,10 @@ def test_migrate_keeps_batches_legacy_keys_and_chains(tmp_path, server_db):
             for dev in devs:
                 assert target.keys(team, dev) == source.keys(team, dev)
         assert target.stats() == source.stats()
+        # where each device's pull got to and its queue (sk-admin status, the metrics)
+        assert target.status(events=False)["devices"] == source.status(events=False)["devices"]
+        assert {d["device"]: (d["lag"], d["queued"]) for d in target.status(events=False)[
+            "devices"]} == {"a1": (5, 4), "a2": (14, None), "a3": (14, None), "b1": (0, 0)}
         assert target.stats()["legacy"] == 7 and target.keys("A", "a1")["grants"][0]["sealed"] == grant
         for key in api_keys.values():
             kid, _ = crypto.parse_api_key(key)

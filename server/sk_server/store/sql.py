@@ -686,6 +686,10 @@ class SQLStore(Store):
                 "grants": db.execute("SELECT team, epoch, device, recipient, sealed, granted_by,"
                                      " granter, created FROM grants").fetchall(),
                 "nodes": db.execute("SELECT team, node_id, device FROM nodes").fetchall(),
+                # where each device's last pull got to and what it said it had queued
+                # (sk-admin status, the metrics), as of its last request
+                "progress": db.execute("SELECT name, last_seen, pulled, queued FROM devices"
+                                       " WHERE last_seen IS NOT NULL").fetchall(),
             }
 
     def import_meta(self, meta):
@@ -714,6 +718,10 @@ class SQLStore(Store):
                  meta.get("grants", []))
             many(db, "INSERT INTO nodes(team, node_id, device) VALUES (?, ?, ?)"
                      " ON CONFLICT DO NOTHING", meta.get("nodes", []))
+            many(db, "UPDATE devices SET last_seen = ?, pulled = ?, queued = ? WHERE name = ?"
+                     " AND (last_seen IS NULL OR last_seen <= ?)",   # unless newer here
+                 [(seen, pulled, queued, name, seen)
+                  for name, seen, pulled, queued in meta.get("progress", [])])
 
     def export_events(self, team, after, limit):
         """{"events": up to limit rows (STORED_COLUMNS) after seq `after`, "batches":
