@@ -355,6 +355,14 @@ def test_dry_run_counts_stamping_and_lists_with_v(server, device):
     assert f"pushed {eid} feature_created feature:F-1" in out.stderr.splitlines()
     summary = json.loads(sync(a, "-n", "--json").stdout)
     assert (summary["would_stamp"], summary["would_push"], summary["would_resolve"]) == (0, 0, 0)
+    # offline: what is here is counted still, and it says what is not
+    append(a, [ev("feature_created", "feature:F-2", {"t": 2})])
+    env = (a / ".env").read_text()
+    (a / ".env").write_text(env.replace(server.url, "http://127.0.0.1:9"))
+    p = sync(a, "-n")
+    assert p.stdout.startswith("would stamp 1, push 1, pull at most ?, resolve 1;"), p.stdout
+    assert "cannot reach server" in p.stderr and "what it would pull is not counted" in p.stderr, p.stderr
+    assert json.loads(sync(a, "-n", "--json").stdout)["unreachable"]
 
 
 def read_until(proc, word, timeout=60):

@@ -661,9 +661,13 @@ def _dry_run(cfg, store, client, on_event=None):
         if s["stamped"]:
             stamp(store, cfg, lambda kind, ev, reason: None if reason else
                   on_event("would push", ev, None), dry_run=True)
-    hello = client.hello()
+    unreachable = None
+    try:
+        hello = client.hello()
+    except Unreachable as e:   # what is here is counted still; what is there is not
+        hello, unreachable = {}, str(e)
     head = hello.get("head")
-    return {"dry_run": True, "would_stamp": s["stamped"],
+    return {"dry_run": True, "unreachable": unreachable, "would_stamp": s["stamped"],
             "would_push": counts["queued"] + s["stamped"] - s["local_only"],
             "would_keep_local": s["local_only"],
             "would_pull_at_most": max(0, head - store.cursor()) if isinstance(head, int) else None,

@@ -125,6 +125,9 @@ def _now(args, ctx):
                      if summary["would_keep_local"] else "")
                   + f", pull at most {most if most is not None else '?'}, resolve"
                   f" {summary['would_resolve']}; nothing changed")
+        if summary.get("unreachable"):
+            print(f"{args.prog}: {summary['unreachable']} (what it would pull is not counted)",
+                  file=sys.stderr)
     elif not args.quiet:
         s, pu, pl = summary["stamp"], summary["push"], summary["pull"]
         line = (f"stamped {s['stamped']}, pushed {pu['accepted']}"
