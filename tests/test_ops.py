@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (ROOT, ServerProcess, alter, append, begin_epoch, command, ev, free_port,
-                      run, sealed_batch, share_key, sync, wait_until)
+                      is_pg, run, sealed_batch, share_key, sync, wait_until)
 
 SK = "sk-admin"
 
@@ -249,6 +249,33 @@ def test_verify_catches_an_altered_row_and_a_missing_one(server_db, tmp_path):
     bad = {x["team"]: x["seq"] for x in map(json.loads, p.stdout.splitlines())}
     assert bad == {"blue": 7, "red": 1034}
     assert "team 'blue'" in p.stderr.splitlines()[-1] and "seq 7" in p.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("attack", ["moved-body", "manifest-as-text", "chain-as-text",
+                                    "idx-as-text"])
+def test_verify_catches_a_body_moved_or_a_cell_altered_at_rest(server_db, attack):
+    """What the chain does not cover: a sealed body served for another event (rows
+    pointing at each other's manifest entries), and cells no longer of their type
+    (SQLite keeps any): named with their seq, never a traceback."""
+    from sk_server.store import open_store
+    if attack != "moved-body" and is_pg(server_db):
+        pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
+    run(SK, "--db", server_db, "init")
+    store = open_store(server_db)
+    fill(store, "red", "r1", 30, per=10)
+    store.close()
+    sql = {"moved-body": "UPDATE events SET idx = 9 - idx WHERE team = 'red' AND batch = 2",
+           "manifest-as-text": "UPDATE batches SET manifest = 'sk/2 manifest' WHERE team = 'red'"
+                               " AND batch = 3",
+           "chain-as-text": "UPDATE events SET chain = CAST(chain AS TEXT) WHERE team = 'red'"
+                            " AND seq = 12",
+           "idx-as-text": "UPDATE events SET idx = 'x' WHERE team = 'red' AND seq = 25"}[attack]
+    alter(server_db, sql)
+    p = run(SK, "--db", server_db, "verify", "--json", code=5)
+    (got,) = map(json.loads, p.stdout.splitlines())
+    assert got["seq"] == {"moved-body": 11, "manifest-as-text": 21, "chain-as-text": 12,
+                          "idx-as-text": 25}[attack], got
+    assert "Traceback" not in p.stderr and "team 'red'" in p.stderr, p.stderr
 
 
 def test_verify_walks_in_bounded_chunks(server_db):

@@ -37,12 +37,15 @@ minus the point its last pull reached), queued (how many events it last said
 it had queued to push) and revoked: the same figures `sk server --metrics`
 exports. --json: one object {"teams": [...], "devices": [...]}.
 
-verify walks every team's log: sequence numbers dense from 1 to the head, and
-the hash chain (chain(0) = 32 zero bytes, chain(n) = SHA-256(chain(n-1) +
-event_id(n)), PROTOCOL.md section 6) as stored and as the team records it. It
+verify walks every team's log: sequence numbers dense from 1 to the head, the
+hash chain (chain(0) = 32 zero bytes, chain(n) = SHA-256(chain(n-1) +
+event_id(n)), PROTOCOL.md section 6) as stored and as the team records it, and
+each sealed event's id, node and clock as its batch's manifest has them at its
+place (what the sealed content is bound to: the server cannot open it). It
 reads a bounded chunk at a time, so it runs beside a live server on logs of any
 size. Exit 0 when every log is intact; exit 5 naming the team and its first bad
-seq when not (a restore that went wrong, a hand-edited row). --json: one
+seq when not (a restore that went wrong, a hand-edited row, a body moved to
+another event, a cell that no longer reads as it was written). --json: one
 object a team."""
 
 
@@ -65,7 +68,7 @@ def get_parser(prog="sk-admin"):
     ini = sub.add_parser("init", help="create the server database and its secret")
     sta = sub.add_parser("status", help="per team head, events, snapshots; per device"
                                         " last seen, lag, queued, revoked")
-    ver = sub.add_parser("verify", help="check every team's sequence and hash chain (exit 5"
+    ver = sub.add_parser("verify", help="check every team's sequence, hash chain and manifests (exit 5"
                                         " naming the first bad seq)")
     for sp in (m, b, st, ini, sta, ver):
         _common.common(sp, suppress=True)
@@ -187,13 +190,13 @@ def _verify(args, store):
                   file=sys.stderr)
         elif args.verbose:
             _common.say(args, f"team '{team['team']}': {team['head']} events, sequence and"
-                              " hash chain intact")
+                              " hash chain and manifests intact")
     if bad:
         first = bad[0]
         more = f" (and {len(bad) - 1} more team(s))" if len(bad) > 1 else ""
         raise IntegrityError(f"verify: team '{first['team']}' is not intact from seq"
                              f" {first['seq']}{more}")
-    _common.say(args, "verify: every team's sequence and hash chain are intact")
+    _common.say(args, "verify: every team's sequence, hash chain and manifests are intact")
     return 0
 
 

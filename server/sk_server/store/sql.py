@@ -633,37 +633,81 @@ class SQLStore(Store):
     def verify(self, chunk=10_000):
         """Walk every team's log as it stood when the walk reached the team: seq
         dense from 1 up to the team's head, each event's chain value
-        sha256(chain before it + event_id) from 32 zero bytes, and the team's own
-        chain value the last event's. Yields {"team", "head", "checked", "seq"
-        (None, or the first bad seq), "reason"} per team, in name order; reads
-        `chunk` events a transaction, so memory stays bounded however long the log."""
+        sha256(chain before it + event_id) from 32 zero bytes, each sealed event the
+        entry (id, node, clock) its batch's manifest has at its place, and the
+        team's own chain value the last event's. Yields {"team", "head", "checked",
+        "seq" (None, or the first bad seq), "reason"} per team, in name order; reads
+        `chunk` events a transaction, so memory stays bounded however long the log.
+        A cell that cannot be read as it was written is a bad row too."""
         with self.d.read() as db:
-            teams = [(t, h, bytes(c)) for t, h, c in db.execute(
-                "SELECT team, head, chain FROM teams ORDER BY team").fetchall()]
-        for team, head, recorded in teams:
-            seq, chain, bad = 0, GENESIS, None
-            while bad is None and seq < head:
+            teams = [t for (t,) in db.execute("SELECT team FROM teams ORDER BY team")]
+        unreadable = lambda e: isinstance(e, UNREADABLE) or self.d.unreadable(e)  # noqa: E731
+        for team in teams:
+            head, seq, chain, bad = None, 0, GENESIS, None
+            try:
                 with self.d.read() as db:
-                    rows = db.execute("SELECT seq, event_id, chain FROM events WHERE team = ?"
-                                      " AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                                      (team, seq, head, chunk)).fetchall()
-                if not rows:
-                    bad = (seq + 1, f"event {seq + 1} is missing (the team's head is {head})")
-                for n, eid, stored in rows:
-                    if n != seq + 1:
-                        bad = (seq + 1, f"event {seq + 1} is missing (the next one stored is"
-                                        f" {n})")
-                        break
-                    chain = chain_next(chain, eid)
-                    if bytes(stored) != chain:
-                        bad = (n, "its hash chain value is not sha256(the chain before it +"
-                                  " its event_id): the row, or one before it, was altered")
-                        break
-                    seq = n
+                    head, recorded = db.execute("SELECT head, chain FROM teams WHERE team = ?",
+                                                (team,)).fetchone()
+                    head, recorded = int(head), bytes(recorded)
+            except Exception as e:
+                if not unreadable(e):
+                    raise
+                bad = (0, "the team's own head or chain cannot be read as it was written"
+                          f" (altered at rest?): {type(e).__name__}")
+            step = chunk
+            while bad is None and seq < head:
+                try:
+                    seq, chain, bad = self._verify_chunk(team, head, seq, chain, step)
+                except Exception as e:
+                    if not unreadable(e):
+                        raise
+                    if step == 1:
+                        bad = (seq + 1, f"its row cannot be read as it was written (altered at"
+                                        f" rest?): {type(e).__name__}")
+                    step = 1   # find the row: one at a time from here
             if bad is None and chain != recorded:
                 bad = (head, "the team's recorded chain value is not the chain of its log")
             yield {"team": team, "head": head, "checked": seq,
                    "seq": bad and bad[0], "reason": bad and bad[1]}
+
+    def _verify_chunk(self, team, head, seq, chain, chunk):
+        """verify() over up to `chunk` events after `seq`: (seq, chain, bad)."""
+        from sk.errors import IntegrityError
+        from sk.protocol import _manifest
+        with self.d.read() as db:
+            rows = db.execute("SELECT seq, event_id, node_id, lamport_clock, batch, idx, chain"
+                              " FROM events WHERE team = ? AND seq > ? AND seq <= ?"
+                              " ORDER BY seq LIMIT ?", (team, seq, head, chunk)).fetchall()
+            ids = sorted({r[4] for r in rows if r[4] is not None})
+            manifests = {}
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                for b, text in db.execute(
+                        "SELECT batch, manifest FROM batches WHERE team = ? AND batch IN ("
+                        + ",".join("?" * len(part)) + ")", (team, *part)):
+                    try:
+                        manifests[b] = _manifest(bytes(text).decode())[0]
+                    except (IntegrityError, *UNREADABLE):
+                        manifests[b] = None   # its events are named below
+        if not rows:
+            return seq, chain, (seq + 1, f"event {seq + 1} is missing (the team's head is {head})")
+        for n, eid, node, clock, b, idx, stored in rows:
+            if n != seq + 1:
+                return seq, chain, (seq + 1, f"event {seq + 1} is missing (the next one stored"
+                                             f" is {n})")
+            chain = chain_next(chain, eid)
+            if bytes(stored) != chain:
+                return seq, chain, (n, "its hash chain value is not sha256(the chain before it"
+                                       " + its event_id): the row, or one before it, was altered")
+            if b is not None:
+                entries = manifests.get(b)
+                if entries is None or not 0 <= idx < len(entries) or \
+                        tuple(entries[idx]) != (eid, node, clock):
+                    return seq, chain, (n, f"it is not the entry its batch {b}'s manifest has"
+                                           f" at {idx} (a body moved to another event, or the"
+                                           " manifest altered)")
+            seq = n
+        return seq, chain, None
 
     def backup(self, path):
         self.d.backup(path)
