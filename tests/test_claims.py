@@ -279,3 +279,33 @@ def test_a_members_odd_extra_stops_no_one(server, device, extra):
     store.close()
     sync(b)    # the batch authenticates: skipped (with a warning under -v), exit 0
     assert "odd" not in state(b, "x")
+
+
+@pytest.mark.one_backend
+def test_an_event_stamped_after_the_pushs_last_look_is_the_next_runs(server, device):
+    """`sk sync` exits 1 when events it read stay queued (held); one stamped after its
+    last look at the queue (a loop of sk-stamp beside it) is the next run's, not a
+    reason to fail this one."""
+    from sk import sync as sk_sync
+    a = device("a")
+    append(a, [ev("x_set", "x:1", {"v": 1})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    real, empty = store.queued, []
+
+    def queued(limit, after=0):
+        rows = real(limit, after)
+        if not rows:
+            empty.append(after)
+            if len(empty) == 2:   # its last look: now one more is stamped
+                append(a, [ev("x_set", "x:2", {"v": 2})])
+                run("sk-stamp", home=a)
+        return rows
+    store.queued = queued
+    counts = sk_sync.push(store, client, ring, all_batches=True)
+    assert len(empty) == 2 and counts["accepted"] == 1 and counts["queued"] == 0, counts
+    assert store.counts(totals=False)["queued"] == 1
+    store.close()
+    client.close()
+    sync(a)
+    assert _status(a)["queued"] == 0

@@ -549,6 +549,11 @@ class LocalStore:
         the team's log yet."""
         return [r[0] for r in self.db.execute("SELECT event_id FROM claims ORDER BY event_id")]
 
+    def count_queued(self, upto):
+        """How many events are queued up to local seq `upto` (the queue's index)."""
+        return self.db.execute("SELECT count(*) FROM events WHERE status = 'queued' AND"
+                               " seq <= ?", (int(upto),)).fetchone()[0]
+
     def count_claims(self):
         """How many claims() there are (0 in a file from before them)."""
         try:

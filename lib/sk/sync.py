@@ -181,6 +181,10 @@ def _push(store, client, ring, max_n, all_batches, on_event, progress, counts=No
             sealer.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
             sender.close()
+        # what this run read and could not push (held): an event stamped after its
+        # last look at the queue is the next run's, and no reason for this one to exit 1
+        counts["queued"] = store.count_queued(upto=cut.after)
+        return counts
     counts["queued"] = store.counts(totals=False)["queued"]
     return counts
 
