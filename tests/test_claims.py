@@ -5,7 +5,7 @@ unchecked, or cost a read of the whole log for nothing; a member's odd extra sto
 no one. (Written by a reviewer as probes of the first version, which failed them.)"""
 import pytest
 
-from conftest import append, ev, run, server_rows, state, sync, wait_until
+from conftest import append, ev, is_pg, run, server_rows, state, sync, wait_until
 from test_hardening import _Answers, _in_process
 
 
@@ -309,3 +309,69 @@ def test_an_event_stamped_after_the_pushs_last_look_is_the_next_runs(server, dev
     client.close()
     sync(a)
     assert _status(a)["queued"] == 0
+
+
+@pytest.mark.one_backend
+def test_a_watcher_behind_the_head_leaves_a_claim_for_later(server, device):
+    """The watcher settles an old claim only once it has read the log up to the
+    server's head: behind it (a burst the live stream has not shown yet), the
+    claimed event may be there, and nothing is called a lie or queued again."""
+    from sk import sync as sk_sync
+    from sk.config import Config
+    from sk.watch import Watch
+    a = device("a")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    append(a, [ev("x_set", "x:z", {"v": 2})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    sk_sync.push(store, _liar(client, ring.team), ring)
+    (z,) = store.claims()
+
+    class Ahead:   # the server's head one past this device's cursor
+        def __init__(self, real, ahead):
+            self.real, self.ahead = real, ahead
+
+        def hello(self):
+            return {**self.real.hello(), "head": store.cursor() + self.ahead}
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+    w = Watch(Config(a), store=store)
+    w.ring, w.client = ring, Ahead(client, 1)
+    assert w._claims({z}) == {z} and store.claims() == [z]
+    assert store.counts(totals=False)["queued"] == 0          # nothing queued again
+    w.client = Ahead(client, 0)
+    assert w._claims(set()) == {z} and store.claims() == [z]   # a fresh claim waits too
+    assert w._claims({z}) == set() and store.claims() == []    # caught up and old: settled
+    assert store.counts(totals=False)["queued"] == 1
+    store.close()
+    client.close()
+
+
+@pytest.mark.one_backend
+def test_a_stored_id_altered_at_rest_is_not_taken_for_a_copied_home(server, device):
+    """A stored event's id turned into bytes at rest: the same event pushed again is
+    not "another home stamping with this node id" (exit 2, which tells the user to
+    take a new node id) but the server saying it cannot read what it stored."""
+    if is_pg(server.db):
+        pytest.skip("a PostgreSQL column keeps its type")
+    import sqlite3
+
+    from sk.errors import IntegrityError
+    from sk.event import check_stamped
+    from sk.protocol import known_out, push_body
+    a = device("a")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    store, client, ring = _in_process(a)
+    e = next(iter(store.log(status="sent")))
+    event = check_stamped({k: e[k] for k in ("event_id", "node_id", "lamport_clock",
+                                             "event_type", "aggregate_type", "aggregate_id",
+                                             "payload", "timestamp")}, new=False)
+    with sqlite3.connect(server.db) as c:
+        c.execute("UPDATE events SET event_id = CAST(event_id AS BLOB)")
+    with pytest.raises(IntegrityError, match="cannot be read as it was written"):
+        client.call("push", *push_body([(0, event, False, None)], ring, known_out(store)))
+    store.close()
+    client.close()

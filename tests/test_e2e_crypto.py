@@ -284,7 +284,7 @@ def write_server(server, *statements):
 
 @pytest.mark.parametrize("attack", ["flip-a-byte", "swap-bodies", "other-id", "drop-an-event",
                                     "other-team", "sealed-as-text", "manifest-as-text",
-                                    "chain-as-text", "epoch-as-text"])
+                                    "chain-as-text", "epoch-as-text", "batch-missing"])
 def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack):
     if attack.endswith("-as-text") and is_pg(server.db):
         pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
@@ -308,6 +308,8 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
                      ("UPDATE events SET seq = -seq WHERE seq > 2", ()),
                      ("UPDATE events SET seq = -seq - 1 WHERE seq < 0", ()),
                      ("UPDATE teams SET head = head - 1", ()))
+    elif attack == "batch-missing":   # an event names a batch the server does not hold
+        write_server(server, ("UPDATE events SET batch = 99 WHERE seq = 2", ()))
     elif attack.endswith("-as-text"):   # a cell's type changed at rest (SQLite keeps any)
         table, column = {"sealed": ("batches", "sealed"), "manifest": ("batches", "manifest"),
                          "chain": ("events", "chain"), "epoch": ("batches", "epoch")}[
@@ -331,6 +333,58 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
     assert state(b) == {}
 
 
+@pytest.mark.parametrize("cell", ["grant-as-text", "identity-word", "epoch-word",
+                                  "snapshot-seq-word"])
+def test_key_state_or_a_snapshot_altered_at_rest_stops_with_the_reason(server, device, cell):
+    """What every sync reads first (the team key's state) and what a pull's last page
+    asks (whether a snapshot is due), stored as another type: the device says why
+    (exit 5, one line) or, for the snapshot's mere advice, syncs on; never an internal
+    error or a traceback."""
+    if is_pg(server.db):
+        pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
+    a = device("a")
+    append(a, [ev("note_added", "note:1", {"v": 1})])
+    sync(a)
+    sql = {"grant-as-text": "UPDATE grants SET sealed = CAST(sealed AS TEXT)",
+           "identity-word": "UPDATE devices SET identity = 'x' WHERE name = 'a'",
+           "epoch-word": "UPDATE teams SET epoch = 'x'",
+           "snapshot-seq-word": "INSERT INTO snapshots (team, seq, chain, epoch, sealed, size,"
+                                " device, created) VALUES ('default', 'x', x'00', 1, x'00', 1,"
+                                " 'a', '2026-12-01T00:00:00Z')"}[cell]
+    write_server(server, (sql, ()))
+    append(a, [ev("note_added", "note:2", {"v": 2})])
+    if cell == "snapshot-seq-word":
+        sync(a)
+        assert status(a)["queued"] == 0
+        return
+    p = sync(a, code=5)
+    line = p.stderr.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line, line
+    assert "cannot be read as it was written (altered at rest?)" in line, line
+    assert status(a)["queued"] == 1
+
+
+def test_a_malformed_key_state_is_refused_not_a_crash():
+    """Whatever the server seals as the team key's state, a device checks its shape
+    before it reads it (IntegrityError, exit 5)."""
+    from sk.errors import IntegrityError
+    from sk.keyring import check_state
+    good = {"team": "t", "device": "d", "epoch": 1, "identity": "ab", "holds": [1],
+            "epochs": [{"epoch": 1, "start_seq": 0}], "grants": [
+                {"epoch": 1, "sealed": "00", "granter": "ab", "granted_by": "e"}],
+            "members": [{"device": "e", "identity": "ab", "approval": None, "granted": [1],
+                         "revoked": None}]}
+    assert check_state(dict(good)) == good
+    for bad in ({"epoch": "x"}, {"epoch": -1}, {"team": 5}, {"holds": 3}, {"holds": ["1"]},
+                {"identity": "abc"}, {"grants": [{"epoch": 1}]}, {"grants": {"a": 1}},
+                {"epochs": "e"}, {"members": [{"device": "e", "identity": "zz", "granted": []}]},
+                {"members": [{"device": "e", "granted": "1"}]}, {"members": 7}):
+        with pytest.raises(IntegrityError, match="malformed key state"):
+            check_state({**good, **bad})
+    with pytest.raises(IntegrityError):
+        check_state(["not", "a", "dict"])
+
+
 @pytest.mark.one_backend
 def test_a_push_onto_a_head_altered_at_rest_stops_with_the_reason(server, device, watch):
     """A team's head whose chain was stored as text: the server says, sealed, that it
@@ -344,11 +398,11 @@ def test_a_push_onto_a_head_altered_at_rest_stops_with_the_reason(server, device
     write_server(server, ("UPDATE teams SET chain = CAST(chain AS TEXT)", ()))
     append(a, [ev("note_added", "note:2", {"v": 2})])
     p = sync(a, code=5)
-    assert "cannot be read as they were written (altered at rest?)" in p.stderr, p.stderr
+    assert "cannot be read as it was written (altered at rest?)" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert status(a)["queued"] == 1
     w = watch(a)
-    wait_until(lambda: "cannot be read as they were written" in w.text(), 30, w.text())
+    wait_until(lambda: "cannot be read as it was written" in w.text(), 30, w.text())
     assert w.proc.poll() is None
 
 

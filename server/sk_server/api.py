@@ -58,6 +58,9 @@ def _refused(e):
 
 @api.app_errorhandler(StoreError)
 def _store_error(e):
+    if isinstance(e, Damaged):   # said to the device, sealed: it stops there (exit 5)
+        current_app.logger.error("%s %s: %s", request.path, _who(), e, exc_info=e)
+        return _refused(Refused(500, "damaged", str(e)))
     if isinstance(e, StoreUnavailable):   # the client waits and retries (exit 3)
         current_app.logger.error("database %s", e)
         _store().reset()
@@ -81,6 +84,12 @@ def _http_error(e):
 def _internal(e):
     current_app.logger.exception("internal error")
     return error(500, "internal", "internal server error; see the server log")
+
+
+def _who():
+    """The device whose request this is, for the log ('?' before it authenticated)."""
+    sealing = g.get("sk_seal")
+    return f"of '{sealing[0].device}'" if sealing else "(unauthenticated)"
 
 
 def _authenticate(endpoint, admit=True):
@@ -254,11 +263,7 @@ def push_batch(key, batch, relay=(), ticket=None, known=None, queued=None):
     node_taken, rekey). The REST push (with its request's ticket) and the
     WebSocket push come here; `queued`, what the device says it has queued, is
     kept in the same transaction."""
-    try:
-        stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
-    except Damaged as e:   # said to the device, sealed: it stops there (exit 5)
-        current_app.logger.error("push of '%s': %s", key.device, e)
-        raise Refused(500, "damaged", str(e)) from None
+    stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
     if stored is None:
         raise _replay()
     for why in ("diverged", "node_taken", "rekey"):
@@ -317,14 +322,10 @@ def pull():
         raise Refused(400, "malformed", f"'limit' must be an integer from 1 to {wire.MAX_PAGE}")
     queued = parse_queued(body.get("queued"))
     store = _store()
-    try:
-        page = store.pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
-                          parse_known(body.get("known")))
-        extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
-        text, attachments = page_out(page, team=key.team, **extra)
-    except Damaged as e:   # said to the device, sealed: it stops there (exit 5)
-        current_app.logger.error("pull of '%s': %s", key.device, e)
-        raise Refused(500, "damaged", str(e)) from None
+    page = store.pull(key.team, after, limit, parse_skip(body.get("skip"), key.device),
+                      parse_known(body.get("known")))
+    extra = {"snapshot_wanted": True} if not page.more and wanted(key.team) else {}
+    text, attachments = page_out(page, team=key.team, **extra)
     ops.pulled(key.team, page)
     store.note_device(key.device, pulled=None if page.diverged else page.next, queued=queued,
                       end=not page.more)
@@ -477,8 +478,13 @@ def snapshot_get():
 
 
 def wanted(team):
-    """Whether to ask the device at hand for a snapshot (SNAPSHOT_EVERY events)."""
-    return _store().snapshot_due(team, current_app.config["SNAPSHOT_EVERY"])
+    """Whether to ask the device at hand for a snapshot (SNAPSHOT_EVERY events): only
+    advice, so a snapshot row that cannot be read asks for none (and is logged)."""
+    try:
+        return _store().snapshot_due(team, current_app.config["SNAPSHOT_EVERY"])
+    except Damaged as e:
+        current_app.logger.error("snapshot_due of team '%s': %s", team, e, exc_info=e)
+        return False
 
 
 @api.post("/api/ws-token")

@@ -202,6 +202,8 @@ class Session:
                 page = self.store.pull(self.key.team, cursor, 1000, exclude, self.known)
                 frame = page_out(page, t="events", catchup=catchup)
             except Damaged as e:   # said, sealed (the close frame proves nothing)
+                current_app.logger.error("websocket pull of '%s': %s", self.key.device, e,
+                                         exc_info=e)
                 self.send({"t": "damaged", "message": str(e)})
                 raise Closed(1011, "stored events cannot be read") from None
             if page.diverged:
@@ -244,10 +246,10 @@ class Session:
         self.check_key()
         try:
             answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
-        except Refused as e:   # the store cannot read what it stored: said, sealed
-            if e.code != "damaged":
-                raise
-            self.send({"t": "damaged", "message": e.message})
+        except Damaged as e:   # the store cannot read what it stored: said, sealed
+            current_app.logger.error("websocket push of '%s': %s", self.key.device, e,
+                                     exc_info=e)
+            self.send({"t": "damaged", "message": str(e)})
             raise Closed(1011, "stored events cannot be read") from None
         if "diverged" in answer:
             self.diverged(answer["diverged"])

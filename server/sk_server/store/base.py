@@ -38,9 +38,10 @@ class Damaged(StoreError):
     @classmethod
     def at(cls, after, e):
         why = str(e).split(" with text ")[0][:200]   # (SQLite quotes the cell's bytes)
-        where = f" after seq {after}" if type(after) is int else ""
-        return cls(f"the server's stored events{where} cannot be read as they were written"
-                   f" (altered at rest?): {type(e).__name__}: {why}")
+        what = (f"the server's stored events after seq {after}" if type(after) is int
+                else "what the server stored")
+        return cls(f"{what} cannot be read as it was written (altered at rest?):"
+                   f" {type(e).__name__}: {why}")
 
 
 # what reading a cell altered at rest raises, on any database

@@ -114,14 +114,24 @@ class PostgresDialect:
 
     @contextlib.contextmanager
     def probe(self):
-        """A connection of its own, made within 2 s or StoreUnavailable (libpq's
-        shortest connect timeout; a refused connection fails at once)."""
+        """A connection within 2 s, or StoreUnavailable: the pool's, when this process
+        has one (a database at its connection limit still serves it), else one of
+        its own (libpq's shortest connect timeout; a refused connection fails at
+        once), not after the pool's 10 s wait."""
+        pool = self._pool if self._pid == os.getpid() else None
         try:
-            with self.psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
-                yield _Conn(conn)
+            if pool is not None:
+                with pool.connection(timeout=2) as conn:
+                    yield _Conn(conn)
+            else:
+                with self.psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
+                    yield _Conn(conn)
         except self.psycopg.OperationalError as e:
             raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}':"
                                    f" {str(e).strip().splitlines()[0]}") from None
+        except self.pool_timeout:
+            raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}': no"
+                                   " connection in 2 s") from None
 
     def write(self, schema=False):
         return self._tx(schema=schema)

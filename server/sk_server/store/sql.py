@@ -7,6 +7,8 @@ each team's sequence is dense and in commit order, and a pull reads from one
 consistent snapshot.
 """
 
+import contextlib
+
 from sk import crypto
 
 from sk import sealed
@@ -182,12 +184,8 @@ class SQLStore(Store):
         (`queued`, less what this push settled; sk-admin status, the metrics).
         Damaged if what the push must read (the team's head) cannot be read."""
         self._maybe_prune()
-        try:
+        with self._reading():
             return self._push_tx(team, device, batch, ticket, known, relay, queued)
-        except Exception as e:
-            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
-                raise Damaged.at(None, e) from None
-            raise
 
     def _push_tx(self, team, device, batch, ticket, known, relay, queued):
         with self.d.write() as db:
@@ -264,21 +262,36 @@ class SQLStore(Store):
                     "SELECT lamport_clock, event_id FROM events WHERE team = ? AND node_id = ?"
                     " AND lamport_clock BETWEEN ? AND ?",
                     (team, node, min(mine), max(mine))).fetchall():
+                if not isinstance(eid, str):   # not another event: a row altered at rest
+                    raise Damaged(f"the server's stored event of node {node} at clock {clock}"
+                                  " has an id that cannot be read as it was written (altered at"
+                                  " rest?)")
                 if clock in mine and mine[clock] != eid:
                     return node_taken(node, owner or device, device, clock)
         self.d.many(db, "INSERT INTO nodes(team, node_id, device) VALUES (?, ?, ?)"
                         " ON CONFLICT DO NOTHING", [(team, n, device) for n in nodes if n not in bound])
         return None
 
+    @contextlib.contextmanager
+    def _reading(self, after=None):
+        """Where the store reads back what it stored: a cell that cannot be read as it
+        was written (SQLite's undecodable text, text or a word where bytes or a number
+        were) is Damaged (said to the device, sealed; the cause is in the server's
+        log), never an internal error."""
+        try:
+            yield
+        except Damaged:
+            raise
+        except Exception as e:
+            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
+                raise Damaged.at(after, e) from e
+            raise
+
     def pull(self, team, after, limit, skip=None, known=None):
         """A Page of the team's log after seq `after` (Damaged if what is stored there
         cannot be read as it was written)."""
-        try:
+        with self._reading(after):
             return self._pull(team, after, limit, skip, known)
-        except Exception as e:
-            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
-                raise Damaged.at(after, e) from None
-            raise
 
     def _pull(self, team, after, limit, skip, known):
         with self.d.read(snapshot=True) as db:
@@ -290,11 +303,14 @@ class SQLStore(Store):
 
             sizes = {}
 
-            def size_of(batch):   # a page's batches are numbered upward: 32 a query
+            def size_of(batch, seq):   # a page's batches are numbered upward: 32 a query
                 if batch not in sizes:
                     sizes.update(db.execute(
                         "SELECT batch, size FROM batches WHERE team = ? AND batch BETWEEN ? AND ?",
                         (team, batch, batch + 31)).fetchall())
+                    if batch not in sizes:
+                        raise Damaged(f"the server's stored event at seq {seq} is in batch"
+                                      f" {batch}, which it does not hold (altered at rest?)")
                 return sizes[batch]
 
             def rows():   # (seq, event_id, batch, idx, chain, cost); left out: no batch
@@ -306,7 +322,7 @@ class SQLStore(Store):
                     elif batch is None:
                         yield seq, eid, None, None, c, (legacy or 0) + LEGACY_COST
                     else:
-                        yield seq, eid, batch, idx, c, size_of(batch)
+                        yield seq, eid, batch, idx, c, size_of(batch, seq)
             taken, more = cut_page(rows(), limit)
             batches, legacy = {}, {}
             ids = sorted({r[2] for r in taken if r[2] is not None})
@@ -353,7 +369,7 @@ class SQLStore(Store):
 
     def snapshot(self, team):
         """(seq, chain, epoch, sealed, device) of the team's newest snapshot, or None."""
-        with self.d.read() as db:
+        with self._reading(), self.d.read() as db:
             row = db.execute("SELECT seq, chain, epoch, sealed, device FROM snapshots WHERE"
                              " team = ? ORDER BY seq DESC LIMIT 1", (team,)).fetchone()
         return None if row is None else (row[0], bytes(row[1]), row[2], bytes(row[3]), row[4])
@@ -361,14 +377,14 @@ class SQLStore(Store):
     def snapshot_due(self, team, every, wait_ms=60_000):
         """True (once a minute at most) when the team's log has grown `every` events
         past its newest snapshot: the device that hears it is asked for one."""
-        with self.d.read() as db:
+        now = now_ms()
+        with self._reading(), self.d.read() as db:
             head, asked, epoch = db.execute("SELECT head, asked, epoch FROM teams WHERE team = ?",
                                             (team,)).fetchone()
             last = db.execute("SELECT coalesce(max(seq), 0) FROM snapshots WHERE team = ?",
                               (team,)).fetchone()[0]
-        now = now_ms()
-        if not every or epoch == 0 or head - last < every or now - asked < wait_ms:
-            return False
+            if not every or epoch == 0 or head - last < every or now - asked < wait_ms:
+                return False
         with self.d.write() as db:
             cur = db.execute("UPDATE teams SET asked = ? WHERE team = ? AND asked = ?",
                              (now, team, asked))
@@ -382,7 +398,7 @@ class SQLStore(Store):
         revoked, approval, the epochs granted to its identity), how many events
         are still in legacy, and the epochs this device holds (was granted, to any of
         its identities): only under those may it write, share or begin the next."""
-        with self.d.read(snapshot=True) as db:
+        with self._reading(), self.d.read(snapshot=True) as db:
             epoch, rekey, approval, head = db.execute(
                 "SELECT epoch, rekey, approval, head FROM teams WHERE team = ?", (team,)).fetchone()
             mine = db.execute("SELECT identity FROM devices WHERE name = ?", (device,)).fetchone()
@@ -406,9 +422,10 @@ class SQLStore(Store):
                 (team,))]
             legacy = db.execute("SELECT count(*) FROM legacy WHERE team = ?", (team,)).fetchone()[0]
             holds = sorted(self._held(db, team, device))
-        return {"epoch": epoch, "rekey": bool(rekey), "approval": bool(approval), "head": head,
-                "identity": mine[0] and bytes(mine[0]) if mine else None, "epochs": epochs,
-                "grants": grants, "members": members, "legacy": legacy, "holds": holds}
+            return {"epoch": int(epoch), "rekey": bool(rekey), "approval": bool(approval),
+                    "head": int(head), "identity": mine[0] and bytes(mine[0]) if mine else None,
+                    "epochs": epochs, "grants": grants, "members": members, "legacy": legacy,
+                    "holds": holds}
 
     def put_keys(self, team, device, identity=None, epoch=None, grants=(), approval=None,
                  approvals=()):
