@@ -303,6 +303,23 @@ def test_completion_scripts(shell):
         assert word in text, (shell, word)
 
 
+def test_bash_completion_sourced_completes_the_plumbing_executables_too():
+    """Sourced by bash, the script registers a completion for `sk` and for each sk-*
+    executable, and completes an sk-log flag."""
+    text = run("sk", "completion", "bash").stdout
+    probe = text + """
+complete -p sk sk-append sk-log sk-push-batch >/dev/null || exit 7
+COMP_WORDS=(sk-log --li); COMP_CWORD=1; COMP_LINE="sk-log --li"; COMP_POINT=${#COMP_LINE}
+$(complete -p sk-log | sed -E 's/.* -F ([^ ]+) .*/\\1/') sk-log --li sk-log
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+    p = subprocess.run(["bash", "--norc", "--noprofile", "-c", probe], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "--limit" in p.stdout.split(), p.stdout
+    assert "complete -c sk-append" in run("sk", "completion", "fish").stdout
+
+
 def test_completion_refuses_other_shells_and_shtab_stays_out_of_other_commands():
     run("sk", "completion", "tcsh", code=2)
     code = ("import sys; from sk.cmd import sync, log, append, sk; sync.get_parser();"

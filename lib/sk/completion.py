@@ -24,7 +24,30 @@ def tree():
     return root
 
 
+def plumbing():
+    """The parsers of the plumbing executables (sk-append, ...) that are installed."""
+    import importlib
+
+    from .commands import COMMANDS
+    for c in COMMANDS:
+        if c.kind != "plumbing":
+            continue
+        try:
+            module = importlib.import_module(c.module)
+        except ImportError:   # the server's commands, where the server package is not installed
+            continue
+        yield module.get_parser(f"sk-{c.name}")
+
+
+# shells whose scripts for several commands may follow one another in one file
+ONE_FILE = ("bash", "fish")
+
+
 def script(shell):
-    """The completion script for shell ('bash', 'zsh' or 'fish')."""
+    """The completion script for shell ('bash', 'zsh' or 'fish'): `sk <command>`, and
+    for bash and fish each sk-<name> executable too (zsh's script names one command)."""
     import shtab
-    return shtab.complete(tree(), shell=shell)
+    parts = [shtab.complete(tree(), shell=shell)]
+    if shell in ONE_FILE:
+        parts += [shtab.complete(p, shell=shell) for p in plumbing()]
+    return "\n".join(parts)
