@@ -11,6 +11,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import struct
 import uuid
@@ -189,6 +190,34 @@ def test_connections_that_stall_mid_header_do_not_starve_honest_requests(server,
     finally:
         for s in stalled:
             s.close()
+
+
+@pytest.mark.one_backend
+def test_a_header_sent_a_line_at_a_time_is_cut_off_at_its_deadline(server):
+    """A connection that sends a header line every 2 s never stalls for the 3 s a read
+    may wait, yet it holds a thread: the server drops it once its headers have taken
+    10 s in all (HEADER_DEADLINE), not when the client gives up."""
+    def trickle(out):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        t0 = time.monotonic()
+        try:
+            s.sendall(b"POST /api/push HTTP/1.1\r\n")
+            for i in range(15):   # 30 s of lines, if nothing stops it
+                time.sleep(2)
+                s.sendall(f"X-Line-{i}: {i}\r\n".encode())
+            out.append(("still open", time.monotonic() - t0))
+        except OSError:
+            out.append(("dropped", time.monotonic() - t0))
+        finally:
+            s.close()
+    out = []
+    threads = [threading.Thread(target=trickle, args=(out,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    assert [what for what, _ in out] == ["dropped"] * 3, out
+    assert all(took < 20 for _, took in out), out
 
 
 # -- 7. a deeply nested event --------------------------------------------------------------

@@ -123,8 +123,9 @@ def _body():
     not arrive as HTTP says (malformed chunks, a client gone) is a 400."""
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
-        from .worker import BODY_TIMEOUT
+        from .worker import BODY_DEADLINE, BODY_TIMEOUT, read_within
         sock.settimeout(BODY_TIMEOUT)
+        read_within(sock, BODY_DEADLINE)
     try:
         return request.get_data(cache=False)
     except HTTPException:

@@ -4,9 +4,11 @@ gthread waits for a first byte before it gives a connection a thread, but once a
 byte has come it reads the request with no timeout: a few dozen connections that
 send half a header and stall hold every thread. Here a connection's socket times
 out after HEADER_TIMEOUT seconds without a byte while its headers are read (an
-honest client sends them at once); the app gives the body BODY_TIMEOUT a byte
-(api._body), and the WebSocket view takes the timeout off its upgraded socket
-(its session pings). On SIGTERM the WebSocket sessions are closed at once.
+honest client sends them at once), and all of them must come within
+HEADER_DEADLINE; the app gives the body BODY_TIMEOUT a byte and BODY_DEADLINE in
+all (api._body): a byte now and then holds no thread for longer. The WebSocket
+view takes both off its upgraded socket (its session pings). On SIGTERM the
+WebSocket sessions are closed at once.
 """
 
 import errno
@@ -14,12 +16,25 @@ import queue
 import socket
 import threading
 import time
+import weakref
 
 from gunicorn import util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 HEADER_TIMEOUT = 3.0
+HEADER_DEADLINE = 10.0
 BODY_TIMEOUT = 10.0
+BODY_DEADLINE = 60.0   # 8 MiB (the largest body) at 140 KB/s
+
+_deadlines = weakref.WeakKeyDictionary()   # socket -> when its request must be read
+
+
+def read_within(sock, seconds):
+    """Give what is left of the request on `sock` `seconds` in all (None: no bound)."""
+    if seconds is None:
+        _deadlines.pop(sock, None)
+    else:
+        _deadlines[sock] = time.monotonic() + seconds
 
 
 class _TimedSocket(socket.socket):
@@ -29,20 +44,34 @@ class _TimedSocket(socket.socket):
     __slots__ = ()
 
     def setblocking(self, flag):
-        if flag:
+        if flag:   # a request begins
             self.settimeout(HEADER_TIMEOUT)
+            read_within(self, HEADER_DEADLINE)
         else:
             super().setblocking(False)
+
+    def _bound(self):
+        """Read no later than the request's deadline."""
+        deadline = _deadlines.get(self)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionResetError(errno.ECONNRESET, "client too slow")
+            timeout = self.gettimeout()
+            if timeout is None or timeout > left:
+                self.settimeout(left)
 
     # a client that stalls is a client gone: gthread then closes the connection and
     # logs one debug line, not a traceback
     def recv(self, *args):
+        self._bound()
         try:
             return super().recv(*args)
         except socket.timeout:
             raise ConnectionResetError(errno.ECONNRESET, "client stalled") from None
 
     def recv_into(self, *args):
+        self._bound()
         try:
             return super().recv_into(*args)
         except socket.timeout:

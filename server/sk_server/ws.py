@@ -316,7 +316,9 @@ def admit():
         g.sk_ws = key
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
+        from .worker import read_within
         sock.settimeout(None)
+        read_within(sock, None)   # the session pings: it reads for as long as it lives
     return None
 
 
