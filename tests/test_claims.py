@@ -375,3 +375,64 @@ def test_a_stored_id_altered_at_rest_is_not_taken_for_a_copied_home(server, devi
         client.call("push", *push_body([(0, event, False, None)], ring, known_out(store)))
     store.close()
     client.close()
+
+
+@pytest.mark.one_backend
+def test_a_server_cannot_drop_claimed_events_by_moving_the_device_out_and_back(server, device):
+    """A server that answers "duplicate" for events it never stored, then says the
+    device's key belongs to another team (and later back): the device refuses to move
+    while the claims stand (exit 5), keeps them, and the next honest sync finds and
+    pushes the events. Only `sk sync setup` moves a device with claims standing."""
+    from sk import sync as sk_sync
+    from sk.errors import IntegrityError
+    a, b = device("a"), device("b")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    sync(b)
+    append(a, [ev("x_set", "x:z", {"v": 2}), ev("x_set", "x:w", {"v": 3})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    sk_sync.push(store, _liar(client, ring.team), ring)
+    claimed = sorted(store.claims())
+    assert len(claimed) == 2
+    team = store.meta("team")
+    append(a, [ev("x_set", "x:v", {"v": 4})])
+    run("sk-stamp", home=a)
+    with pytest.raises(IntegrityError, match="refusing to move"):
+        sk_sync.push(store, _Answers(client, lambda body, _: {"statuses": "", "team": "other"}),
+                     ring)
+    assert store.meta("team") == team and sorted(store.claims()) == claimed
+    store.close()
+    client.close()
+    p = sync(a, code=5)   # the honest server: its log lacks them; they are queued again
+    assert "answered 'duplicate' for 2 events its log does not hold" in p.stderr, p.stderr
+    sync(a)
+    sync(b)
+    assert set(state(b, "x")) == {"x", "z", "w", "v"}
+
+
+@pytest.mark.one_backend
+def test_a_writer_point_off_the_log_is_refused_at_the_push(server, device):
+    """A member that seals a batch saying it had seen seq 10^9 (or a chain the log
+    does not have at its seq) is refused by the server (a sealed 400, exit 5 there):
+    stored, that batch would stop every reader of the team for good."""
+    from sk.errors import IntegrityError
+    from sk.event import check_stamped
+    from sk.protocol import push_body
+    a, b = device("a"), device("b")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    store, client, ring = _in_process(a)
+    for n, (seq, chain) in enumerate(((10 ** 9, "ab" * 32), (1, "cd" * 32))):
+        e = check_stamped({"event_id": f"01890000-0000-7000-8000-00000000000{n}",
+                           "node_id": store.node_id(), "lamport_clock": 50 + n,
+                           "event_type": "x_set", "aggregate_type": "x", "aggregate_id": "bad",
+                           "payload": {"v": 1}, "timestamp": "2026-01-01T00:00:00Z"}, new=False)
+        body, att = push_body([(0, e, False, None)], ring, {"seq": seq, "chain": chain})
+        del body["known"]   # (a known point off the log is a restore: healed, not refused)
+        with pytest.raises(IntegrityError, match="writer point .* is not a point of this"):
+            client.call("push", body, att)
+    store.close()
+    client.close()
+    sync(b)
+    assert set(state(b, "x")) == {"x"}

@@ -208,6 +208,25 @@ def test_readiness_and_database_up_follow_postgresql(own_cluster, tmp_path, monk
         srv.stop()
 
 
+def test_a_database_file_moved_away_is_not_made_again_empty(tmp_path):
+    """The SQLite file moved away under a running server: no thread makes a new empty
+    database in its place (a server then answering from nothing); readiness says
+    503 or 200 (a thread still holding the moved file), never an internal error."""
+    db = tmp_path / "server.db"
+    srv = ServerProcess(str(db), log=tmp_path / "server.log").start()
+    try:
+        assert get(srv.port, "/readyz")[0] == 200
+        gone = tmp_path / "moved"
+        gone.mkdir()
+        for f in tmp_path.glob("server.db*"):
+            f.rename(gone / f.name)
+        codes = {get(srv.port, "/readyz")[0] for _ in range(40)}
+        assert codes <= {200, 503}, codes
+        assert not db.exists(), "a new, empty server.db was made"
+    finally:
+        srv.stop()
+
+
 # -- sk-admin verify and status, on the store (no server) -------------------------------
 def fill(store, team, device, n, per=500):
     """A device of a new team, its key epoch begun, and n events it pushed."""
@@ -252,13 +271,13 @@ def test_verify_catches_an_altered_row_and_a_missing_one(server_db, tmp_path):
 
 
 @pytest.mark.parametrize("attack", ["moved-body", "manifest-as-text", "chain-as-text",
-                                    "idx-as-text"])
+                                    "idx-as-text", "id-as-blob", "team-chain"])
 def test_verify_catches_a_body_moved_or_a_cell_altered_at_rest(server_db, attack):
     """What the chain does not cover: a sealed body served for another event (rows
     pointing at each other's manifest entries), and cells no longer of their type
     (SQLite keeps any): named with their seq, never a traceback."""
     from sk_server.store import open_store
-    if attack != "moved-body" and is_pg(server_db):
+    if attack not in ("moved-body", "team-chain") and is_pg(server_db):
         pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
     run(SK, "--db", server_db, "init")
     store = open_store(server_db)
@@ -269,12 +288,16 @@ def test_verify_catches_a_body_moved_or_a_cell_altered_at_rest(server_db, attack
                                " AND batch = 3",
            "chain-as-text": "UPDATE events SET chain = CAST(chain AS TEXT) WHERE team = 'red'"
                             " AND seq = 12",
-           "idx-as-text": "UPDATE events SET idx = 'x' WHERE team = 'red' AND seq = 25"}[attack]
-    alter(server_db, sql)
+           "idx-as-text": "UPDATE events SET idx = 'x' WHERE team = 'red' AND seq = 25",
+           "id-as-blob": "UPDATE events SET event_id = CAST(event_id AS BLOB) WHERE team = 'red'"
+                         " AND seq = 17",
+           # not mended quietly when the store is opened: named
+           "team-chain": "UPDATE teams SET chain = ? WHERE team = 'red'"}[attack]
+    alter(server_db, sql, *([(bytes(32),)] if "?" in sql else []))
     p = run(SK, "--db", server_db, "verify", "--json", code=5)
     (got,) = map(json.loads, p.stdout.splitlines())
     assert got["seq"] == {"moved-body": 11, "manifest-as-text": 21, "chain-as-text": 12,
-                          "idx-as-text": 25}[attack], got
+                          "idx-as-text": 25, "id-as-blob": 17, "team-chain": 30}[attack], got
     assert "Traceback" not in p.stderr and "team 'red'" in p.stderr, p.stderr
 
 

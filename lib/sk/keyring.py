@@ -158,8 +158,8 @@ class Keyring:
         if state.get("approval"):
             self.store.set_meta(approval=1)
         starts = self.starts()
-        seen = {e["epoch"]: e["start_seq"] for e in state.get("epochs", [])
-                if isinstance(e, dict) and type(e.get("start_seq")) is int}
+        seen = {e["epoch"]: e["start_seq"] for e in state.get("epochs", [])   # (checked)
+                if type(e.get("start_seq")) is int and e["epoch"] <= state["epoch"]}
         if any(e not in starts for e in seen):   # pinned as first seen: the server cannot
             import json                           # move an epoch's start later
             self.store.set_meta(epoch_starts=json.dumps({**{str(k): v for k, v in seen.items()},

@@ -339,7 +339,9 @@ def check_page(store, page, cursor, keyring, chain=None, warn=None):
                                      f" point (seq {writer[0]}): moved on the server")
             epoch = batches[row[1]]["epoch"]
             later = keyring.starts().get(epoch + 1)
-            if later is not None and seq > later:
+            # (an epoch this device holds the key of began there for sure: one it was
+            # only told of, and never given, cannot end the one before)
+            if later is not None and seq > later and keyring.get(epoch + 1) is not None:
                 raise IntegrityError(f"event {eid} (seq {seq}) is sealed under key epoch {epoch},"
                                      f" which ended at seq {later} (a revoked device's key?):"
                                      " refused")

@@ -769,8 +769,8 @@ def setup(cfg, server, api_key):
     team = hello.get("team")
     store = open_store(cfg)
     store.node_id()   # a device set up has its node id
-    if isinstance(team, str):
-        store.switch_team(team)
+    if isinstance(team, str):   # set up with a key of another team: moved on purpose
+        store.switch_team(team, forget_claims=True)
     store.close()
     return {"server": trial.server, "device": hello.get("device"), "team": team,
             "config": str(cfg.env_path)}

@@ -11,6 +11,7 @@ from sk.event import dumps
 
 from . import ops
 from .store import UNREADABLE, Batch, Damaged, StoreError, StoreUnavailable
+from .store.base import BadWriter
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -264,7 +265,10 @@ def push_batch(key, batch, relay=(), ticket=None, known=None, queued=None):
     node_taken, rekey). The REST push (with its request's ticket) and the
     WebSocket push come here; `queued`, what the device says it has queued, is
     kept in the same transaction."""
-    stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
+    try:
+        stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
+    except BadWriter as e:
+        raise Refused(400, "malformed", str(e)) from None
     if stored is None:
         raise _replay()
     for why in ("diverged", "node_taken", "rekey"):

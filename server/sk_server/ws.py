@@ -246,6 +246,8 @@ class Session:
         self.check_key()
         try:
             answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
+        except Refused as e:   # refused for what it is (a writer point off the log)
+            raise Closed(4400, f"push frame: {e.message}") from None
         except Damaged as e:   # the store cannot read what it stored: said, sealed
             current_app.logger.error("websocket push of '%s': %s", self.key.device, e,
                                      exc_info=e)

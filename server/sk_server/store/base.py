@@ -44,6 +44,11 @@ class Damaged(StoreError):
                    f" {type(e).__name__}: {why}")
 
 
+class BadWriter(StoreError):
+    """A pushed batch's writer point (what its device had seen of the log) is not a
+    point of this log: refused, or every reader would refuse the batch for good."""
+
+
 # what reading a cell altered at rest raises, on any database
 UNREADABLE = (TypeError, ValueError, UnicodeError)
 

@@ -61,6 +61,7 @@ class PostgresDialect:
         from psycopg_pool import PoolTimeout
         self.pool_timeout = PoolTimeout
         self.data_error = self.psycopg.DataError
+        self.integrity_error = (self.psycopg.IntegrityError,)
         self.url = self.location = url
         self._lock = threading.Lock()
         self._pid = self._pool = None

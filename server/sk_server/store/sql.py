@@ -13,7 +13,7 @@ from sk import crypto
 
 from sk import sealed
 
-from .base import (GENESIS, UNREADABLE, Damaged, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
+from .base import (GENESIS, UNREADABLE, BadWriter, Damaged, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
                    cut_page, follow, node_taken, now_ms, number, plan_push, rekey_needed,
                    secret_check, token_refusal, unwrap, usable_key, utc_now)
 from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUMNS, statements,
@@ -184,7 +184,9 @@ class SQLStore(Store):
         (`queued`, less what this push settled; sk-admin status, the metrics).
         Damaged if what the push must read (the team's head) cannot be read."""
         self._maybe_prune()
-        with self._reading():
+        # (a push's rows clashing with stored ones: a head or seq altered at rest, as the
+        # team's row, held to the commit, orders every push of the team)
+        with self._reading(also=self.d.integrity_error):
             return self._push_tx(team, device, batch, ticket, known, relay, queued)
 
     def _push_tx(self, team, device, batch, ticket, known, relay, queued):
@@ -207,9 +209,14 @@ class SQLStore(Store):
             "SELECT head, lamport, chain, epoch, rekey FROM teams WHERE team = ?"
             + self.d.for_update, (team,)).fetchone()
         chain = bytes(chain)
-        diverged = check_known(known, head, self._chain_at(db, team))
+        chain_at = self._chain_at(db, team)
+        diverged = check_known(known, head, chain_at)
         if diverged:
             return Pushed([], head, chain, diverged)
+        wseq, wchain = writer
+        if wseq > head or (wseq and chain_at(wseq) != bytes.fromhex(wchain or "00")):
+            raise BadWriter(f"the batch's writer point (seq {wseq}) is not a point of this"
+                            f" team's log of {head} events")
         wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
         if not wrong_epoch and batch.epoch not in self._held(db, team, device):
             wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
@@ -255,6 +262,8 @@ class SQLStore(Store):
                 return node_taken(node, bound.get(node) or device, device, clock)
         for node in nodes:
             owner = bound.get(node)
+            if owner is not None and not isinstance(owner, str):
+                raise TypeError(f"node {node}'s device is not text")
             if owner is not None and owner != device:
                 return node_taken(node, owner, device)
             mine = stamps[node]
@@ -273,7 +282,7 @@ class SQLStore(Store):
         return None
 
     @contextlib.contextmanager
-    def _reading(self, after=None):
+    def _reading(self, after=None, also=()):
         """Where the store reads back what it stored: a cell that cannot be read as it
         was written (SQLite's undecodable text, text or a word where bytes or a number
         were) is Damaged (said to the device, sealed; the cause is in the server's
@@ -283,7 +292,7 @@ class SQLStore(Store):
         except Damaged:
             raise
         except Exception as e:
-            if isinstance(e, UNREADABLE) or self.d.unreadable(e):
+            if isinstance(e, (*UNREADABLE, *also)) or self.d.unreadable(e):
                 raise Damaged.at(after, e) from e
             raise
 
@@ -372,7 +381,12 @@ class SQLStore(Store):
         with self._reading(), self.d.read() as db:
             row = db.execute("SELECT seq, chain, epoch, sealed, device FROM snapshots WHERE"
                              " team = ? ORDER BY seq DESC LIMIT 1", (team,)).fetchone()
-        return None if row is None else (row[0], bytes(row[1]), row[2], bytes(row[3]), row[4])
+            if row is None:
+                return None
+            seq, chain, epoch, blob, device = row
+            if not isinstance(device, str):
+                raise TypeError("a snapshot's device is not text")
+            return int(seq), bytes(chain), int(epoch), bytes(blob), device
 
     def snapshot_due(self, team, every, wait_ms=60_000):
         """True (once a minute at most) when the team's log has grown `every` events
@@ -437,7 +451,8 @@ class SQLStore(Store):
         approvals [(device, identity, record)]. Returns why something was refused
         (and then nothing is stored), or None."""
         try:
-            self._put_keys(team, device, identity, epoch, grants, approval, approvals)
+            with self._reading():
+                self._put_keys(team, device, identity, epoch, grants, approval, approvals)
         except _Refused as e:
             return str(e)
         return None
@@ -712,6 +727,8 @@ class SQLStore(Store):
             if n != seq + 1:
                 return seq, chain, (seq + 1, f"event {seq + 1} is missing (the next one stored"
                                              f" is {n})")
+            if not isinstance(eid, str):
+                raise TypeError("an event id is not text")
             chain = chain_next(chain, eid)
             if bytes(stored) != chain:
                 return seq, chain, (n, "its hash chain value is not sha256(the chain before it"

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import urllib.parse
 
 from .base import GENESIS, StoreError, chain_next
 from .schema import EVENT_COLUMNS
@@ -16,6 +17,7 @@ class SQLiteDialect:
     words = {"blob": "BLOB", "bigint": "INTEGER", "without_rowid": " WITHOUT ROWID"}
     for_update = ""          # BEGIN IMMEDIATE holds the database's write lock already
     data_error = ()          # SQLite stores any text
+    integrity_error = (sqlite3.IntegrityError,)
 
     def __init__(self, path):
         self.path = self.location = os.path.abspath(os.fspath(path))
@@ -30,7 +32,10 @@ class SQLiteDialect:
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                # mode=rw: a file moved or deleted under a running server is an error,
+                # not a new empty database (the file is made once, private, above)
+                db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw",
+                                     uri=True, timeout=60, isolation_level=None,
                                      check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
@@ -124,7 +129,8 @@ class SQLiteDialect:
             upgrade()
         for stmt in statements:
             db.execute(stmt)
-        _mend_chains(db)
+        if version and int(version[0]) < SCHEMA_VERSION:   # only on the way up: a chain
+            _mend_chains(db)            # altered since is for sk-admin verify to name
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @staticmethod
@@ -165,10 +171,10 @@ class SQLiteDialect:
 
 
 def _mend_chains(db):
-    """Give every team's log its hash chain where it has none or a stale one: a
-    schema 1 database (sk 0.2.0) just upgraded, or events an sk 0.2.0 server went
-    on writing after a newer tool upgraded its file. One lookup a team when all
-    is well."""
+    """Give every team's log its hash chain where it has none or a stale one, on an
+    upgrade: a schema 1 database (sk 0.2.0), or events an sk 0.2.0 server went on
+    writing after a newer tool had upgraded its file to schema 2 or 3. One lookup a
+    team when all is well."""
     for team, head, chain in db.execute("SELECT team, head, chain FROM teams").fetchall():
         last = db.execute("SELECT chain FROM events WHERE team = ? AND seq = ?",
                           (team, head)).fetchone()
