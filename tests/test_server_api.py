@@ -1421,6 +1421,11 @@ def test_fuzz_sealed_push_manifests(dev, store, case):
     if not push_ok(body, attachments):
         assert got is None and r.status_code == 400, (body, got)
         return
+    writer = body.get("writer") or {"seq": 0}
+    if body.get("known") != KNOWN[2] and writer["seq"] != 0:   # a writer point this log
+        assert got is None and r.status_code == 400, (body, got)   # does not hold: refused
+        assert "writer point" in r.sk_answer["error"]["message"], r.sk_answer
+        return
     assert got is not None, (body, r.sk_answer)
     assert got["team"] == dev.team and got["head"] == count(store)
     if body.get("known") == KNOWN[2]:   # a point this log never reached

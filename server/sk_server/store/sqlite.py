@@ -34,7 +34,7 @@ class SQLiteDialect:
             try:
                 # mode=rw: a file moved or deleted under a running server is an error,
                 # not a new empty database (the file is made once, private, above)
-                db = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=rw",
+                db = sqlite3.connect(f"file://{urllib.parse.quote(self.path)}?mode=rw",
                                      uri=True, timeout=60, isolation_level=None,
                                      check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
