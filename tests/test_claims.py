@@ -381,8 +381,8 @@ def test_a_stored_id_altered_at_rest_is_not_taken_for_a_copied_home(server, devi
 def test_a_server_cannot_drop_claimed_events_by_moving_the_device_out_and_back(server, device):
     """A server that answers "duplicate" for events it never stored, then says the
     device's key belongs to another team (and later back): the device refuses to move
-    while the claims stand (exit 5), keeps them, and the next honest sync finds and
-    pushes the events. Only `sk sync setup` moves a device with claims standing."""
+    (a key never changes team; exit 5), keeps its claims, and the next honest sync
+    finds and pushes the events. Only `sk sync setup` with another key moves a device."""
     from sk import sync as sk_sync
     from sk.errors import IntegrityError
     a, b = device("a"), device("b")
@@ -398,7 +398,7 @@ def test_a_server_cannot_drop_claimed_events_by_moving_the_device_out_and_back(s
     team = store.meta("team")
     append(a, [ev("x_set", "x:v", {"v": 4})])
     run("sk-stamp", home=a)
-    with pytest.raises(IntegrityError, match="refusing to move"):
+    with pytest.raises(IntegrityError, match="a key never changes team"):
         sk_sync.push(store, _Answers(client, lambda body, _: {"statuses": "", "team": "other"}),
                      ring)
     assert store.meta("team") == team and sorted(store.claims()) == claimed
@@ -436,3 +436,27 @@ def test_a_writer_point_off_the_log_is_refused_at_the_push(server, device):
     client.close()
     sync(b)
     assert set(state(b, "x")) == {"x"}
+
+
+@pytest.mark.one_backend
+def test_a_server_cannot_drop_accepted_events_by_moving_the_device_out_and_back(server, device):
+    """No claim needed: a server that says the device's key moved to a team of its
+    making, "accepts" a push there, then says it is back would leave those events out of
+    every heal. A registered key never changes team, so the device refuses the move."""
+    from sk import sync as sk_sync
+    from sk.errors import IntegrityError
+    a, b = device("a"), device("b")
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    append(a, [ev("x_set", "x:z", {"v": 2})])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    with pytest.raises(IntegrityError, match="a key never changes team"):
+        sk_sync.push(store, _Answers(client, lambda body, _: {"statuses": "", "team": "phantom"}),
+                     ring)
+    assert store.meta("team") == "default" and store.counts(totals=False)["queued"] == 1
+    store.close()
+    client.close()
+    sync(a)
+    sync(b)
+    assert set(state(b, "x")) == {"x", "z"}

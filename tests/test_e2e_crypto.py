@@ -426,6 +426,10 @@ def test_an_epoch_the_server_makes_up_ends_nothing(server, device):
     sync(b)
     write_server(server, ("INSERT INTO epochs(team, epoch, created_by, start_seq, created)"
                           " VALUES ('default', 2, 'a', 1, '2026-12-01T00:00:00Z')", ()))
+    # even said to be the team's current epoch, one this device was never given pins nothing
+    write_server(server, ("UPDATE teams SET epoch = 2", ()))
+    sync(b, code=1)   # waiting for epoch 2's key
+    write_server(server, ("UPDATE teams SET epoch = 1", ()))
     append(a, [ev("note_added", "note:2", {"v": 2}), ev("note_added", "note:3", {"v": 3})])
     sync(a)
     sync(b)

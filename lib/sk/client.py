@@ -303,7 +303,7 @@ def _error(status, reason, err, theirs, server, endpoint, authenticated):
         side = ("upgrade the sk server" if isinstance(theirs, int) and theirs < PROTOCOL_VERSION
                 else "upgrade sk on this device")
         return IntegrityError(f"{message}; {side}")
-    if status == 429:
+    if status in (408, 429):   # too slow, or too many failures from here: later
         return Unreachable(f"{what}{detail}")
     if status == 413:
         return ServerError(f"{what} (too large){': ' + message if message else ''}",

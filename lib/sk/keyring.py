@@ -86,6 +86,7 @@ class Keyring:
 
     def __init__(self, store, api_key):
         self.store = store
+        store.key_id = crypto.parse_api_key(api_key)[0]   # the team is the key's
         self.private = crypto.identity_secret(api_key)
         self.public = crypto.identity_public(self.private)
         self.team = store.meta("team")
@@ -145,6 +146,8 @@ class Keyring:
         if state.get("team") != self.team:
             self.store.switch_team(state["team"])
             self.team, self._keys = state["team"], None
+        elif self.store.meta("team_key") is None:   # a home from before the key was noted
+            self.store.set_meta(team_key=self.store.key_id)
         name = state.get("device")
         if isinstance(name, str) and name and self.store.meta("device") != name:
             self.store.set_meta(device=name)   # written into what it stamps (blame)
@@ -157,14 +160,6 @@ class Keyring:
                                  " does not: refusing to share the team key")
         if state.get("approval"):
             self.store.set_meta(approval=1)
-        starts = self.starts()
-        seen = {e["epoch"]: e["start_seq"] for e in state.get("epochs", [])   # (checked)
-                if type(e.get("start_seq")) is int and e["epoch"] <= state["epoch"]}
-        if any(e not in starts for e in seen):   # pinned as first seen: the server cannot
-            import json                           # move an epoch's start later
-            self.store.set_meta(epoch_starts=json.dumps({**{str(k): v for k, v in seen.items()},
-                                                        **{str(k): v for k, v in starts.items()}}))
-            self._starts = None
         vetted = state.get("approval") and self.keys()
         for g in state.get("grants", []):
             if self.get(g["epoch"]) is not None:
@@ -178,6 +173,17 @@ class Keyring:
             except (crypto.CryptoError, ValueError):
                 continue   # not for this identity, or forged: worthless either way
             self.add(g["epoch"], key, g["granted_by"])
+        # each epoch's start, pinned as first seen once this device holds its key (so
+        # the server cannot move it later, nor make up an epoch that ends the one before)
+        starts = self.starts()
+        seen = {e["epoch"]: e["start_seq"] for e in state.get("epochs", [])   # (checked)
+                if type(e.get("start_seq")) is int and e["epoch"] <= state["epoch"]
+                and self.get(e["epoch"]) is not None}
+        if any(e not in starts for e in seen):
+            import json
+            self.store.set_meta(epoch_starts=json.dumps({**{str(k): v for k, v in seen.items()},
+                                                        **{str(k): v for k, v in starts.items()}}))
+            self._starts = None
         return state
 
     def usable(self, state, epoch):

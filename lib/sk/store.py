@@ -221,28 +221,30 @@ class LocalStore:
         if chain and (self.known() or (0,))[0] <= seq:
             self.put("known", f"{int(seq)}:{chain}")
 
-    def switch_team(self, team, forget_claims=False):
+    key_id = None   # the key this device talks with (sk.keyring sets it): its team's
+
+    def switch_team(self, team, moved=False):
         """Note the team the server says this device's key belongs to. If it is
         another team than before, this device reads that team's log from its start,
         and the events it holds from the old team stay out of any healing. True if
-        the team changed. While the old team's server has "duplicate" claims no
-        pull has borne out, only `sk sync setup` (forget_claims) moves the device:
-        a server that says so by itself is refused (IntegrityError), or it could
-        drop events by moving a device out of its team and back."""
+        the team changed. A registered key never changes team, so only a new key
+        moves a device (`sk sync setup`: moved); a server that says the key it knows
+        moved is refused (IntegrityError), or it could drop the events it accepted
+        meanwhile by moving the device out of its team and back."""
         if self.meta("team") == team:   # every answer says so: no write lock for that
             return False
         with self.write() as db:
             before = self.meta("team")
             if before == team:
                 return False
-            claimed = db.execute("SELECT count(*) FROM claims").fetchone()[0]
-            if before is not None and claimed and not forget_claims:
+            if (before is not None and not moved and self.key_id is not None
+                    and self.meta("team_key") == self.key_id):
                 raise IntegrityError(
-                    f"the server says this device's key belongs to team '{team}' now, while"
-                    f" {claimed} events it answered 'duplicate' for in team '{before}' are not"
-                    " yet seen on that team's log: refusing to move; if the device was moved"
-                    " on purpose, run 'sk sync setup' with its key again (they stay in the"
-                    " local log)")
+                    f"the server says this device's key belongs to team '{team}' now, but it"
+                    f" was given in team '{before}', and a key never changes team: refused;"
+                    " to move this device, run 'sk sync setup' with a key of the other team")
+            if self.key_id is not None:
+                self.put("team_key", self.key_id)
             self.put("team", team)
             if before is None:
                 return False

@@ -770,7 +770,9 @@ def setup(cfg, server, api_key):
     store = open_store(cfg)
     store.node_id()   # a device set up has its node id
     if isinstance(team, str):   # set up with a key of another team: moved on purpose
-        store.switch_team(team, forget_claims=True)
+        from .crypto import parse_api_key
+        store.key_id = parse_api_key(trial.api_key)[0]
+        store.switch_team(team, moved=True)
     store.close()
     return {"server": trial.server, "device": hello.get("device"), "team": team,
             "config": str(cfg.env_path)}

@@ -11,7 +11,6 @@ from sk.event import dumps
 
 from . import ops
 from .store import UNREADABLE, Batch, Damaged, StoreError, StoreUnavailable
-from .store.base import BadWriter
 
 api = Blueprint("api", __name__)
 KEY_ID_LEN = 16
@@ -52,7 +51,7 @@ def _refused(e):
         resp = error(e.status, e.code, e.message)
     if e.retry_after:
         resp.headers["Retry-After"] = str(e.retry_after)
-    if e.code == "malformed_body":   # what is left of it on the socket is not a request
+    if e.code in ("malformed_body", "too_slow"):   # what is left on the socket is no request
         resp.headers["Connection"] = "close"
     return resp
 
@@ -123,13 +122,19 @@ def _body():
     """The request body, read whole (within MAX_CONTENT_LENGTH); a body that does
     not arrive as HTTP says (malformed chunks, a client gone) is a 400."""
     sock = request.environ.get("gunicorn.socket")
+    deadline = None
     if sock is not None:
-        from .worker import BODY_DEADLINE, BODY_TIMEOUT, read_within
+        from .worker import BODY_DEADLINE, BODY_RATE, BODY_TIMEOUT, read_within
+        allowed = BODY_DEADLINE + (request.content_length or 0) / BODY_RATE
+        deadline = time.monotonic() + allowed
         sock.settimeout(BODY_TIMEOUT)
-        read_within(sock, BODY_DEADLINE)
+        read_within(sock, allowed)
     try:
         return request.get_data(cache=False)
     except HTTPException:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise Refused(408, "too_slow", f"request body not received within {allowed:.0f} s"
+                                           " (the server's limit for its size)") from None
         raise
     except Exception as e:   # gunicorn's chunked-body parser, a socket that timed out
         raise Refused(400, "malformed_body", f"malformed request body: {type(e).__name__}"
@@ -265,12 +270,11 @@ def push_batch(key, batch, relay=(), ticket=None, known=None, queued=None):
     node_taken, rekey). The REST push (with its request's ticket) and the
     WebSocket push come here; `queued`, what the device says it has queued, is
     kept in the same transaction."""
-    try:
-        stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
-    except BadWriter as e:
-        raise Refused(400, "malformed", str(e)) from None
+    stored = _store().push(key.team, key.device, batch, ticket, known, relay, queued)
     if stored is None:
         raise _replay()
+    if stored.refused:
+        raise Refused(400, "malformed", stored.refused)
     for why in ("diverged", "node_taken", "rekey"):
         if getattr(stored, why):
             if why == "node_taken":   # refused for good (the others are settled and retried)

@@ -24,7 +24,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 HEADER_TIMEOUT = 3.0
 HEADER_DEADLINE = 10.0
 BODY_TIMEOUT = 10.0
-BODY_DEADLINE = 60.0   # 8 MiB (the largest body) at 140 KB/s
+BODY_DEADLINE = 60.0       # and one more second for each BODY_RATE bytes it declares
+BODY_RATE = 32 * 1024      # (8 MiB, the largest body, at 32 KiB/s: 316 s in all)
 
 _deadlines = weakref.WeakKeyDictionary()   # socket -> when its request must be read
 

@@ -44,11 +44,6 @@ class Damaged(StoreError):
                    f" {type(e).__name__}: {why}")
 
 
-class BadWriter(StoreError):
-    """A pushed batch's writer point (what its device had seen of the log) is not a
-    point of this log: refused, or every reader would refuse the batch for good."""
-
-
 # what reading a cell altered at rest raises, on any database
 UNREADABLE = (TypeError, ValueError, UnicodeError)
 
@@ -76,13 +71,15 @@ class KeyRecord:
 # and so stop everybody from stamping: a jump this far ahead is refused.
 MAX_LAMPORT_JUMP = 2 ** 32
 
-Pushed = namedtuple("Pushed", "results head chain diverged node_taken rekey",
-                    defaults=(None, None))
+Pushed = namedtuple("Pushed", "results head chain diverged node_taken rekey refused",
+                    defaults=(None, None, None))
 Pushed.__doc__ = """What a push did: [(status, reason)] per event of the batch, the
 team's (head, chain) after it; and why nothing was stored, if nothing was: the
 device's known point is not on this log (diverged), a node id of its events is
 not its own (node_taken), or the batch is not sealed under the team's current key
-epoch, or a new epoch must begin first (rekey: {"epoch", "rotate"})."""
+epoch, or a new epoch must begin first (rekey: {"epoch", "rotate"}), or the batch
+is refused for what it says (refused: why; its request counted as seen all the
+same)."""
 
 Batch = namedtuple("Batch", "epoch manifest writer sealed")
 Batch.__doc__ = """A sealed batch as a device pushes it (sk.sealed): its key epoch, the

@@ -13,7 +13,7 @@ from sk import crypto
 
 from sk import sealed
 
-from .base import (GENESIS, UNREADABLE, BadWriter, Damaged, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
+from .base import (GENESIS, UNREADABLE, Damaged, KeyRecord, Page, Pushed, Store, StoreError, chain_next, check_known,
                    cut_page, follow, node_taken, now_ms, number, plan_push, rekey_needed,
                    secret_check, token_refusal, unwrap, usable_key, utc_now)
 from .schema import (BATCH_COLUMNS, DEVICE_COLUMNS, LEGACY_COLUMNS, STORED_COLUMNS, statements,
@@ -213,10 +213,13 @@ class SQLStore(Store):
         diverged = check_known(known, head, chain_at)
         if diverged:
             return Pushed([], head, chain, diverged)
+        # the writer point (what its device had seen) must be on the log: stored off
+        # it, every reader would refuse the batch for good
         wseq, wchain = writer
         if wseq > head or (wseq and chain_at(wseq) != bytes.fromhex(wchain or "00")):
-            raise BadWriter(f"the batch's writer point (seq {wseq}) is not a point of this"
-                            f" team's log of {head} events")
+            return Pushed([], head, chain, None, refused=(
+                f"the batch's writer point (seq {wseq}) is not a point of this team's log of"
+                f" {head} events"))
         wrong_epoch = rekey_needed((epoch, rekey), batch.epoch)
         if not wrong_epoch and batch.epoch not in self._held(db, team, device):
             wrong_epoch = {"epoch": epoch, "rotate": False}   # share it with yourself first
