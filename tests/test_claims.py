@@ -36,6 +36,23 @@ def _chain(ids):
     return c
 
 
+def _lied_to(device, keys, with_b=True):
+    """Device a (and b) synced with x:x; then a's events x:<key> for each of `keys`,
+    stamped and pushed to a server that answers "duplicate" for all of them and stores
+    none: (a, b or None, store, client, ring) of a, in process."""
+    from sk import sync as sk_sync
+    a, b = device("a"), device("b") if with_b else None
+    append(a, [ev("x_set", "x:x", {"v": 1})])
+    sync(a)
+    if b is not None:
+        sync(b)
+    append(a, [ev("x_set", f"x:{k}", {"v": i + 2}) for i, k in enumerate(keys)])
+    run("sk-stamp", home=a)
+    store, client, ring = _in_process(a)
+    sk_sync.push(store, _liar(client, ring.team), ring)
+    return a, b, store, client, ring
+
+
 def _status(home):
     import json
     return json.loads(run("sk", "sync", "status", "--json", home=home, code=None).stdout)
@@ -80,15 +97,7 @@ def test_a_watcher_settles_a_claim_its_live_stream_never_bore_out(server, device
     """A device that only runs `sk sync watch` checks a claim still unsettled an
     interval later against the log, says so, and pushes the event again: a lying
     "duplicate" loses nothing there either."""
-    a, b = device("a"), device("b")
-    append(a, [ev("x_set", "x:x", {"v": 1})])
-    sync(a)
-    sync(b)
-    append(a, [ev("x_set", "x:z", {"v": 2})])
-    run("sk-stamp", home=a)
-    store, client, ring = _in_process(a)
-    from sk import sync as sk_sync
-    sk_sync.push(store, _liar(client, ring.team), ring)
+    a, b, store, client, ring = _lied_to(device, "z")
     (z,) = store.claims()
     assert z not in _ids_on_server(server)
     store.close()
@@ -316,16 +325,9 @@ def test_a_watcher_behind_the_head_leaves_a_claim_for_later(server, device):
     """The watcher settles an old claim only once it has read the log up to the
     server's head: behind it (a burst the live stream has not shown yet), the
     claimed event may be there, and nothing is called a lie or queued again."""
-    from sk import sync as sk_sync
     from sk.config import Config
     from sk.watch import Watch
-    a = device("a")
-    append(a, [ev("x_set", "x:x", {"v": 1})])
-    sync(a)
-    append(a, [ev("x_set", "x:z", {"v": 2})])
-    run("sk-stamp", home=a)
-    store, client, ring = _in_process(a)
-    sk_sync.push(store, _liar(client, ring.team), ring)
+    a, _, store, client, ring = _lied_to(device, "z", with_b=False)
     (z,) = store.claims()
 
     class Ahead:   # the server's head one past this device's cursor
@@ -385,14 +387,7 @@ def test_a_server_cannot_drop_claimed_events_by_moving_the_device_out_and_back(s
     finds and pushes the events. Only `sk sync setup` with another key moves a device."""
     from sk import sync as sk_sync
     from sk.errors import IntegrityError
-    a, b = device("a"), device("b")
-    append(a, [ev("x_set", "x:x", {"v": 1})])
-    sync(a)
-    sync(b)
-    append(a, [ev("x_set", "x:z", {"v": 2}), ev("x_set", "x:w", {"v": 3})])
-    run("sk-stamp", home=a)
-    store, client, ring = _in_process(a)
-    sk_sync.push(store, _liar(client, ring.team), ring)
+    a, b, store, client, ring = _lied_to(device, ("z", "w"))
     claimed = sorted(store.claims())
     assert len(claimed) == 2
     team = store.meta("team")
