@@ -285,7 +285,8 @@ def write_server(server, *statements):
 
 @pytest.mark.parametrize("attack", ["flip-a-byte", "swap-bodies", "other-id", "drop-an-event",
                                     "other-team", "sealed-as-text", "manifest-as-text",
-                                    "chain-as-text", "epoch-as-text", "batch-missing"])
+                                    "chain-as-text", "epoch-as-text", "batch-missing",
+                                    "epoch-past-the-team's"])
 def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack):
     if attack.endswith("-as-text") and is_pg(server.db):
         pytest.skip("a PostgreSQL column keeps its type: only SQLite stores text in a BLOB")
@@ -309,6 +310,8 @@ def test_a_device_refuses_what_the_server_altered_at_rest(server, device, attack
                      ("UPDATE events SET seq = -seq WHERE seq > 2", ()),
                      ("UPDATE events SET seq = -seq - 1 WHERE seq < 0", ()),
                      ("UPDATE teams SET head = head - 1", ()))
+    elif attack == "epoch-past-the-team's":   # not a member's: no such epoch yet
+        write_server(server, ("UPDATE batches SET epoch = 99 WHERE batch = 1", ()))
     elif attack == "batch-missing":   # an event names a batch the server does not hold
         write_server(server, ("UPDATE events SET batch = 99 WHERE seq = 2", ()))
     elif attack.endswith("-as-text"):   # a cell's type changed at rest (SQLite keeps any)

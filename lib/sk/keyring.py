@@ -186,6 +186,20 @@ class Keyring:
             self._starts = None
         return state
 
+    def need(self, client, epoch, where=""):
+        """The key of `epoch`, which a page needs (sk.protocol.NeedKey): fetched, as a
+        member's grant may be waiting; else WaitingForKey (exit 1), or IntegrityError
+        when the team has no such epoch yet (no member sealed that batch)."""
+        state = self.ensure(client)
+        key = self.get(epoch)
+        if key is None and epoch > state["epoch"]:
+            raise IntegrityError(f"{where or 'a batch'} is sealed under key epoch {epoch}, past"
+                                 f" the team's current epoch {state['epoch']}: altered on the"
+                                 " server; nothing of the page was applied")
+        if key is None:
+            raise WaitingForKey(self.team, epoch)
+        return key
+
     def usable(self, state, epoch):
         """Whether this device holds `epoch`'s key and the server knows a member gave it
         (`holds`): only then does the server take what it seals under it. A copied

@@ -196,11 +196,12 @@ Accepted = namedtuple("Accepted", "events new next more chain")
 
 
 class NeedKey(Exception):
-    """A page holds a batch of a key epoch this device does not hold (yet)."""
+    """A page holds a batch of a key epoch this device does not hold (yet); `where`
+    names its first event (Keyring.need says why it cannot be read, if it cannot)."""
 
-    def __init__(self, epoch):
+    def __init__(self, epoch, where=""):
         super().__init__(f"no team key of epoch {epoch}")
-        self.epoch = epoch
+        self.epoch, self.where = epoch, where
 
 
 class WaitingForSeal(SkError):
@@ -255,6 +256,13 @@ def accept_page(store, page, cursor, keyring, moves_cursor=True, chain=None, war
 Checked = namedtuple("Checked", "events payloads extras parsed next more chain point own")
 
 
+def _first(rows, n, manifest):
+    """'event ID (seq N)': the first event of a page's batch number n, as its rows place it."""
+    seq = next((r[0] for r in rows if isinstance(r, list) and len(r) == 3
+                and type(r[1]) is int and r[1] == n), None)
+    return f"event {manifest[0][0]}" + (f" (seq {seq})" if seq is not None else "")
+
+
 def check_page(store, page, cursor, keyring, chain=None, warn=None):
     """Check a pull page or events frame that follows `cursor` and open its events,
     storing nothing: Checked. Every sealed batch must authenticate
@@ -280,15 +288,12 @@ def check_page(store, page, cursor, keyring, chain=None, warn=None):
         manifest, writer = _manifest(b["manifest"])
         key = keyring.get(b["epoch"])
         if key is None:
-            raise NeedKey(b["epoch"])
+            raise NeedKey(b["epoch"], _first(rows, n, manifest))
         try:
             opened.append((manifest, writer, sealed.open_batch(keyring.team, b["epoch"], key,
                                                                manifest, writer, blob, True)))
         except sealed.Unauthentic:
-            seq = next((r[0] for r in rows if isinstance(r, list) and len(r) == 3
-                        and type(r[1]) is int and r[1] == n), None)
-            raise IntegrityError(f"event {manifest[0][0]}"
-                                 + (f" (seq {seq})" if seq is not None else "")
+            raise IntegrityError(f"{_first(rows, n, manifest)}"
                                  + f" (batch of {len(manifest)}) failed authentication under the"
                                  " team key: altered on the server or on the way; nothing of"
                                  " the page was applied") from None

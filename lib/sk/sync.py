@@ -10,7 +10,7 @@ from . import wire
 from .errors import (AuthError, ConfigError, IntegrityError, ServerError, SkError, Unreachable,
                      UsageError)
 from .event import EventError, NeverSync, check_stamped
-from .keyring import Keyring, WaitingForKey
+from .keyring import Keyring
 from .protocol import (NeedKey, Rekey, accept_page, batches, check_page, healing, known_out,
                        push_body, settle_push)
 from .store import open_store
@@ -299,9 +299,7 @@ def _pull(store, client, ring, since, on_event, progress, page_size, counts=None
                 got = accept_page(store, page, cursor, ring, moves_cursor, chain,
                                   counts["skipped"].append, fold=fold)
             except NeedKey as e:   # a batch of an epoch not held yet: a grant may be waiting
-                ring.ensure(client)
-                if ring.get(e.epoch) is None:
-                    raise WaitingForKey(ring.team, e.epoch) from None
+                ring.need(client, e.epoch, e.where)
                 ahead.drop()
                 page = client.pull(cursor, page_size, skip, known_out(store), queued)
                 continue
@@ -369,9 +367,7 @@ def _ids_on_log(store, client, ring, want):
         try:
             got = check_page(store, page, at, ring, chain)
         except NeedKey as e:
-            ring.ensure(client)
-            if ring.get(e.epoch) is None:
-                raise WaitingForKey(ring.team, e.epoch) from None
+            ring.need(client, e.epoch, e.where)
             continue
         if got.next <= at:
             break
@@ -493,9 +489,7 @@ def unshallow(store, client, ring, progress=None):
         try:
             got = accept_page(store, page, at, ring, False, chain, None, applied=True)
         except NeedKey as e:
-            ring.ensure(client)
-            if ring.get(e.epoch) is None:
-                raise WaitingForKey(ring.team, e.epoch) from None
+            ring.need(client, e.epoch, e.where)
             continue
         if got.next <= at or (not got.more and got.next < end_seq):
             raise IntegrityError(f"the server's log ends at seq {got.next}, before the snapshot"

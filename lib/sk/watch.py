@@ -215,9 +215,7 @@ class Watch:
             got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
                               lambda why: self.log(why), fold=fold)
         except NeedKey as e:   # a new epoch began: its grant is on the server by now
-            self.ring.ensure(self.client)
-            if self.ring.get(e.epoch) is None:
-                raise
+            self.ring.need(self.client, e.epoch, e.where)
             got = accept_page(self.store, msg, self.cursor, self.ring, True, self.chain,
                               lambda why: self.log(why), fold=fold)
         self.cursor, self.chain = got.next, got.chain
