@@ -2,22 +2,29 @@
 command table says which), never written by hand."""
 
 
+def _installed():
+    """(Command, its module) of each command that is installed (those of the server
+    package are not everywhere)."""
+    import importlib
+
+    from .commands import COMMANDS
+    for c in COMMANDS:
+        try:
+            yield c, importlib.import_module(c.module)
+        except ImportError:
+            continue
+
+
 def tree():
     """One argparse parser for `sk`, with every command's real parser under it."""
     import argparse
-    import importlib
 
     from . import __version__
-    from .commands import COMMANDS
     root = argparse.ArgumentParser(prog="sk", description="offline-first, event-sourced sync"
                                    " toolkit, git-style", allow_abbrev=False)
     root.add_argument("--version", action="version", version=f"sk {__version__}")
     sub = root.add_subparsers(dest="command", metavar="COMMAND")
-    for c in COMMANDS:
-        try:
-            module = importlib.import_module(c.module)
-        except ImportError:   # the server's commands, where the server package is not installed
-            continue
+    for c, module in _installed():
         parser = module.get_parser(f"sk {c.name}")
         sub.add_parser(c.name, help=c.summary, parents=[parser], add_help=False,
                        description=parser.description, allow_abbrev=False)
@@ -26,17 +33,8 @@ def tree():
 
 def plumbing():
     """The parsers of the plumbing executables (sk-append, ...) that are installed."""
-    import importlib
-
-    from .commands import COMMANDS
-    for c in COMMANDS:
-        if c.kind != "plumbing":
-            continue
-        try:
-            module = importlib.import_module(c.module)
-        except ImportError:   # the server's commands, where the server package is not installed
-            continue
-        yield module.get_parser(f"sk-{c.name}")
+    return [module.get_parser(f"sk-{c.name}") for c, module in _installed()
+            if c.kind == "plumbing"]
 
 
 # shells whose scripts for several commands may follow one another in one file

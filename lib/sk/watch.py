@@ -196,11 +196,8 @@ class Watch:
         event queued again. Returns the claims unsettled now."""
         from .sync import confirm_claims
         old = before & set(self.store.claims())
-        if old:
-            head = self.client.hello().get("head")
-            if type(head) is not int or self.store.cursor() < head:
-                return set(self.store.claims())   # not caught up: at a later look
-        if old:
+        head = self.client.hello().get("head") if old else None
+        if old and type(head) is int and self.store.cursor() >= head:   # caught up
             try:
                 confirm_claims(self.store, self.client, self.ring, only=old)
             except IntegrityError as e:

@@ -201,11 +201,8 @@ class Session:
             try:
                 page = self.store.pull(self.key.team, cursor, 1000, exclude, self.known)
                 frame = page_out(page, t="events", catchup=catchup)
-            except Damaged as e:   # said, sealed (the close frame proves nothing)
-                current_app.logger.error("websocket pull of '%s': %s", self.key.device, e,
-                                         exc_info=e)
-                self.send({"t": "damaged", "message": str(e)})
-                raise Closed(1011, "stored events cannot be read") from None
+            except Damaged as e:
+                self.damaged("pull", e)
             if page.diverged:
                 self.diverged(page.diverged)
             if page.chain is not None:
@@ -231,6 +228,14 @@ class Session:
         self.send({"t": "diverged", "diverged": reason, "team": self.key.team})
         raise Closed(4409, "the server's log is not the one this device saw")
 
+    def damaged(self, what, e):
+        """The store cannot read what it stored: say so, sealed (a close frame proves
+        nothing), log the cause, and close."""
+        current_app.logger.error("websocket %s of '%s': %s", what, self.key.device, e,
+                                 exc_info=e)
+        self.send({"t": "damaged", "message": str(e)})
+        raise Closed(1011, "stored events cannot be read") from None
+
     def check_key(self):
         if not self.store.key_valid(self.key.key_id):
             raise Closed(4401, "key revoked or rotated")
@@ -248,11 +253,8 @@ class Session:
             answer = push_batch(self.key, batch, relay, known=self.known, queued=queued)
         except Refused as e:   # refused for what it is (a writer point off the log)
             raise Closed(4400, f"push frame: {e.message}") from None
-        except Damaged as e:   # the store cannot read what it stored: said, sealed
-            current_app.logger.error("websocket push of '%s': %s", self.key.device, e,
-                                     exc_info=e)
-            self.send({"t": "damaged", "message": str(e)})
-            raise Closed(1011, "stored events cannot be read") from None
+        except Damaged as e:
+            self.damaged("push", e)
         if "diverged" in answer:
             self.diverged(answer["diverged"])
         if "chain" in answer:

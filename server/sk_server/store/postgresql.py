@@ -93,10 +93,12 @@ class PostgresDialect:
         return pool.connection()
 
     @contextlib.contextmanager
-    def _tx(self, isolation=None, schema=False):
+    def _tx(self, isolation=None, schema=False, quick=False):
         try:
             if schema:   # before the pool: one connection of its own, the schema lock
                 cm = self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            elif quick:
+                cm = self._quick()
             else:
                 cm = self._connection()
             with cm as conn, conn.transaction():
@@ -113,26 +115,17 @@ class PostgresDialect:
             raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}': no"
                                    " connection free in time") from None
 
-    @contextlib.contextmanager
+    def _quick(self):
+        """A connection within 2 s: the pool's, when this process has one (a database
+        at its connection limit still serves it), else one of its own (libpq's
+        shortest connect timeout; a refused connection fails at once)."""
+        if self._pool is not None and self._pid == os.getpid():
+            return self._pool.connection(timeout=2)
+        return self.psycopg.connect(self.url, autocommit=True, connect_timeout=2)
+
     def probe(self):
-        """A connection within 2 s, or StoreUnavailable: the pool's, when this process
-        has one (a database at its connection limit still serves it), else one of
-        its own (libpq's shortest connect timeout; a refused connection fails at
-        once), not after the pool's 10 s wait."""
-        pool = self._pool if self._pid == os.getpid() else None
-        try:
-            if pool is not None:
-                with pool.connection(timeout=2) as conn:
-                    yield _Conn(conn)
-            else:
-                with self.psycopg.connect(self.url, autocommit=True, connect_timeout=2) as conn:
-                    yield _Conn(conn)
-        except self.psycopg.OperationalError as e:
-            raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}':"
-                                   f" {str(e).strip().splitlines()[0]}") from None
-        except self.pool_timeout:
-            raise StoreUnavailable(f"unavailable: PostgreSQL database '{redact(self.url)}': no"
-                                   " connection in 2 s") from None
+        """A transaction within 2 s or StoreUnavailable, not after the pool's 10 s wait."""
+        return self._tx(quick=True)
 
     def write(self, schema=False):
         return self._tx(schema=schema)

@@ -214,9 +214,11 @@ class SQLStore(Store):
         if diverged:
             return Pushed([], head, chain, diverged)
         # the writer point (what its device had seen) must be on the log: stored off
-        # it, every reader would refuse the batch for good
+        # it, every reader would refuse the batch for good (a device's own push names
+        # its known point, checked just above)
         wseq, wchain = writer
-        if wseq > head or (wseq and chain_at(wseq) != bytes.fromhex(wchain or "00")):
+        if (known is None or (wseq, wchain) != (known[0], known[1].hex())) and (
+                wseq > head or (wseq and chain_at(wseq) != bytes.fromhex(wchain or "00"))):
             return Pushed([], head, chain, None, refused=(
                 f"the batch's writer point (seq {wseq}) is not a point of this team's log of"
                 f" {head} events"))
@@ -295,9 +297,13 @@ class SQLStore(Store):
         except Damaged:
             raise
         except Exception as e:
-            if isinstance(e, (*UNREADABLE, *also)) or self.d.unreadable(e):
+            if isinstance(e, also) or self._unreadable(e):
                 raise Damaged.at(after, e) from e
             raise
+
+    def _unreadable(self, e):
+        """Whether `e` is what reading a cell altered at rest raises, here."""
+        return isinstance(e, UNREADABLE) or self.d.unreadable(e)
 
     def pull(self, team, after, limit, skip=None, known=None):
         """A Page of the team's log after seq `after` (Damaged if what is stored there
@@ -676,7 +682,6 @@ class SQLStore(Store):
         A cell that cannot be read as it was written is a bad row too."""
         with self.d.read() as db:
             teams = [t for (t,) in db.execute("SELECT team FROM teams ORDER BY team")]
-        unreadable = lambda e: isinstance(e, UNREADABLE) or self.d.unreadable(e)  # noqa: E731
         for team in teams:
             head, seq, chain, bad = None, 0, GENESIS, None
             try:
@@ -685,7 +690,7 @@ class SQLStore(Store):
                                                 (team,)).fetchone()
                     head, recorded = int(head), bytes(recorded)
             except Exception as e:
-                if not unreadable(e):
+                if not self._unreadable(e):
                     raise
                 bad = (0, "the team's own head or chain cannot be read as it was written"
                           f" (altered at rest?): {type(e).__name__}")
@@ -694,7 +699,7 @@ class SQLStore(Store):
                 try:
                     seq, chain, bad = self._verify_chunk(team, head, seq, chain, step)
                 except Exception as e:
-                    if not unreadable(e):
+                    if not self._unreadable(e):
                         raise
                     if step == 1:
                         bad = (seq + 1, f"its row cannot be read as it was written (altered at"
